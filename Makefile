@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BASE   := $(VENV)/.installed
+TESTS  := $(VENV)/.installed-test
+
+.PHONY: install demo test lint format bench bench-quick completions man clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	@# Bytecode now, so that no CLI call pays for compiling (even with PYTHONDONTWRITEBYTECODE).
+	$(BIN)/python -m compileall -q taskctl daemon
+	@touch $@
+
+$(TESTS): $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: $(BASE)
+
+demo: $(BASE)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/demo.sh
+
+test: $(TESTS)
+	$(BIN)/python -m pytest -q
+
+lint: $(TESTS)
+	$(BIN)/ruff check taskctl daemon tests
+	$(BIN)/ruff format --check taskctl daemon tests
+	$(BIN)/mypy
+
+format: $(TESTS)
+	$(BIN)/ruff format taskctl daemon tests
+	$(BIN)/ruff check --fix taskctl daemon tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

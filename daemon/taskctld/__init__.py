@@ -1,0 +1,1 @@
+"""taskctld: the taskctl daemon (store, dispatcher, runner, launcher and workers, server)."""

@@ -1,0 +1,189 @@
+"""`taskctld`: the daemon's entry point. Folders, lock, daemonizing, the launcher, then `app.run`.
+
+The order matters and is the reason this file imports so little at the top:
+
+1. the folders are created and checked, and the single-instance lock is taken (a `flock` on
+   `taskctld.lock`, not a pid check: the kernel drops it when the holder dies);
+2. without `--foreground`, the process detaches; its first process exits only once the daemon
+   is ready (or says why it failed), so `taskctl daemon start` can report the truth;
+3. the launcher that will fork every worker is forked *now*, while this process is small and
+   single-threaded, before the web stack is imported and before the database is opened;
+4. only then the daemon proper starts (`taskctld.app`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import signal
+import stat
+import sys
+import time
+
+from taskctl import __version__
+from taskctl.paths import Paths
+from taskctld.launcher import LauncherHandle, start_launcher
+from taskctld.procfs import ProcessId, read_boot_id
+
+LOG_ROTATE_AT = 10 << 20
+
+
+class StartupError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="taskctld", description="The taskctl daemon.")
+    parser.add_argument(
+        "--foreground", action="store_true", help="stay attached and log to stderr (for systemd)"
+    )
+    parser.add_argument("--version", action="version", version=f"taskctld {__version__}")
+    args = parser.parse_args(argv)
+    paths = Paths.from_env()
+    os.umask(0o077)
+    try:
+        prepare_folders(paths)
+        lock_fd = take_lock(paths)
+    except StartupError as e:
+        print(f"taskctld: {e}", file=sys.stderr)
+        return 1
+    if lock_fd is None:
+        print("taskctld: already running", file=sys.stderr)
+        return 0
+    ready_fd = None if args.foreground else daemonize(paths)
+    try:
+        wait_for_old_launcher(paths)
+        launcher = start_launcher(
+            close_fds=tuple(fd for fd in (lock_fd, ready_fd) if fd is not None)
+        )
+        record_launcher(paths, launcher)
+        from taskctld import app  # the heavy imports, after the fork
+
+        return app.run(paths, launcher, ready_fd=ready_fd, foreground=args.foreground)
+    except StartupError as e:
+        _fail(ready_fd, str(e))
+        return 1
+
+
+def prepare_folders(paths: Paths) -> None:
+    """Create the folders (mode 0700) and refuse ones that others could tamper with."""
+    for folder in (paths.runtime, paths.state, paths.logs, paths.run):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot create {folder}: {e.strerror}") from None
+    check_private_folder(paths.runtime)
+    if paths.state != paths.runtime:
+        check_private_folder(paths.state)
+
+
+def check_private_folder(folder: os.PathLike[str] | str) -> None:
+    """The folder must be a real directory owned by us and closed to group and others."""
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"{folder} is not a directory (a symlink?); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise StartupError(f"{folder} belongs to uid {st.st_uid}, not to you; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+
+
+def take_lock(paths: Paths) -> int | None:
+    """The single-instance lock; None when another daemon holds it."""
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise StartupError(f"cannot lock {paths.lock}: {e.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def daemonize(paths: Paths) -> int:
+    """Detach; the calling process waits for the daemon's word and exits with it.
+
+    Returns the write end of the readiness pipe (in the daemon)."""
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        sys.exit(_await_readiness(r))
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)  # the daemon can never reacquire a controlling terminal
+    _redirect_stdio(paths)
+    return w
+
+
+def _await_readiness(r: int) -> int:
+    message = b""
+    while chunk := os.read(r, 4096):
+        message += chunk
+    if message.startswith(b"ok"):
+        return 0
+    text = message.decode(errors="replace").strip() or "exited before it was ready (see its log)"
+    print(f"taskctld: {text}", file=sys.stderr)
+    return 1
+
+
+def _redirect_stdio(paths: Paths) -> None:
+    log = paths.daemon_log
+    with contextlib.suppress(OSError):
+        if log.stat().st_size > LOG_ROTATE_AT:
+            log.replace(log.with_name(log.name + ".1"))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
+    os.close(out)
+
+
+def _fail(ready_fd: int | None, message: str) -> None:
+    print(f"taskctld: {message}", file=sys.stderr)
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, message.encode())
+            os.close(ready_fd)
+
+
+def wait_for_old_launcher(paths: Paths, timeout: float = 3.0) -> None:
+    """An earlier daemon's launcher must be gone before we look at its attempts: otherwise it
+    could still start a worker we do not know about. It dies with its daemon (PDEATHSIG);
+    this waits for that, and kills it if it lingers."""
+    record = paths.run / "launcher"
+    try:
+        data = json.loads(record.read_text())
+        ident = ProcessId(int(data["pid"]), int(data["start"]), str(data["boot_id"]))
+    except (OSError, ValueError, KeyError):
+        return
+    boot_id = read_boot_id()
+    deadline = time.monotonic() + timeout
+    while ident.state(boot_id) == "alive":
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ident.pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.01)
+
+
+def record_launcher(paths: Paths, launcher: LauncherHandle) -> None:
+    ident = ProcessId.of(launcher.pid)
+    if ident is None:
+        raise StartupError("the launcher process died at start")
+    tmp = paths.run / "launcher.tmp"
+    tmp.write_text(json.dumps({"pid": ident.pid, "start": ident.start, "boot_id": ident.boot_id}))
+    tmp.replace(paths.run / "launcher")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The daemon proper: builds the object graph, recovers, serves, and shuts down.
+
+`run` reads like the daemon's table of contents: open the store, adopt what the last daemon left
+running, start the dispatch loop, serve the socket, wait for a stop request or signal, stop.
+The first SIGTERM or SIGINT stops gracefully (running tasks go on and are adopted by the next
+daemon); a second one forces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+
+from taskctl.errors import TaskctlError
+from taskctl.paths import Paths
+from taskctld.config import Config
+from taskctld.dispatcher import Dispatcher, Limits
+from taskctld.events import EventHub
+from taskctld.launcher import LauncherHandle
+from taskctld.procfs import read_boot_id
+from taskctld.runner import Runner, RunnerSettings
+from taskctld.server import PeerCheckedProtocol, create_app
+from taskctld.service import Service
+from taskctld.store.sqlite import SqliteStore
+
+log = logging.getLogger("taskctld")
+
+
+def run(paths: Paths, launcher: LauncherHandle, *, ready_fd: int | None, foreground: bool) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s taskctld[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = Config.load(paths.config_file)
+    except TaskctlError as e:
+        _tell_starter(ready_fd, e.message)
+        return 1
+    try:
+        return asyncio.run(_serve(paths, config, launcher, ready_fd))
+    except TaskctlError as e:
+        log.error("%s", e.message)
+        _tell_starter(ready_fd, e.message)
+        return 1
+    except Exception as e:
+        log.exception("taskctld failed")
+        _tell_starter(ready_fd, f"failed: {type(e).__name__}: {e} (see {paths.daemon_log})")
+        return 1
+
+
+async def _serve(
+    paths: Paths, config: Config, launcher: LauncherHandle, ready_fd: int | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    store = SqliteStore(paths.database, durability=config.durability)
+    hub = EventHub()
+    store.on_commit(hub.publish)
+    settings = RunnerSettings(log_cap=config.log_cap, fsync=config.durability == "full")
+    runner = Runner(paths, launcher, settings, report=lambda r: None, boot_id=read_boot_id())
+    dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
+    runner.report = dispatcher.report
+    runner.open(loop)
+    adopt_open_attempts(store, runner)
+    dispatcher.load()
+
+    shutdown = asyncio.Event()
+    service = Service(store, dispatcher, runner, hub, config, paths, started, shutdown)
+    sock = bind_control_socket(paths.socket)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service),
+            http=PeerCheckedProtocol,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=5,
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+    )
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await server.startup(sockets=[sock])
+    dispatch = asyncio.create_task(dispatcher.run())
+    dispatcher.wake()
+    install_signal_handlers(loop, shutdown)
+    _tell_starter(ready_fd, "ok")
+    log.info(
+        "taskctld ready on %s (pid %d, concurrency %d)",
+        paths.socket,
+        os.getpid(),
+        config.concurrency,
+    )
+
+    await shutdown.wait()
+    log.info("stopping; running tasks keep running and will be adopted by the next daemon")
+    dispatcher.accepting = False
+    server.should_exit = True
+    await server.shutdown()
+    dispatch.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await dispatch
+    with contextlib.suppress(TaskctlError):
+        dispatcher.cycle()  # commit what workers reported in the last moments
+    runner.close()
+    store.close()
+    with contextlib.suppress(FileNotFoundError):
+        paths.socket.unlink()
+    return 0
+
+
+def adopt_open_attempts(store: SqliteStore, runner: Runner) -> None:
+    """Attempts the last daemon left open: finished ones are recorded, live ones adopted."""
+    open_attempts = store.open_attempts()
+    for attempt in open_attempts:
+        runner.recover(attempt)
+    known = {f"{a.task_id}.{a.number}" for a in open_attempts}
+    for leftover in runner.paths.run.iterdir():
+        if leftover.name not in known and leftover.name not in ("launcher",):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def bind_control_socket(path: Path) -> socket.socket:
+    """Bind the API socket. We hold the instance lock, so a file already there is stale. The
+    umask (077) applies at bind, so the socket is never open to others, not even briefly."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit now (tasks still survive: they run in
+    their own workers)."""
+
+    def on_signal(sig: signal.Signals) -> None:
+        if shutdown.is_set():
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(1)
+        shutdown.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+
+def _tell_starter(ready_fd: int | None, message: str) -> None:
+    if ready_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, message.encode())
+        os.close(ready_fd)

@@ -1,0 +1,66 @@
+"""The daemon's settings, from `config.toml` (in TASKCTL_HOME, or $XDG_CONFIG_HOME/taskctl/).
+
+Every key is optional; an unknown key or a bad value stops the daemon with a message naming it.
+
+    concurrency = 4            # tasks running at once across all queues (default: CPU count)
+    durability = "full"        # "full": an acknowledged submit survives power loss;
+                               # "normal": it survives a daemon crash, but the last
+                               # transactions before a power loss may be lost
+    log_cap = "100M"           # per attempt and stream; the rest is dropped with a notice
+    kill_grace = "10s"         # default SIGTERM -> SIGKILL grace
+    retries = 0                # default retry policy for tasks that do not set one
+    backoff = "fixed"
+    retry_delay = "1s"
+    max_delay = "1h"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from taskctl.api import Backoff, Duration, Request
+from taskctl.errors import InvalidRequest
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Config(Request):
+    concurrency: int = Field(default_factory=_cpu_count, ge=1, le=10_000)
+    durability: Literal["full", "normal"] = "full"
+    log_cap: int = Field(100 << 20, ge=1024)
+    kill_grace: Duration = 10.0
+    retries: int = Field(0, ge=0, le=1000)
+    backoff: Backoff = Backoff.FIXED
+    retry_delay: Duration = 1.0
+    max_delay: Duration = 3600.0
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        """Read `path` (a missing file means all defaults); raises InvalidRequest on bad input."""
+        try:
+            raw = tomllib.loads(path.read_text()) if path.exists() else {}
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidRequest(f"cannot read {path}: {e}") from None
+        if isinstance(raw.get("log_cap"), str):
+            from taskctl.units import parse_size
+
+            try:
+                raw["log_cap"] = parse_size(raw["log_cap"])
+            except ValueError as e:
+                raise InvalidRequest(f"{path}: log_cap: {e}") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,212 @@
+"""The dispatcher: the daemon's main loop. Each turn is one short transaction that
+
+  1. applies what workers reported (an attempt started, an attempt ended -> next state),
+  2. promotes scheduled tasks whose time has come,
+  3. claims queued tasks for the free slots,
+
+and then, after the commit, hands the claimed attempts to the runner. Batching all three in one
+commit is what keeps `synchronous=FULL` from capping throughput at a commit per state change.
+The loop sleeps until something wakes it: a report, a commit that queued a task, or the timer of
+the next scheduled task. It never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from taskctl.api import Backoff, Outcome, TaskState
+from taskctl.errors import TaskctlError
+from taskctl.units import now_ms
+from taskctld import policy
+from taskctld.runner import Ended, Report, Runner, Started
+from taskctld.store import EventRow, Store, TaskRow
+
+log = logging.getLogger("taskctld.dispatcher")
+
+RETRY_AFTER_STORE_ERROR = 1.0
+
+
+@dataclass
+class Limits:
+    concurrency: int
+    queue_limits: dict[str, int] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        runner: Runner,
+        limits: Limits,
+        *,
+        clock: Callable[[], int] = now_ms,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.limits = limits
+        self.clock = clock
+        self.jitter = jitter
+        self.reports: list[Report] = []
+        self.running: dict[str, int] = {}
+        self.ready_queues: set[str] = set()
+        self.accepting = True
+        self.last_cycle_at = 0
+        self._wake = asyncio.Event()
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._due_at: int | None = None
+        store.on_commit(self.note_events)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def report(self, report: Report) -> None:
+        self.reports.append(report)
+        self._wake.set()
+
+    def note_events(self, events: list[EventRow]) -> None:
+        """After any commit: queued tasks wake the loop; scheduled ones may need an earlier timer."""
+        for event in events:
+            if event.to_state is TaskState.QUEUED:
+                self.ready_queues.add(event.queue)
+                self._wake.set()
+            elif event.to_state is TaskState.SCHEDULED:
+                self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def load(self) -> None:
+        """Initial in-memory view: running counts and queues with queued tasks."""
+        self.running = self.store.running_by_queue()
+        self.ready_queues = self.store.ready_queues()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self.cycle()
+            except TaskctlError as e:
+                log.error("dispatch failed, retrying in %.0fs: %s", RETRY_AFTER_STORE_ERROR, e)
+                await asyncio.sleep(RETRY_AFTER_STORE_ERROR)
+                self._wake.set()
+            except Exception:
+                # A bug must not stop dispatching for good: log it, back off, go on.
+                log.exception("dispatch cycle failed; retrying in %.0fs", RETRY_AFTER_STORE_ERROR)
+                await asyncio.sleep(RETRY_AFTER_STORE_ERROR)
+                self._wake.set()
+
+    def cycle(self) -> None:
+        """One turn: apply reports, promote due tasks, claim; then start what was claimed."""
+        now = self.clock()
+        reports, self.reports = self.reports, []
+        try:
+            with self.store.transaction():
+                ended = self._apply(reports, now)
+                self.store.promote_due(now)
+                claimed = self._claim(now)
+        except BaseException:
+            self.reports[:0] = reports  # nothing was applied: keep them for the next turn
+            raise
+        self.last_cycle_at = now
+        for task_id, attempt in ended:
+            self.runner.forget(task_id, attempt)
+        for task in claimed:
+            self.runner.start(task, self.store.env_of(task.env_id))
+        self._arm_due_timer()
+
+    def _apply(self, reports: list[Report], now: int) -> list[tuple[int, int]]:
+        ended: list[tuple[int, int]] = []
+        for report in reports:
+            if isinstance(report, Started):
+                self.store.mark_started(
+                    report.task_id,
+                    report.attempt,
+                    pid=report.pid,
+                    worker_pid=report.worker_pid,
+                    started_at=report.started_at,
+                )
+            else:
+                self._apply_end(report, now)
+                ended.append((report.end.task_id, report.end.attempt))
+        return ended
+
+    def _apply_end(self, report: Ended, now: int) -> None:
+        end = report.end
+        self.store.end_attempt(end)
+        task = self.store.get_task(end.task_id)
+        if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
+            return
+        decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
+        fields: dict[str, object] = {}
+        if decision.state is TaskState.SCHEDULED:
+            fields["run_at"] = now + int(decision.delay * 1000)
+        elif decision.state is TaskState.QUEUED:
+            fields["tries"] = task.tries - (0 if decision.counts else 1)
+        else:
+            fields["finished_at"] = now
+        if self.store.move(
+            task.id, TaskState.RUNNING, decision.state, now, reason=decision.reason,
+            attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt, queue=task.queue,
+            **fields,
+        ):  # fmt: skip
+            self.running[task.queue] = max(0, self.running.get(task.queue, 0) - 1)
+
+    def decide(
+        self, task: TaskRow, outcome: Outcome, exit_code: int | None, *, counts: bool
+    ) -> policy.Decision:
+        if not counts:
+            return policy.Decision(TaskState.QUEUED, reason="interrupted", counts=False)
+        rules = policy.RetryPolicy(
+            retries=task.retries,
+            backoff=Backoff(task.backoff),
+            retry_delay=task.retry_delay,
+            max_delay=task.max_delay,
+            retry_on=frozenset(task.retry_on) if task.retry_on is not None else None,
+            no_retry_on=frozenset(task.no_retry_on or ()),
+        )
+        return policy.decide(rules, task.tries, outcome, exit_code, self.jitter())
+
+    def _claim(self, now: int) -> list[TaskRow]:
+        if not self.accepting:
+            return []
+        free = self.limits.concurrency - sum(self.running.values())
+        if free <= 0 or not self.ready_queues:
+            return []
+        slots = {}
+        for queue in self.ready_queues - self.limits.paused:
+            limit = self.limits.queue_limits.get(queue)
+            slots[queue] = free if limit is None else min(free, limit - self.running.get(queue, 0))
+        claim = self.store.claim(slots, free, now)
+        self.ready_queues -= claim.exhausted
+        for task in claim.tasks:
+            self.running[task.queue] = self.running.get(task.queue, 0) + 1
+        return claim.tasks
+
+    # -- scheduled tasks ------------------------------------------------------------------------
+
+    def _arm_due_timer(self) -> None:
+        due = self.store.next_due()
+        if due is None or (self._due_at is not None and self._due_at <= due and self._due_timer):
+            return
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (due - self.clock()) / 1000)
+        self._due_at = due
+        self._due_timer = loop.call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._due_timer = None
+        self._due_at = None
+        self._wake.set()
+
+    def running_count(self) -> int:
+        return sum(self.running.values())

@@ -1,0 +1,85 @@
+"""Committed events, pushed to whoever listens: `watch` streams and waiters for a final state.
+
+The store calls `publish` after each commit with the events that transaction appended, so a
+listener never sees a change that could still roll back. Streams get a bounded queue each: a
+listener that falls too far behind is told so (`overflow`) and resumes from the events table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from taskctl.api import FINAL_STATES
+from taskctld.store import EventRow
+
+STREAM_QUEUE = 10_000
+
+
+@dataclass
+class Subscription:
+    queue: asyncio.Queue[EventRow] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
+    overflow: bool = False
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self.subscriptions: set[Subscription] = set()
+        self.final_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self.change_waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    def publish(self, events: list[EventRow]) -> None:
+        for sub in self.subscriptions:
+            for event in events:
+                try:
+                    sub.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    sub.overflow = True
+                    break
+        for event in events:
+            self._resolve(self.change_waiters, event.task_id)
+            if event.to_state in FINAL_STATES:
+                self._resolve(self.final_waiters, event.task_id)
+
+    @staticmethod
+    def _resolve(waiters: dict[int, list[asyncio.Future[None]]], task_id: int) -> None:
+        for fut in waiters.pop(task_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    @contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        sub = Subscription()
+        self.subscriptions.add(sub)
+        try:
+            yield sub
+        finally:
+            self.subscriptions.discard(sub)
+
+    async def wait_final(self, task_id: int, timeout: float | None) -> None:
+        """Return when the task reaches a final state, or after `timeout` seconds. The caller
+        checks the state first and after: this only waits for the next final event."""
+        await self._wait(self.final_waiters, task_id, timeout)
+
+    async def wait_change(self, task_id: int, timeout: float | None) -> None:
+        """Return at the task's next state change, or after `timeout` seconds."""
+        await self._wait(self.change_waiters, task_id, timeout)
+
+    @staticmethod
+    async def _wait(
+        waiters: dict[int, list[asyncio.Future[None]]], task_id: int, timeout: float | None
+    ) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.setdefault(task_id, []).append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            pending = waiters.get(task_id)
+            if pending and fut in pending:
+                pending.remove(fut)
+                if not pending:
+                    del waiters[task_id]

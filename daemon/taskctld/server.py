@@ -1,0 +1,391 @@
+"""REST over the Unix socket: routes that adapt HTTP to the `Service`, and nothing else.
+
+Errors are converted here, in one place: a `TaskctlError` becomes its status and
+`{"error": {"code", "message"}}`; a request that fails validation becomes 400 `invalid` with the
+field named; anything unexpected becomes 500 `internal` with no traceback on the wire (the
+traceback goes to the daemon log).
+
+Connections are accepted only from the daemon's own uid (SO_PEERCRED on the accepted socket),
+whatever the socket file's permissions say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from taskctl import API_VERSION, __version__
+from taskctl.api import (
+    BatchSpec,
+    ErrorBody,
+    Event,
+    Health,
+    Summary,
+    Task,
+    TaskSpec,
+    TaskState,
+)
+from taskctl.errors import InvalidRequest, NotFound, PayloadTooLarge, TaskctlError
+from taskctld.service import Service
+from taskctld.store import TaskFilter
+from taskctld.views import event_view
+
+log = logging.getLogger("taskctld.server")
+
+MAX_BODY = 1 << 20
+MAX_BATCH_BODY = 64 << 20
+FOLLOW_POLL = 0.05  # seconds between reads of a log file being followed (only while following)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+    507: {"model": ErrorBody},
+}
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    body = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(
+        title="taskctld",
+        version=__version__,
+        description="The taskctl daemon's API, served over its Unix socket.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    _install_error_handlers(app)
+    _install_body_limit(app)
+    v1 = f"/{API_VERSION}"
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> Response:
+        """The daemon is alive; also says its version."""
+        return json_response(service.health())
+
+    @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
+    def readyz() -> Response:
+        """Ready: the store is writable."""
+        health = service.health()
+        return json_response(health, 200 if health["status"] == "ok" else 503)
+
+    @app.post(f"{v1}/tasks", response_model=Task, status_code=201, responses=ERRORS, tags=["tasks"])
+    def submit(spec: TaskSpec) -> Response:
+        """Create a task. Answered only after the task is committed to the store."""
+        (task_id,) = service.submit([spec])
+        return json_response(service.views([service.task(task_id)])[0], 201)
+
+    @app.post(
+        f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
+        tags=["tasks"],
+    )  # fmt: skip
+    def submit_batch(batch: BatchSpec) -> Response:
+        """Create many tasks in one transaction: all of them, or none and an error naming the
+        first bad one."""
+        ids = service.submit(batch.tasks)
+        return json_response(service.views(service.store.get_tasks(ids)), 201)
+
+    @app.get(f"{v1}/tasks", response_model=list[Task], responses=ERRORS, tags=["tasks"])
+    def list_tasks(
+        state: Annotated[list[TaskState] | None, Query()] = None,
+        queue: str | None = None,
+        label: Annotated[list[str] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
+        before: Annotated[int | None, Query(ge=1)] = None,
+        show_env: bool = False,
+    ) -> Response:
+        """Tasks, newest first."""
+        where = TaskFilter(
+            states=state or (),
+            queue=queue,
+            labels=_parse_labels(label or []),
+            limit=limit,
+            before_id=before,
+        )
+        return json_response(service.views(service.list(where), show_env=show_env))
+
+    @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
+    def get_task(task_id: int, show_env: bool = False) -> Response:
+        return json_response(service.views([service.task(task_id)], show_env=show_env)[0])
+
+    @app.post(
+        f"{v1}/tasks/{{task_id}}/cancel", response_model=Task, responses=ERRORS, tags=["tasks"]
+    )
+    async def cancel(task_id: int) -> Response:
+        """Cancel a task; a running one is stopped with its whole process tree first."""
+        task = await service.cancel(task_id)
+        return json_response(service.views([task])[0])
+
+    @app.get(f"{v1}/tasks/{{task_id}}/wait", response_model=Task, responses=ERRORS, tags=["tasks"])
+    async def wait(task_id: int, timeout: Annotated[float, Query(ge=0, le=3600)] = 60) -> Response:
+        """The task once it is final, or as it is after `timeout` seconds (check its state)."""
+        task = await service.wait_final(task_id, timeout)
+        return json_response(service.views([task])[0])
+
+    @app.get(
+        f"{v1}/tasks/{{task_id}}/logs",
+        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+        tags=["tasks"],
+    )
+    async def logs(
+        task_id: int,
+        stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
+        attempt: Annotated[int | None, Query(ge=1)] = None,
+        tail: Annotated[int | None, Query(ge=0)] = None,
+        follow: bool = False,
+    ) -> Response:
+        """An attempt's output as bytes (default: the latest attempt). With `follow`, the
+        response streams until the task is final, across attempts."""
+        task = service.task(task_id)
+        number, path = service.log_path(task, attempt, stream)
+        start = _tail_offset(path, tail) if tail is not None else 0
+        if follow:
+            chunks = _follow_log(service, task_id, number, stream, start, across=attempt is None)
+        else:
+            chunks = _read_log(path, start)
+        return StreamingResponse(chunks, media_type="application/octet-stream")
+
+    @app.get(f"{v1}/events", response_model=list[Event], tags=["events"])
+    async def events(
+        after: Annotated[int, Query(ge=0)] = 0,
+        follow: bool = False,
+        task: int | None = None,
+        queue: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    ) -> Response:
+        """State changes in order, as NDJSON. `after` resumes after a given event id; with
+        `follow`, the stream stays open and pushes each new event as it is committed."""
+        lines = _event_lines(service, after, follow, task, queue, limit)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
+    def summary() -> Response:
+        return json_response(service.summary())
+
+    @app.post(f"{v1}/daemon/stop", tags=["daemon"])
+    def stop(
+        mode: Annotated[str, Body(embed=True, pattern="^(leave|drain|kill)$")] = "leave",
+    ) -> Response:
+        """Stop the daemon. `leave`: running tasks go on and are adopted by the next daemon."""
+        service.shutdown.set()
+        return json_response({"stopping": True, "mode": mode, "pid": os.getpid()})
+
+    return app
+
+
+def _parse_labels(raw: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"label filter {item!r} must look like KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+def _tail_offset(path: Path, lines: int) -> int:
+    """Offset where the last `lines` lines start; reads backwards in chunks (bounded memory)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if lines == 0:
+        return size
+    with path.open("rb") as f:
+        pos, newlines = size, 0
+        # A final newline ends the last line; it does not start a new one.
+        f.seek(max(0, size - 1))
+        if size and f.read(1) == b"\n":
+            pos -= 1
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step)
+            for i in range(len(chunk) - 1, -1, -1):
+                if chunk[i] == 0x0A:
+                    newlines += 1
+                    if newlines == lines:
+                        return pos + i + 1
+    return 0
+
+
+async def _read_log(path: Path, start: int) -> AsyncIterator[bytes]:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(start)
+        while chunk := f.read(65536):
+            yield chunk
+
+
+async def _follow_log(
+    service: Service, task_id: int, number: int, stream: str, start: int, *, across: bool
+) -> AsyncIterator[bytes]:
+    """Stream one attempt's log as it grows; with `across`, move on to later attempts until the
+    task is final."""
+    offset = start
+    while True:
+        _, path = service.log_path(service.task(task_id), number, stream)
+        async for chunk in _read_log(path, offset):
+            offset += len(chunk)
+            yield chunk
+        if service.attempt_open(task_id, number):
+            await asyncio.sleep(FOLLOW_POLL)
+            continue
+        async for chunk in _read_log(path, offset):  # what it wrote just before the end
+            yield chunk
+        task = service.task(task_id)
+        if not across or task.state.value in ("succeeded", "failed", "cancelled"):
+            return
+        if task.attempts > number:
+            number, offset = number + 1, 0
+        else:
+            await service.hub.wait_change(task_id, 1.0)
+
+
+async def _event_lines(
+    service: Service, after: int, follow: bool, task: int | None, queue: str | None, limit: int
+) -> AsyncIterator[bytes]:
+    def wanted(e: Any) -> bool:
+        return (task is None or e.task_id == task) and (queue is None or e.queue == queue)
+
+    last = after
+    with service.hub.subscribe() as sub:
+        while True:
+            backlog = service.store.events_after(last, min(limit, 1000))
+            for event in backlog:
+                last = event.id
+                if wanted(event):
+                    yield _ndjson(event_view(event))
+            if len(backlog) < min(limit, 1000):
+                break
+        if not follow:
+            return
+        while True:
+            event = await sub.queue.get()
+            if sub.overflow:
+                sub.overflow = False
+                for missed in service.store.events_after(last, 100_000):
+                    last = missed.id
+                    if wanted(missed):
+                        yield _ndjson(event_view(missed))
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                continue
+            if event.id <= last:
+                continue
+            last = event.id
+            if wanted(event):
+                yield _ndjson(event_view(event))
+
+
+def _ndjson(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+# -- errors and limits ----------------------------------------------------------------------------
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TaskctlError)
+    async def taskctl_error(_: Request, exc: TaskctlError) -> Response:
+        return json_response(exc.to_body(), exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        return json_response(InvalidRequest(_validation_message(exc)).to_body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return json_response(
+                NotFound(f"no such endpoint (this daemon speaks /{API_VERSION})").to_body(), 404
+            )
+        error = TaskctlError(str(exc.detail), code="http_error")
+        return json_response(error.to_body(), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("internal error while serving a request")
+        return json_response(TaskctlError(f"internal error: {type(exc).__name__}").to_body(), 500)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "invalid request: " + "; ".join(parts)
+
+
+def _install_body_limit(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Response:
+        cap = MAX_BATCH_BODY if request.url.path.endswith("/tasks/batch") else MAX_BODY
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            return json_response(
+                PayloadTooLarge(f"request body over the limit of {cap} bytes").to_body(), 413
+            )
+        response: Response = await call_next(request)
+        return response
+
+
+# -- the socket -----------------------------------------------------------------------------------
+
+
+class PeerCheckedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, refusing any peer that is not the daemon's own user."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        uid = _peer_uid(sock) if sock is not None else None
+        if uid != os.getuid():
+            log.warning(
+                "refused a connection from uid %s (only uid %d may connect)", uid, os.getuid()
+            )
+            transport.abort()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "transport", None) is None:
+            return  # refused in connection_made
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "transport", None) is None:
+            return
+        super().data_received(data)
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])

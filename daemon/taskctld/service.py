@@ -1,0 +1,239 @@
+"""The daemon's use cases: submit, read, cancel, wait, logs, health. The HTTP layer adapts to and
+from this; the dispatcher and runner do the work behind it.
+
+Every method either completes or raises a `TaskctlError` having changed nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taskctl import API_VERSION, __version__
+from taskctl.api import FINAL_STATES, TaskSpec, TaskState
+from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
+from taskctl.paths import Paths
+from taskctl.units import now_ms
+from taskctld.config import Config
+from taskctld.dispatcher import Dispatcher
+from taskctld.events import EventHub
+from taskctld.runner import Runner
+from taskctld.store import AttemptRow, NewTask, Store, TaskFilter, TaskRow
+from taskctld.views import task_view
+
+MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
+
+
+@dataclass
+class Service:
+    store: Store
+    dispatcher: Dispatcher
+    runner: Runner
+    hub: EventHub
+    config: Config
+    paths: Paths
+    started_monotonic: float
+    shutdown: asyncio.Event
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(self, specs: Sequence[TaskSpec]) -> list[int]:
+        """Validate every spec, then insert all of them in one transaction (all or none).
+        The ids are returned only after the commit: an acknowledged task is durable."""
+        now = now_ms()
+        tasks = []
+        for index, spec in enumerate(specs):
+            try:
+                tasks.append(self.resolve(spec, now))
+            except InvalidRequest as e:
+                where = f"task {index + 1}: " if len(specs) > 1 else ""
+                raise InvalidRequest(where + e.message) from None
+        with self.store.transaction():
+            return self.store.submit(tasks, now)
+
+    def resolve(self, spec: TaskSpec, now: int) -> NewTask:
+        """A spec with every default filled in and every check done (checks that need the
+        machine: cwd exists, argv fits execve)."""
+        cwd = spec.cwd or self.runner.settings.home
+        _check_cwd(cwd)
+        if spec.shell and len(spec.command) != 1:
+            raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
+        _check_exec_size(spec.command, spec.env)
+        run_at = None
+        if spec.run_at is not None:
+            run_at = int(spec.run_at.timestamp() * 1000)
+        elif spec.delay:
+            run_at = now + int(spec.delay * 1000)
+        c = self.config
+        return NewTask(
+            command=spec.command,
+            cwd=cwd,
+            queue=spec.queue,
+            name=spec.name,
+            shell=spec.shell,
+            priority=spec.priority,
+            env=spec.env,
+            labels=spec.labels,
+            retries=_first(spec.retries, c.retries),
+            backoff=_first(spec.backoff, c.backoff).value,
+            retry_delay=_first(spec.retry_delay, c.retry_delay),
+            max_delay=_first(spec.max_delay, c.max_delay),
+            retry_on=spec.retry_on,
+            no_retry_on=spec.no_retry_on,
+            timeout=spec.timeout,
+            kill_grace=_first(spec.kill_grace, c.kill_grace),
+            memory_limit=spec.memory_limit,
+            run_at=run_at,
+            key=spec.key,
+        )
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def task(self, task_id: int) -> TaskRow:
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return task
+
+    def views(self, tasks: list[TaskRow], *, show_env: bool = False) -> list[dict[str, Any]]:
+        attempts = self.store.attempts_of([t.id for t in tasks])
+        return [
+            task_view(t, attempts[t.id], env=self._env_for_view(t) if show_env else None)
+            for t in tasks
+        ]
+
+    def _env_for_view(self, task: TaskRow) -> dict[str, str]:
+        env = self.store.env_of(task.env_id)
+        return dict(env) if env is not None else {}
+
+    def list(self, where: TaskFilter) -> list[TaskRow]:
+        return self.store.list_tasks(where)
+
+    # -- cancel and wait ------------------------------------------------------------------------
+
+    async def cancel(self, task_id: int) -> TaskRow:
+        """Cancel a task that is not final. A running one is stopped (its whole process tree,
+        SIGTERM then SIGKILL after its grace) and this returns once it has ended."""
+        task = self.task(task_id)
+        if task.state in FINAL_STATES:
+            raise Conflict(f"task {task_id} is already {task.state.value}")
+        if task.state is TaskState.RUNNING:
+            self.runner.signal(task.id, task.attempts, signal.SIGTERM)
+            await self.wait_final(task_id, task.kill_grace + 10)
+            return self.task(task_id)
+        now = now_ms()
+        with self.store.transaction():
+            moved = self.store.move(
+                task_id, task.state, TaskState.CANCELLED, now, reason="cancelled", finished_at=now
+            )
+        if not moved:  # it changed state meanwhile (claimed, say): try again with the new state
+            return await self.cancel(task_id)
+        return self.task(task_id)
+
+    async def wait_final(self, task_id: int, timeout: float | None) -> TaskRow:
+        """The task once it is final, or as it is when `timeout` seconds have passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self.task(task_id)
+            if task.state in FINAL_STATES:
+                return task
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return task
+            await self.hub.wait_final(task_id, left)
+
+    # -- logs -----------------------------------------------------------------------------------
+
+    def log_path(self, task: TaskRow, attempt: int | None, stream: str) -> tuple[int, Path]:
+        """The log file of one attempt (default: the latest) and its number."""
+        if task.attempts == 0:
+            raise Conflict(f"task {task.id} has not started yet: no output")
+        number = task.attempts if attempt is None else attempt
+        if not 1 <= number <= task.attempts:
+            raise NotFound(f"task {task.id} has no attempt {number} (it has {task.attempts})")
+        suffix = "out" if stream == "stdout" else "err"
+        return number, self.paths.logs / f"{task.id}.{number}.{suffix}"
+
+    def attempt_open(self, task_id: int, number: int) -> bool:
+        attempts: list[AttemptRow] = self.store.attempts_of([task_id])[task_id]
+        return any(a.number == number and a.outcome is None for a in attempts)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        reasons = []
+        writable = True
+        try:
+            self.store.check_writable()
+        except TaskctlError as e:
+            writable = False
+            reasons.append(f"store not writable: {e.message}")
+        for folder in (self.paths.state, self.paths.logs):
+            if not os.access(folder, os.W_OK):
+                reasons.append(f"{folder} is not writable")
+        counts = self.store.count_by_state()
+        queued = sum(q.get("queued", 0) for q in counts.values())
+        return {
+            "status": "unhealthy" if reasons else "ok",
+            "reasons": reasons,
+            "version": __version__,
+            "api": API_VERSION,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started_monotonic, 3),
+            "store_writable": writable,
+            "running": self.dispatcher.running_count(),
+            "queued": queued,
+            "concurrency": self.config.concurrency,
+            "disk_free": shutil.disk_usage(self.paths.state).free,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        counts = self.store.count_by_state()
+        states: dict[str, int] = {s.value: 0 for s in TaskState}
+        for per_queue in counts.values():
+            for state, n in per_queue.items():
+                states[state] += n
+        queues = [
+            {"name": name, "concurrency": None, "paused": False, "counts": per_queue}
+            for name, per_queue in sorted(counts.items())
+        ]
+        return {"health": self.health(), "states": states, "queues": queues}
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_cwd(cwd: str) -> None:
+    if not os.path.isabs(cwd):
+        raise InvalidRequest(f"working directory {cwd!r} must be an absolute path")
+    if "\0" in cwd:
+        raise InvalidRequest("working directory must not contain NUL bytes")
+    if not os.path.exists(cwd):
+        raise InvalidRequest(f"working directory {cwd!r} does not exist")
+    if not os.path.isdir(cwd):
+        raise InvalidRequest(f"working directory {cwd!r} is not a directory")
+
+
+def _check_exec_size(command: list[str], env: dict[str, str] | None) -> None:
+    """Refuse what execve would refuse (E2BIG), with the reason, at submit time."""
+    strings = [*command, *(f"{k}={v}" for k, v in (env or {}).items())]
+    longest = max(strings, key=len)
+    if len(longest.encode()) >= MAX_ARG_STRLEN:
+        raise InvalidRequest(
+            f"an argument or environment entry is {len(longest.encode())} bytes; "
+            f"the limit for one is {MAX_ARG_STRLEN - 1}"
+        )
+    total = sum(len(s.encode()) + 1 + 8 for s in strings)  # bytes plus a pointer each
+    limit = os.sysconf("SC_ARG_MAX") - 4096  # room for the TASKCTL_* variables we add
+    if total > limit:
+        raise InvalidRequest(
+            f"command and environment take {total} bytes; execve accepts at most {limit} here"
+        )

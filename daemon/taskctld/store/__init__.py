@@ -1,0 +1,163 @@
+"""The Store interface: what the server, dispatcher, scheduler and runner may ask of the database.
+
+Nothing outside `taskctld.store` writes SQL. A second backend (PostgreSQL) is one more module that
+implements `Store`. Rows cross this boundary as the plain dataclasses below; times are integer
+epoch milliseconds (UTC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from taskctl.api import Outcome, TaskState
+
+
+@dataclass
+class NewTask:
+    """A validated submit with every default resolved; what the store inserts."""
+
+    command: list[str]
+    cwd: str
+    queue: str = "default"
+    name: str | None = None
+    shell: bool = False
+    priority: int = 0
+    env: dict[str, str] | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    backoff: str = "fixed"
+    retry_delay: float = 1.0
+    max_delay: float = 3600.0
+    retry_on: list[int] | None = None
+    no_retry_on: list[int] | None = None
+    timeout: float | None = None
+    kill_grace: float = 10.0
+    memory_limit: int | None = None
+    run_at: int | None = None  # epoch ms; None or past = ready now
+    key: str | None = None
+
+
+@dataclass
+class TaskRow(NewTask):
+    id: int = 0
+    state: TaskState = TaskState.QUEUED
+    reason: str | None = None
+    created_at: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    attempts: int = 0  # attempt rows
+    tries: int = 0  # attempts that count against the retry policy
+    exit_code: int | None = None
+    env_id: str | None = None
+
+
+@dataclass
+class AttemptRow:
+    task_id: int
+    number: int
+    outcome: Outcome | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    started_at: int | None = None
+    ended_at: int | None = None
+    pid: int | None = None
+    worker_pid: int | None = None
+    worker_start: int | None = None
+    boot_id: str | None = None
+    max_rss: int | None = None
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+
+
+@dataclass
+class EventRow:
+    id: int
+    at: int
+    task_id: int
+    queue: str
+    from_state: TaskState | None
+    to_state: TaskState
+    attempt: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class AttemptEnd:
+    """How an attempt ended, as its worker (or recovery) reported it."""
+
+    task_id: int
+    attempt: int
+    outcome: Outcome
+    ended_at: int
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    max_rss: int | None = None
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+
+
+@dataclass
+class Claim:
+    tasks: list[TaskRow]
+    exhausted: set[str]  # queues that have no more queued tasks
+
+
+@dataclass
+class TaskFilter:
+    states: Sequence[TaskState] = ()
+    queue: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    limit: int = 100
+    before_id: int | None = None
+
+
+class Store(Protocol):
+    """The daemon's only way to the database. Methods that change anything must run inside
+    `transaction()`; events they append are published only once it commits."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def on_commit(self, callback: Callable[[list[EventRow]], None]) -> None: ...
+
+    def submit(self, tasks: Sequence[NewTask], now: int) -> list[int]: ...
+    def move(
+        self,
+        task_id: int,
+        old: TaskState,
+        new: TaskState,
+        now: int,
+        *,
+        reason: str | None = None,
+        attempt: int | None = None,
+        exit_code: int | None = None,
+        fence: int | None = None,
+        queue: str | None = None,
+        **fields: object,
+    ) -> bool: ...
+
+    def claim(self, slots: dict[str, int], limit: int, now: int) -> Claim: ...
+    def mark_started(self, task_id: int, attempt: int, **fields: object) -> None: ...
+    def end_attempt(self, end: AttemptEnd) -> None: ...
+    def promote_due(self, now: int) -> int: ...
+    def next_due(self) -> int | None: ...
+
+    def get_task(self, task_id: int) -> TaskRow | None: ...
+    def get_tasks(self, ids: Sequence[int]) -> list[TaskRow]: ...
+    def list_tasks(self, where: TaskFilter) -> list[TaskRow]: ...
+    def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]: ...
+    def open_attempts(self) -> list[AttemptRow]: ...
+    def ready_queues(self) -> set[str]: ...
+    def running_by_queue(self) -> dict[str, int]: ...
+    def count_by_state(self) -> dict[str, dict[str, int]]: ...
+    def events_after(self, event_id: int, limit: int) -> list[EventRow]: ...
+    def last_event_id(self) -> int: ...
+    def env_of(self, env_id: str | None) -> dict[str, str] | None: ...
+    def check_writable(self) -> None: ...
+    def close(self) -> None: ...
+
+    def iter_all_ids(self) -> Iterator[int]: ...

@@ -1,0 +1,598 @@
+"""The SQLite store: WAL mode, one connection owned by the daemon, explicit short transactions.
+
+Every read-modify-write runs inside `transaction()` (`BEGIN IMMEDIATE`), so a transaction never
+has to upgrade a read lock. Each state change is one conditional `UPDATE ... WHERE id = ? AND
+state = ?` through `move`, which also appends the matching event row; events reach subscribers
+only after the commit. The claim reads the partial index of queued tasks, so its cost does not
+grow with the number of finished tasks.
+
+Schema changes are numbered migrations in `MIGRATIONS`; `meta.schema_version` says how many ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from taskctl.api import Outcome, TaskState
+from taskctl.errors import StorageFull, TaskctlError
+from taskctld import states
+from taskctld.store import (
+    AttemptEnd,
+    AttemptRow,
+    Claim,
+    EventRow,
+    NewTask,
+    TaskFilter,
+    TaskRow,
+)
+
+_STATE_LIST = ", ".join(f"'{s.value}'" for s in TaskState)
+
+MIGRATIONS: list[str] = [
+    # 1: tasks, attempts, queues, events, environments
+    f"""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE queues (
+        name TEXT PRIMARY KEY,
+        concurrency INTEGER,
+        paused INTEGER NOT NULL DEFAULT 0,
+        defaults TEXT NOT NULL DEFAULT '{{}}',
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE envs (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL CHECK (state IN ({_STATE_LIST})),
+        reason TEXT,
+        command TEXT NOT NULL,
+        shell INTEGER NOT NULL DEFAULT 0,
+        cwd TEXT NOT NULL,
+        env_id TEXT,
+        labels TEXT NOT NULL DEFAULT '{{}}',
+        retries INTEGER NOT NULL DEFAULT 0,
+        backoff TEXT NOT NULL DEFAULT 'fixed',
+        retry_delay REAL NOT NULL DEFAULT 1,
+        max_delay REAL NOT NULL DEFAULT 3600,
+        retry_on TEXT,
+        no_retry_on TEXT,
+        timeout REAL,
+        kill_grace REAL NOT NULL DEFAULT 10,
+        memory_limit INTEGER,
+        run_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        tries INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER,
+        key TEXT
+    );
+    CREATE INDEX tasks_ready ON tasks (queue, priority DESC, run_at, id) WHERE state = 'queued';
+    CREATE INDEX tasks_due ON tasks (run_at) WHERE state = 'scheduled';
+    CREATE INDEX tasks_state ON tasks (state, queue);
+    CREATE TABLE attempts (
+        task_id INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        outcome TEXT,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        started_at INTEGER,
+        ended_at INTEGER,
+        pid INTEGER,
+        worker_pid INTEGER,
+        worker_start INTEGER,
+        boot_id TEXT,
+        max_rss INTEGER,
+        cpu_user REAL,
+        cpu_system REAL,
+        PRIMARY KEY (task_id, number)
+    ) WITHOUT ROWID;
+    CREATE INDEX attempts_open ON attempts (task_id) WHERE outcome IS NULL;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        task_id INTEGER NOT NULL,
+        queue TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        attempt INTEGER,
+        exit_code INTEGER,
+        reason TEXT
+    );
+    CREATE INDEX events_task ON events (task_id);
+    """,
+]
+
+_TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
+_INSERT_COLUMNS = [
+    "name",
+    "queue",
+    "priority",
+    "state",
+    "command",
+    "shell",
+    "cwd",
+    "env_id",
+    "labels",
+    "retries",
+    "backoff",
+    "retry_delay",
+    "max_delay",
+    "retry_on",
+    "no_retry_on",
+    "timeout",
+    "kill_grace",
+    "memory_limit",
+    "run_at",
+    "created_at",
+    "updated_at",
+    "key",
+]
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (at, task_id, queue, from_state, to_state, attempt, exit_code, reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_CHUNK = 500  # ids per IN (...) list
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def env_digest(env: dict[str, str]) -> tuple[str, str]:
+    """(content id, JSON): environments are stored once per distinct content."""
+    data = json.dumps(env, separators=(",", ":"), sort_keys=True)
+    return hashlib.blake2b(data.encode(), digest_size=16).hexdigest(), data
+
+
+class SqliteStore:
+    """`Store` on one SQLite database file; see the module docstring for the rules it keeps."""
+
+    def __init__(self, path: Path, *, durability: str = "full") -> None:
+        self.path = path
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, cached_statements=512
+        )
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._in_transaction = False
+        self._pending: list[EventRow] = []
+        self._subscribers: list[Callable[[list[EventRow]], None]] = []
+        self._env_cache: dict[str, dict[str, str]] = {}
+        self._update_sql: dict[tuple[str, ...], str] = {}
+        self._configure(durability)
+        self.migrate()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _configure(self, durability: str) -> None:
+        c = self.conn
+        c.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
+        self.db.enable_wal()
+        c.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        c.execute("PRAGMA busy_timeout = 5000")
+        c.execute("PRAGMA journal_size_limit = 67108864")
+        c.execute("PRAGMA temp_store = MEMORY")
+
+    def schema_version(self) -> int:
+        if not self.db["meta"].exists():
+            return 0
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        """Run the migrations this file has not seen, each in its own transaction."""
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise TaskctlError(
+                f"{self.path} has schema version {version}, newer than this taskctld "
+                f"({len(MIGRATIONS)}); upgrade taskctl"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(number),),
+                )
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """`BEGIN IMMEDIATE` ... `COMMIT`; nested calls join the outer transaction. Events
+        appended inside are published to subscribers after the commit, dropped on rollback."""
+        if self._in_transaction:
+            yield
+            return
+        self._in_transaction = True
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                self._pending.clear()
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._pending.clear()
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _storage_error(e) from e
+        finally:
+            self._in_transaction = False
+        events, self._pending = self._pending, []
+        if events:
+            for callback in self._subscribers:
+                callback(events)
+
+    def on_commit(self, callback: Callable[[list[EventRow]], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _require_transaction(self) -> None:
+        if not self._in_transaction:
+            raise RuntimeError("store writes must run inside transaction()")
+
+    # -- the one place that changes a task's state ---------------------------------------------
+
+    def move(
+        self,
+        task_id: int,
+        old: TaskState,
+        new: TaskState,
+        now: int,
+        *,
+        reason: str | None = None,
+        attempt: int | None = None,
+        exit_code: int | None = None,
+        fence: int | None = None,
+        queue: str | None = None,
+        **fields: object,
+    ) -> bool:
+        """Move one task from `old` to `new` if it is still in `old`; append the event.
+
+        Returns False (and changes nothing) when the task is no longer in `old`: another actor
+        won. `fence`, when given, also requires the task's attempt count to equal it, so a late
+        report about an earlier attempt cannot move the task. `fields` are more columns to set
+        in the same UPDATE; `attempt`, `exit_code` and `reason` are recorded in the event, and
+        `reason` and `exit_code` (when given) on the task too.
+        """
+        self._require_transaction()
+        if not states.allowed(old, new):
+            raise RuntimeError(f"transition {old} -> {new} is not in the state machine")
+        if exit_code is not None:
+            fields["exit_code"] = exit_code
+        names = tuple(sorted(fields))
+        sql = self._update_sql.get(names)
+        if sql is None:
+            sets = "".join(f", {name} = ?" for name in names)
+            sql = (
+                f"UPDATE tasks SET state = ?, reason = ?, updated_at = ?{sets} "
+                "WHERE id = ? AND state = ? AND (? IS NULL OR attempts = ?)"
+            )
+            self._update_sql[names] = sql
+        values = [new.value, reason, now, *(fields[n] for n in names)]
+        values += [task_id, old.value, fence, fence]
+        if self.conn.execute(sql, values).rowcount != 1:
+            return False
+        self._append_event(now, task_id, old, new, attempt, exit_code, reason, queue)
+        return True
+
+    def _append_event(
+        self,
+        now: int,
+        task_id: int,
+        old: TaskState | None,
+        new: TaskState,
+        attempt: int | None,
+        exit_code: int | None,
+        reason: str | None,
+        queue: str | None = None,
+    ) -> None:
+        if queue is None:
+            queue = self.conn.execute(
+                "SELECT queue FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()[0]
+        cur = self.conn.execute(
+            _INSERT_EVENT,
+            (now, task_id, queue, old and old.value, new.value, attempt, exit_code, reason),
+        )
+        self._pending.append(
+            EventRow(cur.lastrowid or 0, now, task_id, queue, old, new, attempt, exit_code, reason)
+        )
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(self, tasks: Sequence[NewTask], now: int) -> list[int]:
+        """Insert tasks (one transaction with the caller's); returns their ids in order."""
+        self._require_transaction()
+        rows = []
+        for t in tasks:
+            env_id = self._store_env(t.env)
+            state = TaskState.SCHEDULED if t.run_at and t.run_at > now else TaskState.QUEUED
+            rows.append(
+                (
+                    t.name, t.queue, t.priority, state.value, _dump(t.command), int(t.shell),
+                    t.cwd, env_id, _dump(t.labels), t.retries, t.backoff, t.retry_delay,
+                    t.max_delay, _dump(t.retry_on), _dump(t.no_retry_on), t.timeout,
+                    t.kill_grace, t.memory_limit, t.run_at or now, now, now, t.key,
+                )
+            )  # fmt: skip
+        before = self._sequence("tasks")
+        self.conn.executemany(_INSERT_TASK, rows)
+        ids = list(range(before + 1, before + 1 + len(rows)))
+        for task_id, row in zip(ids, rows, strict=True):
+            self._append_event(now, task_id, None, TaskState(row[3]), None, None, None, row[1])
+        return ids
+
+    def _sequence(self, table: str) -> int:
+        row = self.conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _store_env(self, env: dict[str, str] | None) -> str | None:
+        if env is None:
+            return None
+        env_id, data = env_digest(env)
+        if env_id not in self._env_cache:
+            self.conn.execute("INSERT OR IGNORE INTO envs (id, data) VALUES (?, ?)", (env_id, data))
+            self._env_cache[env_id] = env
+        return env_id
+
+    def env_of(self, env_id: str | None) -> dict[str, str] | None:
+        if env_id is None:
+            return None
+        env = self._env_cache.get(env_id)
+        if env is None:
+            row = self.conn.execute("SELECT data FROM envs WHERE id = ?", (env_id,)).fetchone()
+            env = json.loads(row[0]) if row else {}
+            if len(self._env_cache) > 256:
+                self._env_cache.clear()
+            self._env_cache[env_id] = env
+        return env
+
+    # -- the dispatcher's hot path ----------------------------------------------------------------
+
+    def claim(self, slots: dict[str, int], limit: int, now: int) -> Claim:
+        """Move up to `limit` queued tasks to running, at most `slots[q]` from queue q, highest
+        priority first (FIFO within a priority); starts an attempt row for each. Also says which
+        queues have nothing more queued."""
+        self._require_transaction()
+        candidates: list[tuple[int, int, int]] = []
+        exhausted = set()
+        for queue, free in slots.items():
+            want = min(free, limit)
+            if want > 0:
+                found = self.conn.execute(
+                    "SELECT id, priority, run_at FROM tasks WHERE state = 'queued' AND queue = ? "
+                    "ORDER BY priority DESC, run_at, id LIMIT ?",
+                    (queue, want + 1),
+                ).fetchall()
+                if len(found) <= want:
+                    exhausted.add(queue)
+                candidates += found[:want]
+        if len(slots) > 1:
+            candidates.sort(key=lambda c: (-c[1], c[2], c[0]))
+        chosen = [c[0] for c in candidates[:limit]]
+        claimed = []
+        for task in self.get_tasks(chosen):
+            number = task.attempts + 1
+            if self.move(
+                task.id, TaskState.QUEUED, TaskState.RUNNING, now, attempt=number, queue=task.queue,
+                attempts=number, tries=task.tries + 1, started_at=task.started_at or now,
+            ):  # fmt: skip
+                self.conn.execute(
+                    "INSERT INTO attempts (task_id, number, started_at) VALUES (?, ?, ?)",
+                    (task.id, number, now),
+                )
+                task.attempts, task.tries, task.state = number, task.tries + 1, TaskState.RUNNING
+                claimed.append(task)
+        return Claim(claimed, exhausted)
+
+    def mark_started(self, task_id: int, attempt: int, **fields: object) -> None:
+        """Record what the worker reported at start (pids, identity, exact start time)."""
+        self._require_transaction()
+        names = sorted(fields)
+        self.conn.execute(
+            f"UPDATE attempts SET {', '.join(f'{n} = ?' for n in names)} "
+            "WHERE task_id = ? AND number = ?",
+            [*(fields[n] for n in names), task_id, attempt],
+        )
+
+    def end_attempt(self, end: AttemptEnd) -> None:
+        """Write how the attempt ended (only the first report of an attempt counts)."""
+        self._require_transaction()
+        self.conn.execute(
+            "UPDATE attempts SET outcome = ?, exit_code = ?, signal = ?, error = ?, ended_at = ?, "
+            "max_rss = ?, cpu_user = ?, cpu_system = ? "
+            "WHERE task_id = ? AND number = ? AND outcome IS NULL",
+            (
+                end.outcome.value, end.exit_code, end.signal, end.error, end.ended_at,
+                end.max_rss, end.cpu_user, end.cpu_system, end.task_id, end.attempt,
+            ),
+        )  # fmt: skip
+
+    def promote_due(self, now: int) -> int:
+        """Scheduled tasks whose time has come become queued; returns how many."""
+        self._require_transaction()
+        due = self.conn.execute(
+            "SELECT id FROM tasks WHERE state = 'scheduled' AND run_at <= ? ORDER BY run_at LIMIT 1000",
+            (now,),
+        ).fetchall()
+        return sum(self.move(i, TaskState.SCHEDULED, TaskState.QUEUED, now) for (i,) in due)
+
+    def next_due(self) -> int | None:
+        row = self.conn.execute(
+            "SELECT min(run_at) FROM tasks WHERE state = 'scheduled'"
+        ).fetchone()
+        return row[0] if row else None
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        found = self.get_tasks([task_id])
+        return found[0] if found else None
+
+    def get_tasks(self, ids: Sequence[int]) -> list[TaskRow]:
+        """Tasks by id, in the order given; unknown ids are left out."""
+        by_id: dict[int, TaskRow] = {}
+        for chunk in _chunks(ids):
+            cur = self.conn.execute(
+                f"SELECT * FROM tasks WHERE id IN ({_marks(len(chunk))})", chunk
+            )
+            by_id.update((row.id, row) for row in _task_rows(cur))
+        return [by_id[i] for i in ids if i in by_id]
+
+    def list_tasks(self, where: TaskFilter) -> list[TaskRow]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if where.states:
+            clauses.append(f"state IN ({_marks(len(where.states))})")
+            params += [s.value for s in where.states]
+        if where.queue is not None:
+            clauses.append("queue = ?")
+            params.append(where.queue)
+        for key, value in where.labels.items():
+            clauses.append("json_extract(labels, ?) = ?")
+            params += [f'$."{key}"', value]
+        if where.before_id is not None:
+            clauses.append("id < ?")
+            params.append(where.before_id)
+        sql = "SELECT * FROM tasks"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        return list(_task_rows(self.conn.execute(sql, [*params, where.limit])))
+
+    def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]:
+        found: dict[int, list[AttemptRow]] = {i: [] for i in ids}
+        for chunk in _chunks(ids):
+            cur = self.conn.execute(
+                f"SELECT * FROM attempts WHERE task_id IN ({_marks(len(chunk))}) "
+                "ORDER BY task_id, number",
+                chunk,
+            )
+            for row in _attempt_rows(cur):
+                found[row.task_id].append(row)
+        return found
+
+    def open_attempts(self) -> list[AttemptRow]:
+        """Attempts with no outcome yet: what was running when the last daemon stopped."""
+        return list(
+            _attempt_rows(self.conn.execute("SELECT * FROM attempts WHERE outcome IS NULL"))
+        )
+
+    def ready_queues(self) -> set[str]:
+        """Queues that have queued tasks (read once at start; the dispatcher tracks it after)."""
+        return {
+            q
+            for (q,) in self.conn.execute("SELECT DISTINCT queue FROM tasks WHERE state = 'queued'")
+        }
+
+    def running_by_queue(self) -> dict[str, int]:
+        rows = self.conn.execute(
+            "SELECT queue, count(*) FROM tasks WHERE state = 'running' GROUP BY queue"
+        ).fetchall()
+        return {queue: n for queue, n in rows}
+
+    def count_by_state(self) -> dict[str, dict[str, int]]:
+        """{queue: {state: count}} over every task in the store."""
+        counts: dict[str, dict[str, int]] = {}
+        for state, queue, n in self.conn.execute(
+            "SELECT state, queue, count(*) FROM tasks GROUP BY state, queue"
+        ):
+            counts.setdefault(queue, {})[state] = n
+        return counts
+
+    def events_after(self, event_id: int, limit: int) -> list[EventRow]:
+        cur = self.conn.execute(
+            "SELECT id, at, task_id, queue, from_state, to_state, attempt, exit_code, reason "
+            "FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (event_id, limit),
+        )
+        return [
+            EventRow(i, at, t, q, TaskState(f) if f else None, TaskState(to), a, x, r)
+            for i, at, t, q, f, to, a, x, r in cur
+        ]
+
+    def last_event_id(self) -> int:
+        return self._sequence("events")
+
+    def iter_all_ids(self) -> Iterator[int]:
+        for (i,) in self.conn.execute("SELECT id FROM tasks ORDER BY id"):
+            yield i
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Raise StorageFull or TaskctlError unless a write transaction can commit."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write_check', ?)",
+                (str(os.getpid()),),
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _storage_error(error: sqlite3.OperationalError) -> TaskctlError:
+    text = str(error)
+    if "full" in text or "disk I/O" in text:
+        return StorageFull(f"the state folder is out of space: {text}")
+    return TaskctlError(f"database error: {text}")
+
+
+def _task_rows(cur: sqlite3.Cursor) -> Iterator[TaskRow]:
+    names = [d[0] for d in cur.description]
+    for values in cur:
+        row = dict(zip(names, values, strict=True))
+        for name in _TASK_JSON:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+        row["state"] = TaskState(row["state"])
+        row["shell"] = bool(row["shell"])
+        row.pop("updated_at")
+        yield TaskRow(**row)
+
+
+def _attempt_rows(cur: sqlite3.Cursor) -> Iterator[AttemptRow]:
+    names = [d[0] for d in cur.description]
+    for values in cur:
+        row = dict(zip(names, values, strict=True))
+        if row["outcome"] is not None:
+            row["outcome"] = Outcome(row["outcome"])
+        yield AttemptRow(**row)

@@ -1,0 +1,243 @@
+"""The wire contract between `taskctl` and `taskctld`: pydantic models of requests and responses.
+
+Requests are closed (unknown fields are refused, so a misspelt option is never silently dropped);
+responses are open (unknown fields are ignored, so an older CLI can read a newer daemon). Times
+are RFC 3339 strings in UTC; durations are seconds (requests also accept `30s`, `1h30m`...);
+sizes are bytes (requests also accept `100M`).
+
+The CLI does not import this module on its fast paths (pydantic costs start-up time); the
+daemon validates every request with it and FastAPI derives `/openapi.json` from it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from taskctl.units import parse_duration, parse_size
+
+
+class TaskState(StrEnum):
+    WAITING = "waiting"  # dependencies not yet met
+    SCHEDULED = "scheduled"  # run_at in the future (delay, backoff before a retry)
+    QUEUED = "queued"  # ready; waits for a slot
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class Outcome(StrEnum):
+    """How one attempt ended."""
+
+    EXITED = "exited"  # with an exit code (0 is success)
+    SIGNALED = "signaled"  # ended by a signal it did not handle
+    TIMEOUT = "timeout"  # killed by taskctl after --timeout
+    SPAWN_ERROR = "spawn_error"  # never started: no such program, bad cwd...
+    LOST = "lost"  # its outcome cannot be known (the supervising worker vanished)
+    CANCELLED = "cancelled"  # killed by taskctl on request
+    INTERRUPTED = "interrupted"  # killed by `daemon stop --kill`; re-queued, attempt not counted
+
+
+class Backoff(StrEnum):
+    FIXED = "fixed"
+    EXPONENTIAL = "exponential"
+
+
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
+MAX_PRIORITY = 1_000_000
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+    return value
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=10 * 365 * 86400)]
+Size = Annotated[int, BeforeValidator(_size), Field(ge=1 << 20, le=1 << 50)]
+ExitCodes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=256)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class RetryPolicy(Request):
+    """When and how soon a failed attempt is tried again. Unset fields take the queue's or the
+    daemon's defaults."""
+
+    retries: int | None = Field(None, ge=0, le=1000, description="attempts after the first")
+    backoff: Backoff | None = None
+    retry_delay: Duration | None = None
+    max_delay: Duration | None = None
+    retry_on: ExitCodes | None = Field(None, description="retry only these exit codes")
+    no_retry_on: ExitCodes | None = Field(None, description="never retry these exit codes")
+
+
+class ExecutionLimits(Request):
+    timeout: Duration | None = Field(None, description="per attempt, seconds")
+    kill_grace: Duration | None = Field(None, description="SIGTERM to SIGKILL, seconds")
+    memory_limit: Size | None = Field(None, description="address-space limit, bytes")
+
+
+class TaskSpec(RetryPolicy, ExecutionLimits):
+    """What `POST /v1/tasks` accepts: one command to run."""
+
+    command: list[str] = Field(min_length=1, max_length=100_000)
+    shell: bool = Field(False, description="run command[0] through `sh -c`")
+    name: str | None = Field(None, max_length=200)
+    queue: str = Field("default", pattern=QUEUE_NAME_PATTERN)
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="higher runs first")
+    cwd: str | None = Field(None, description="absolute path; default: the daemon owner's home")
+    env: dict[str, str] | None = Field(
+        None, description="the task's whole environment; null gives a minimal one"
+    )
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    delay: Duration | None = None
+    run_at: datetime | None = None
+    key: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("command")
+    @classmethod
+    def _command_has_no_nul(cls, value: list[str]) -> list[str]:
+        if any("\0" in arg for arg in value):
+            raise ValueError("command arguments must not contain NUL bytes")
+        if not value[0]:
+            raise ValueError("the program name must not be empty")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_valid(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for k, v in (value or {}).items():
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise ValueError(f"invalid environment variable name or value: {k!r}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if not LABEL_KEY_PATTERN.match(k) or len(v) > 200:
+                raise ValueError(f"invalid label {k!r}: keys are [A-Za-z0-9_.-/], values <= 200")
+        return value
+
+
+class BatchSpec(Request):
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=100_000)
+
+
+class Attempt(Response):
+    number: int
+    outcome: Outcome | None = None  # null while it runs
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    pid: int | None = None
+    max_rss: int | None = Field(None, description="peak resident set size, bytes")
+    cpu_user: float | None = Field(None, description="seconds")
+    cpu_system: float | None = Field(None, description="seconds")
+
+
+class Task(Response):
+    id: int
+    name: str | None = None
+    state: TaskState
+    reason: str | None = None
+    queue: str
+    priority: int
+    command: list[str]
+    shell: bool = False
+    cwd: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] | None = Field(None, description="only with show_env=true")
+    created_at: str
+    run_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    retries: int = 0
+    backoff: Backoff = Backoff.FIXED
+    retry_delay: float = 0
+    max_delay: float | None = None
+    retry_on: list[int] | None = None
+    no_retry_on: list[int] | None = None
+    timeout: float | None = None
+    kill_grace: float = 10
+    memory_limit: int | None = None
+    key: str | None = None
+    deduplicated: bool | None = None
+
+
+class Event(Response):
+    id: int
+    at: str
+    task_id: int
+    from_state: TaskState | None = None
+    to_state: TaskState
+    attempt: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+class QueueInfo(Response):
+    name: str
+    concurrency: int | None = None
+    paused: bool = False
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class Health(Response):
+    status: str  # "ok" or "unhealthy"
+    reasons: list[str] = Field(default_factory=list)
+    version: str
+    api: str
+    pid: int
+    uptime: float
+    store_writable: bool
+    running: int
+    queued: int
+    concurrency: int
+
+
+class Summary(Response):
+    health: Health
+    states: dict[str, int]
+    queues: list[QueueInfo]
+
+
+class ErrorDetail(Response):
+    code: str
+    message: str
+
+
+class ErrorBody(Response):
+    error: ErrorDetail

@@ -1,0 +1,98 @@
+"""The `taskctl` command line: a thin adapter from options to API calls to rendered output.
+
+Start-up time matters (it runs in shell loops), so `main` builds only the command being run:
+typer would otherwise inspect every command's signature on every call. The whole app
+(`build_app`) serves `--help`, command groups, completions and the man page.
+
+Errors are turned into a message and an exit code here, in one place (see `taskctl.errors`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from taskctl import __version__
+from taskctl.errors import TaskctlError
+
+HELP = "A task platform for the shell: queue commands, retry them, schedule them, watch them."
+
+# name: (module, function, extra context settings). Order is the order of `--help`.
+COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "submit": ("taskctl.cli.submit", "submit", {"allow_interspersed_args": False}),
+    "list": ("taskctl.cli.tasks", "list_tasks", {}),
+    "status": ("taskctl.cli.tasks", "status", {}),
+    "logs": ("taskctl.cli.logs", "logs", {}),
+    "cancel": ("taskctl.cli.tasks", "cancel", {}),
+    "wait": ("taskctl.cli.tasks", "wait", {}),
+    "health": ("taskctl.cli.health", "health", {}),
+}
+GROUPS: dict[str, str] = {"daemon": "taskctl.cli.daemon"}
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _function(name: str) -> Callable[..., Any]:
+    module, attr, _ = COMMANDS[name]
+    function: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    return function
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"taskctl {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    """Every command and group: for help, completions and the man page."""
+    app = typer.Typer(
+        name="taskctl",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings=_CONTEXT,
+    )
+    for name, (_, _, settings) in COMMANDS.items():
+        app.command(name, context_settings=settings or None)(_function(name))
+    for name, module in GROUPS.items():
+        app.add_typer(importlib.import_module(module).app, name=name)
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """A task platform for the shell."""
+
+    return app
+
+
+def _single_command_app(name: str) -> typer.Typer:
+    app = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, context_settings=_CONTEXT
+    )
+    app.command(name, context_settings=COMMANDS[name][2] or None)(_function(name))
+    return app
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    try:
+        if args and args[0] in COMMANDS:
+            _single_command_app(args[0])(args=args[1:], prog_name=f"taskctl {args[0]}")
+        else:
+            build_app()(args=args, prog_name="taskctl")
+    except TaskctlError as e:
+        print(f"taskctl: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(141)

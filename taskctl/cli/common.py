@@ -1,0 +1,140 @@
+"""What every command shares: the client, option types, JSON output, exit-code mapping."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from taskctl.client import Client
+from taskctl.errors import InvalidRequest
+from taskctl.units import parse_duration, parse_size
+
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print exactly one JSON document on stdout (the API's fields)."),
+]
+
+
+def client() -> Client:
+    return Client()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def note(message: str) -> None:
+    """People-facing text goes to stderr, so stdout stays clean for scripts."""
+    print(message, file=sys.stderr)
+
+
+def duration(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def size(value: str | None, option: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    """`K=V` options (repeatable) as a dict."""
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} must look like KEY=VALUE", param_hint=option)
+        result[key] = value
+    return result
+
+
+def exit_codes(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        codes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} must be exit codes like 75,111", param_hint=option
+        ) from None
+    if not codes or any(not 0 <= c <= 255 for c in codes):
+        raise typer.BadParameter("exit codes are 0-255", param_hint=option)
+    return codes
+
+
+def ids(values: list[str], what: str = "task id") -> list[int]:
+    try:
+        parsed = [int(v) for v in values]
+    except ValueError:
+        raise InvalidRequest(f"{what}s are numbers, got {values!r}") from None
+    if any(i < 1 for i in parsed):
+        raise InvalidRequest(f"{what}s are positive numbers")
+    return parsed
+
+
+# How `wait` and `submit --wait` report a task, the way a shell reports a command.
+EXIT_TIMEOUT = 124
+EXIT_WAIT_FAILED = 125
+EXIT_CANNOT_RUN = 127
+EXIT_CANCELLED = 128 + 15
+
+
+def exit_status_of(task: dict[str, Any]) -> int:
+    """0 if it succeeded; otherwise its exit code, 124 (timeout), 128+N (signal N), 127 (could
+    not start), 143 (cancelled), 125 (outcome unknown) or 1 (never ran)."""
+    if task["state"] == "succeeded":
+        return 0
+    attempts = task.get("attempts") or []
+    last = attempts[-1] if attempts else {}
+    outcome = last.get("outcome")
+    if task["state"] == "cancelled":
+        return EXIT_CANCELLED
+    if outcome == "timeout":
+        return EXIT_TIMEOUT
+    if outcome == "spawn_error":
+        return EXIT_CANNOT_RUN
+    if outcome == "lost":
+        return EXIT_WAIT_FAILED
+    if last.get("signal"):
+        return 128 + int(last["signal"])
+    if last.get("exit_code") is not None:
+        return int(last["exit_code"]) or 1
+    return 1
+
+
+def die(message: str, code: int) -> NoReturn:
+    note(f"taskctl: {message}")
+    raise typer.Exit(code)
+
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+_WAIT_SLICE = 30.0
+
+
+def wait_final(c: Client, task_id: int, timeout: float | None = None) -> dict[str, Any]:
+    """The task once final, or as it is at `timeout`. The daemon holds each request until the
+    task changes (no polling here); requests are sliced so a restarted daemon is picked up."""
+    import time
+
+    from taskctl.client import path_for
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+        task: dict[str, Any] = c.call(
+            "GET", path_for("tasks", task_id, "wait", timeout=max(0.0, left)), timeout=left + 30
+        )
+        if task["state"] in FINAL_STATES or (deadline is not None and time.monotonic() >= deadline):
+            return task

@@ -1,0 +1,58 @@
+"""`taskctl logs`: a task's output, whole, tailed or followed live."""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import Annotated
+
+import typer
+
+from taskctl import render
+from taskctl.cli.common import client, ids
+from taskctl.client import path_for
+
+
+def logs(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    follow: Annotated[
+        bool,
+        typer.Option("-f", "--follow", help="Keep printing new output until the task is final."),
+    ] = False,
+    attempt: Annotated[
+        int | None,
+        typer.Option("--attempt", min=1, help="Show this attempt (default: the latest)."),
+    ] = None,
+    stderr: Annotated[
+        bool, typer.Option("--stderr", help="Show standard error instead of standard output.")
+    ] = False,
+    tail: Annotated[
+        int | None, typer.Option("--tail", min=0, help="Only the last N lines.")
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write the bytes as they are, even to a terminal.")
+    ] = False,
+) -> None:
+    """Print an attempt's output. On a terminal, control sequences are shown escaped so a task
+    cannot rewrite your screen; in a pipe (or with --raw) the bytes pass through unchanged."""
+    (number,) = ids([task_id])
+    response = client().open(
+        "GET",
+        path_for(
+            "tasks", number, "logs",
+            stream="stderr" if stderr else "stdout", attempt=attempt, tail=tail,
+            follow=follow or None,
+        ),
+        timeout=None,
+    )  # fmt: skip
+    out = sys.stdout.buffer
+    if raw or not sys.stdout.isatty():
+        for chunk in response.iter_chunks():
+            out.write(chunk)
+            out.flush()
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in response.iter_chunks():
+        text = decoder.decode(chunk)
+        out.write(render.escape_controls(text.encode()).encode())
+        out.flush()

@@ -1,0 +1,147 @@
+"""Commands about existing tasks: list, status, cancel, wait."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from taskctl import render
+from taskctl.cli.common import (
+    EXIT_WAIT_FAILED,
+    FINAL_STATES,
+    JsonOption,
+    client,
+    die,
+    duration,
+    emit_json,
+    exit_status_of,
+    ids,
+    note,
+    wait_final,
+)
+from taskctl.client import path_for
+from taskctl.errors import TaskctlError
+
+STATES = ("waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled")
+
+
+def list_tasks(
+    state: Annotated[
+        list[str] | None,
+        typer.Option("-s", "--state", help="Only tasks in this state (repeatable)."),
+    ] = None,
+    queue: Annotated[
+        str | None, typer.Option("-q", "--queue", help="Only tasks of this queue.")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("-l", "--label", help="Only tasks with label K=V (repeatable)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("-n", "--limit", min=1, max=100_000, help="At most this many.")
+    ] = 100,
+    show_env: Annotated[
+        bool, typer.Option("--show-env", help="Include environments in --json.")
+    ] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Tasks, newest first."""
+    for s in state or []:
+        if s not in STATES:
+            raise typer.BadParameter(
+                f"{s!r} is not one of {', '.join(STATES)}", param_hint="--state"
+            )
+    tasks = client().call(
+        "GET",
+        path_for(
+            "tasks", state=state, queue=queue, label=label, limit=limit, show_env=show_env or None
+        ),
+    )
+    if json_:
+        emit_json(tasks)
+    else:
+        render.print_task_list(tasks)
+
+
+def status(
+    task_ids: Annotated[
+        list[str] | None, typer.Argument(help="Task ids; none gives a summary.", show_default=False)
+    ] = None,
+    show_env: Annotated[
+        bool, typer.Option("--show-env", help="Show the captured environment (may hold secrets).")
+    ] = False,
+    json_: JsonOption = False,
+) -> None:
+    """One task in detail (attempts, exit codes); no id: a summary of the daemon."""
+    c = client()
+    if not task_ids:
+        summary = c.call("GET", path_for("summary"))
+        if json_:
+            emit_json(summary)
+        else:
+            print(render.summary_text(summary))
+        return
+    tasks = [c.call("GET", path_for("tasks", i, show_env=show_env or None)) for i in ids(task_ids)]
+    if json_:
+        emit_json(tasks[0] if len(tasks) == 1 else tasks)
+        return
+    for n, task in enumerate(tasks):
+        if n:
+            print()
+        render.print_task_detail(task)
+
+
+def cancel(
+    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    json_: JsonOption = False,
+) -> None:
+    """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
+    SIGKILL after their grace period)."""
+    c = client()
+    results: list[Any] = []
+    failure: TaskctlError | None = None
+    for task_id in ids(task_ids):
+        try:
+            task = c.call("POST", path_for("tasks", task_id, "cancel"), timeout=None)
+        except TaskctlError as e:
+            note(f"taskctl: task {task_id}: {e.message}")
+            failure = failure or e
+            continue
+        results.append(task)
+        if not json_:
+            note(f"task {task_id}: {task['state']}")
+    if json_:
+        emit_json(results[0] if len(task_ids) == 1 and results else results)
+    if failure is not None:
+        raise typer.Exit(failure.exit_code)
+
+
+def wait(
+    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    timeout: Annotated[
+        str | None, typer.Option("--timeout", help="Give up after this long (exit 125).")
+    ] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Wait until the tasks are final; exit like the last one that failed (0 if none did)."""
+    import time
+
+    c = client()
+    limit = duration(timeout, "--timeout")
+    deadline = None if limit is None else time.monotonic() + limit
+    finals: list[dict[str, Any]] = []
+    for task_id in ids(task_ids):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        task = wait_final(c, task_id, left)
+        if task["state"] not in FINAL_STATES:
+            if json_:
+                emit_json([*finals, task])
+            die(f"timed out waiting for task {task_id} (still {task['state']})", EXIT_WAIT_FAILED)
+        finals.append(task)
+        if not json_:
+            note(f"task {task_id} {task['state']} (exit status {exit_status_of(task)})")
+    if json_:
+        emit_json(finals[0] if len(finals) == 1 else finals)
+    failed = [exit_status_of(t) for t in finals if exit_status_of(t) != 0]
+    raise typer.Exit(failed[-1] if failed else 0)

@@ -1,0 +1,263 @@
+"""Rendering: rich tables for people at a terminal, plain aligned text in a pipe, JSON for scripts.
+
+Every function here is pure (data in, text out), so output can be tested against golden text.
+`rich` is imported only when a terminal asks for it: the CLI's start-up stays light in shell
+loops and pipes. `NO_COLOR` is honoured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from taskctl.units import format_duration, format_size
+
+STATE_STYLE = {
+    "waiting": "magenta",
+    "scheduled": "cyan",
+    "queued": "blue",
+    "running": "yellow",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "bright_black",
+}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def ago(text: str | None, now: datetime | None = None) -> str:
+    when = parse_time(text)
+    if when is None:
+        return "-"
+    now = now or datetime.now(UTC)
+    return format_duration(max(0.0, (now - when).total_seconds()))
+
+
+def elapsed(start: str | None, end: str | None, now: datetime | None = None) -> float | None:
+    begin = parse_time(start)
+    if begin is None:
+        return None
+    finish = parse_time(end) or now or datetime.now(UTC)
+    return max(0.0, (finish - begin).total_seconds())
+
+
+def command_text(task: dict[str, Any]) -> str:
+    if task.get("shell"):
+        return str(task["command"][0])
+    return shlex.join(task["command"])
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
+
+
+def exit_text(task: dict[str, Any]) -> str:
+    attempts = task.get("attempts") or []
+    last = attempts[-1] if attempts else {}
+    if last.get("signal"):
+        return f"sig{last['signal']}"
+    if task.get("exit_code") is not None:
+        return str(task["exit_code"])
+    return "-"
+
+
+# -- task lists -----------------------------------------------------------------------------------
+
+LIST_HEADER = ("ID", "STATE", "QUEUE", "EXIT", "TRIES", "AGE", "TIME", "COMMAND")
+
+
+def task_rows(tasks: list[dict[str, Any]], now: datetime | None = None) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for t in tasks:
+        attempts = t.get("attempts") or []
+        duration = elapsed(t.get("started_at"), t.get("finished_at"), now)
+        label = t.get("name") or command_text(t)
+        rows.append(
+            (
+                str(t["id"]),
+                t["state"],
+                t["queue"],
+                exit_text(t),
+                str(len(attempts)),
+                ago(t.get("created_at"), now),
+                format_duration(duration),
+                label,
+            )
+        )
+    return rows
+
+
+def plain_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns aligned with spaces; the last column is never padded or cut (stable for awk)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def print_task_list(tasks: list[dict[str, Any]]) -> None:
+    rows = task_rows(tasks)
+    if not sys.stdout.isatty():
+        if rows:
+            print(plain_table(LIST_HEADER, rows))
+        return
+    console = _console()
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in LIST_HEADER:
+        table.add_column(name, no_wrap=name != "COMMAND", overflow="ellipsis")
+    for row in rows:
+        state = row[1]
+        table.add_row(*row[:1], f"[{STATE_STYLE.get(state, '')}]{state}[/]", *row[2:])
+    if rows:
+        console.print(table)
+    else:
+        console.print("no tasks", style="dim")
+
+
+# -- one task -------------------------------------------------------------------------------------
+
+
+def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
+    """A task in detail, as plain text (rich adds colour on a terminal)."""
+    lines = [
+        f"task {task['id']}  {task['state']}"
+        + (f" ({task['reason']})" if task.get("reason") else "")
+    ]
+
+    def field(name: str, value: Any) -> None:
+        if value not in (None, "", [], {}):
+            lines.append(f"  {name:<12}{value}")
+
+    field("name", task.get("name"))
+    field("command", command_text(task) + ("   (via sh -c)" if task.get("shell") else ""))
+    field("queue", f"{task['queue']}   priority {task['priority']}")
+    field("cwd", task.get("cwd"))
+    field("labels", " ".join(f"{k}={v}" for k, v in (task.get("labels") or {}).items()))
+    field("created", f"{task['created_at']} ({ago(task['created_at'], now)} ago)")
+    if task["state"] == "scheduled":
+        field("next run", task.get("run_at"))
+    field("started", task.get("started_at"))
+    field("finished", task.get("finished_at"))
+    field("exit code", task.get("exit_code"))
+    policy = f"{task.get('retries', 0)} retries"
+    if task.get("retries"):
+        policy += f", {task.get('backoff')} backoff from {format_duration(task.get('retry_delay'))}"
+    if task.get("timeout"):
+        policy += f"; timeout {format_duration(task['timeout'])}"
+    if task.get("memory_limit"):
+        policy += f"; memory limit {format_size(task['memory_limit'])}"
+    field("policy", policy)
+    if task.get("env") is not None:
+        for key, value in sorted(task["env"].items()):
+            field("env", f"{key}={value}")
+    attempts = task.get("attempts") or []
+    if attempts:
+        lines.append("  attempts")
+        header = ("#", "OUTCOME", "EXIT", "STARTED", "TIME", "MAX RSS", "CPU", "ERROR")
+        rows: list[tuple[str, ...]] = []
+        for a in attempts:
+            cpu = (a.get("cpu_user") or 0) + (a.get("cpu_system") or 0)
+            exit_ = f"sig{a['signal']}" if a.get("signal") else a.get("exit_code")
+            rows.append(
+                (
+                    str(a["number"]),
+                    a.get("outcome") or "running",
+                    "-" if exit_ is None else str(exit_),
+                    a.get("started_at") or "-",
+                    format_duration(elapsed(a.get("started_at"), a.get("ended_at"), now)),
+                    format_size(a.get("max_rss")),
+                    format_duration(cpu) if a.get("outcome") else "-",
+                    a.get("error") or "",
+                )
+            )
+        lines.extend("    " + line for line in plain_table(header, rows).splitlines())
+    return "\n".join(lines)
+
+
+def print_task_detail(task: dict[str, Any]) -> None:
+    text = task_detail(task)
+    if not sys.stdout.isatty():
+        print(text)
+        return
+    from rich.text import Text
+
+    rendered = Text(text)
+    rendered.highlight_words([task["state"]], style=STATE_STYLE.get(task["state"], ""))
+    _console().print(rendered)
+
+
+# -- summary and health ---------------------------------------------------------------------------
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    h = summary["health"]
+    lines = [
+        f"taskctld {h['version']}  {h['status']}  pid {h['pid']}  up {format_duration(h['uptime'])}",
+        f"running {h['running']}/{h['concurrency']}  queued {h['queued']}",
+    ]
+    lines += [f"  ! {reason}" for reason in h.get("reasons", [])]
+    states = "  ".join(f"{k} {v}" for k, v in summary["states"].items() if v)
+    lines.append(f"tasks: {states or 'none'}")
+    for q in summary.get("queues", []):
+        counts = "  ".join(f"{k} {v}" for k, v in sorted(q["counts"].items()))
+        lines.append(f"  queue {q['name']}: {counts}")
+    return "\n".join(lines)
+
+
+def health_text(h: dict[str, Any]) -> str:
+    lines = [
+        f"status        {h['status']}",
+        f"version       {h['version']} (api {h['api']})",
+        f"pid           {h['pid']}",
+        f"uptime        {format_duration(h['uptime'])}",
+        f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
+        f"running       {h['running']} of {h['concurrency']}",
+        f"queued        {h['queued']}",
+    ]
+    if h.get("disk_free") is not None:
+        lines.append(f"disk free     {format_size(h['disk_free'])}")
+    lines += [f"problem       {reason}" for reason in h.get("reasons", [])]
+    return "\n".join(lines)
+
+
+# -- task output ----------------------------------------------------------------------------------
+
+
+def _control_table() -> dict[int, str]:
+    table = {code: "^" + chr(code + 0x40) for code in range(0x20) if chr(code) not in "\n\t"}
+    table[0x7F] = "^?"
+    table.update({code: f"\\u{code:04x}" for code in range(0x80, 0xA0)})
+    return table
+
+
+_CONTROLS = _control_table()
+
+
+def escape_controls(data: bytes) -> str:
+    """Task output made safe for a terminal: decoded (invalid bytes replaced) with control
+    characters shown as `^[`-style caret notation, so a task can never move the cursor, clear
+    the screen or retitle the terminal. Newlines and tabs pass through; CRLF stays a newline."""
+    return data.decode("utf-8", errors="replace").replace("\r\n", "\n").translate(_CONTROLS)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)

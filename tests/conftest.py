@@ -1,0 +1,165 @@
+"""Test harness: a real taskctld in a temporary TASKCTL_HOME, driven through the real `taskctl`.
+
+Homes live directly under /tmp with short names: a Unix socket path must fit in about 100 bytes.
+Nothing here sleeps for a fixed time: `wait_until` polls a condition against a deadline.
+Teardown kills the daemon and every process that carries the home in its environment (tasks
+inherit it), so one test's leftovers never leak into the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TASKCTL = str(BIN / "taskctl")
+TASKCTLD = str(BIN / "taskctld")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Return the first truthy value of `predicate()`; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Pids whose environment has key=value (ours only; unreadable ones are skipped)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in env and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+class Home:
+    """One isolated taskctl installation: a folder, its daemon, and a CLI bound to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.env = {**os.environ, "TASKCTL_HOME": str(path), "TASKCTL_NO_AUTOSTART": "1"}
+        self.env.pop("NO_COLOR", None)
+
+    # -- the CLI ----------------------------------------------------------------------------
+
+    def run(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TASKCTL, *args],
+            env={**self.env, **(env or {})},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, **kw: Any) -> str:
+        done = self.run(*args, **kw)
+        assert done.returncode == 0, f"taskctl {' '.join(args)} -> {done.returncode}: {done.stderr}"
+        return done.stdout
+
+    def json(self, *args: str, **kw: Any) -> Any:
+        return json.loads(self.ok(*args, "--json", **kw))
+
+    def submit(self, *command: str, options: tuple[str, ...] = ()) -> int:
+        return int(self.ok("submit", *options, "--", *command).strip())
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        return self.json("status", str(task_id))
+
+    def wait_final(self, task_id: int, timeout: float = 20) -> dict[str, Any]:
+        return wait_until(lambda: (t := self.task(task_id))["state"] in FINAL and t, timeout)
+
+    def config(self, **settings: Any) -> None:
+        lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        (self.path / "config.toml").write_text("\n".join(lines) + "\n")
+
+    # -- the daemon -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        self.ok("daemon", "start")
+        return self.daemon_pid()
+
+    def daemon_pid(self) -> int:
+        return int(self.json("daemon", "status")["pid"])
+
+    def kill9(self) -> None:
+        pid = self.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(pid), 10)
+
+    def stop(self) -> None:
+        self.run("daemon", "stop")
+
+    def task_processes(self) -> list[int]:
+        return processes_with_env("TASKCTL_HOME", str(self.path))
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            lock = (self.path / "taskctld.lock").read_text().strip()
+            if lock:
+                os.kill(int(lock), signal.SIGKILL)
+        for pid in self.task_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.fixture
+def home() -> Iterator[Home]:
+    """A fresh home with no daemon running yet."""
+    path = Path(tempfile.mkdtemp(prefix="tc", dir="/tmp"))
+    h = Home(path)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(home: Home) -> Home:
+    """A home with its daemon started."""
+    home.start()
+    return home

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make demo`: a short, real scenario against a real daemon in a throwaway home.
+# Each capability adds its part. Exits non-zero if anything does not behave as shown.
+set -euo pipefail
+
+home=$(mktemp -d /tmp/taskctl-demo.XXXXXX)
+export TASKCTL_HOME=$home TASKCTL_NO_AUTOSTART=1
+cleanup() { taskctl daemon stop >/dev/null 2>&1 || true; rm -rf "$home"; }
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+
+step "start the daemon (in $home)"
+show taskctl daemon start
+
+step "a task that succeeds"
+ok=$(taskctl submit -n hello -- sh -c 'echo "hello from task $TASKCTL_TASK_ID"')
+show taskctl wait "$ok"
+show taskctl logs "$ok"
+
+step "a task that fails, then succeeds on its retry"
+flaky=$(taskctl submit -n flaky --retries 2 --retry-delay 500ms -C "$home" --shell -- \
+  'n=$(cat attempts 2>/dev/null || echo 0); echo $((n+1)) > attempts; echo "attempt $((n+1))"; [ "$n" -ge 1 ]')
+show taskctl wait "$flaky"
+show taskctl status "$flaky"
+
+step "a failure keeps its exit code and its stderr"
+bad=$(taskctl submit -n broken -- sh -c 'echo "disk on fire" >&2; exit 3')
+taskctl wait "$bad" && { echo "expected exit 3"; exit 1; } || code=$?
+echo "taskctl wait $bad exited $code"
+show taskctl logs --stderr "$bad"
+
+step "everything, as people and as scripts see it"
+show taskctl list
+printf '$ taskctl list --json | python3 -c ...\n'
+taskctl list --json | python3 -c 'import json,sys; print({t["name"]: t["state"] for t in json.load(sys.stdin)})'
+
+step "health"
+show taskctl health
+
+step "stop the daemon"
+show taskctl daemon stop

@@ -1,0 +1,295 @@
+"""The foundation, end to end: a real daemon driven through the real `taskctl` executable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections import Counter
+
+from conftest import FINAL, TASKCTL, Home, wait_until
+
+
+def test_failed_task_keeps_exit_code_and_both_streams(daemon: Home) -> None:
+    task_id = daemon.submit("sh", "-c", "echo hi; echo oops >&2; exit 3")
+    task = daemon.wait_final(task_id)
+    assert task["state"] == "failed"
+    assert task["exit_code"] == 3
+    assert task["reason"] == "exit_code"
+    assert [a["outcome"] for a in task["attempts"]] == ["exited"]
+    assert daemon.ok("logs", str(task_id)) == "hi\n"
+    assert daemon.ok("logs", str(task_id), "--stderr") == "oops\n"
+
+
+def test_submit_wait_exits_like_the_task(daemon: Home) -> None:
+    assert daemon.run("submit", "--wait", "--", "sh", "-c", "exit 7").returncode == 7
+    assert daemon.run("submit", "--wait", "--", "true").returncode == 0
+    killed = daemon.run("submit", "--wait", "--", "sh", "-c", "kill -9 $$")
+    assert killed.returncode == 128 + 9
+
+
+def test_submit_wait_json_prints_the_final_task(daemon: Home) -> None:
+    done = daemon.run("submit", "--wait", "--json", "--", "sh", "-c", "exit 4")
+    assert done.returncode == 4
+    task = json.loads(done.stdout)
+    assert task["state"] == "failed" and task["exit_code"] == 4
+
+
+def test_300_tasks_from_a_shell_loop_all_finish_once(daemon: Home) -> None:
+    script = f'for i in $(seq 300); do "{TASKCTL}" submit -- true || exit 1; done'
+    loop = subprocess.run(
+        ["bash", "-c", script], env=daemon.env, capture_output=True, text=True, timeout=300
+    )
+    assert loop.returncode == 0, loop.stderr
+    submitted = [int(line) for line in loop.stdout.split()]
+    assert len(submitted) == 300 and len(set(submitted)) == 300
+
+    def all_final() -> list[dict] | None:
+        tasks = daemon.json("list", "--limit", "1000")
+        return tasks if all(t["state"] in FINAL for t in tasks) else None
+
+    tasks = wait_until(all_final, timeout=120, interval=0.5)
+    assert sorted(t["id"] for t in tasks) == sorted(submitted)
+    assert Counter(t["state"] for t in tasks) == {"succeeded": 300}
+    assert all(len(t["attempts"]) == 1 for t in tasks)
+
+
+def _http_get(sock_path: str, path: str) -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET over the Unix socket: curl when installed, else a raw socket."""
+    if shutil.which("curl"):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--unix-socket",
+                sock_path,
+                "-w",
+                "\n%{http_code}",
+                f"http://taskctl{path}",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        body, _, status = out.rpartition(b"\n")
+        return int(status), body
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock_path)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_curl_on_the_socket_sees_what_list_json_sees(daemon: Home) -> None:
+    ids = [daemon.submit("sh", "-c", f"exit {n}") for n in range(3)]
+    for task_id in ids:
+        daemon.wait_final(task_id)
+    status, body = _http_get(str(daemon.path / "taskctld.sock"), "/v1/tasks")
+    assert status == 200
+    assert json.loads(body) == daemon.json("list")
+
+
+def test_a_program_that_does_not_exist_is_a_spawn_error(daemon: Home) -> None:
+    task = daemon.wait_final(daemon.submit("/no/such/program"))
+    assert task["state"] == "failed"
+    (attempt,) = task["attempts"]
+    assert attempt["outcome"] == "spawn_error"
+    assert "/no/such/program" in attempt["error"]
+    assert daemon.run("submit", "--wait", "--", "true").returncode == 0  # still serving
+
+
+def test_unknown_task_id_exits_4_with_one_line(daemon: Home) -> None:
+    for command in (["status", "424242"], ["logs", "424242"], ["cancel", "424242"]):
+        done = daemon.run(*command)
+        assert done.returncode == 4, command
+        assert done.stderr.strip().count("\n") == 0 and "424242" in done.stderr
+
+
+def test_daemon_down_with_autostart_off_exits_3_and_says_how_to_start(home: Home) -> None:
+    done = home.run("list")
+    assert done.returncode == 3
+    assert "taskctl daemon start" in done.stderr
+
+
+def test_autostart_starts_the_daemon_on_first_use(home: Home) -> None:
+    done = home.run("submit", "--wait", "--", "true", env={"TASKCTL_NO_AUTOSTART": "0"})
+    assert done.returncode == 0, done.stderr
+    assert home.json("daemon", "status")["status"] == "ok"
+
+
+def test_fifty_queued_tasks_survive_sigkill_of_the_daemon(home: Home) -> None:
+    home.config(concurrency=1)
+    home.start()
+    gate = home.path / "go"
+    blocker = home.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    queued = [home.submit("true") for _ in range(50)]
+    assert {home.task(i)["state"] for i in queued} == {"queued"}
+    home.kill9()
+    home.start()
+    gate.touch()
+    for task_id in [blocker, *queued]:
+        task = home.wait_final(task_id, timeout=60)
+        assert task["state"] == "succeeded", task
+        assert len(task["attempts"]) == 1
+
+
+def test_cancel_ends_the_whole_process_group(daemon: Home) -> None:
+    marker = f"sleep 300{os.getpid() % 7}"  # unique argv, so we only count our own sleeps
+    task_id = daemon.submit("sh", "-c", f"{marker} & {marker}; wait")
+
+    def sleeps() -> list[int]:
+        return [p for p in daemon.task_processes() if _cmdline(p).startswith(marker.split()[0])]
+
+    wait_until(lambda: len(sleeps()) == 2)
+    daemon.ok("cancel", str(task_id))
+    assert daemon.task(task_id)["state"] == "cancelled"
+    wait_until(lambda: not sleeps(), timeout=5)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def test_cancel_a_queued_task_never_runs_it(home: Home) -> None:
+    home.config(concurrency=1)
+    home.start()
+    blocker = home.submit("sleep", "30")
+    waiting = home.submit("touch", str(home.path / "ran"))
+    assert home.json("cancel", str(waiting))["state"] == "cancelled"
+    home.ok("cancel", str(blocker))
+    assert home.task(blocker)["state"] == "cancelled"
+    assert not (home.path / "ran").exists()
+    assert home.run("cancel", str(waiting)).returncode == 5  # already final
+
+
+def test_environment_and_cwd_are_captured_at_submit(daemon: Home, tmp_path) -> None:
+    task_id = int(
+        daemon.ok(
+            "submit", "-e", "EXTRA=1", "--", "sh", "-c", 'echo "$PWD $EXTRA $CAPTURED $TASKCTL_TASK_ID"',
+            env={"CAPTURED": "yes"},
+        ).strip()
+    )  # fmt: skip
+    daemon.wait_final(task_id)
+    cwd = os.getcwd()
+    assert daemon.ok("logs", str(task_id)) == f"{cwd} 1 yes {task_id}\n"
+    bare = daemon.submit(
+        "sh", "-c", 'echo "${CAPTURED:-unset} $PATH"', options=("--no-env", "-C", str(tmp_path))
+    )
+    daemon.wait_final(bare)
+    assert daemon.ok("logs", str(bare)) == "unset /usr/local/bin:/usr/bin:/bin\n"
+    assert daemon.task(bare)["cwd"] == str(tmp_path)
+
+
+def test_shell_runs_one_string_through_sh(daemon: Home) -> None:
+    task_id = daemon.submit("echo a | tr a b; exit 5", options=("--shell",))
+    task = daemon.wait_final(task_id)
+    assert task["command"] == ["echo a | tr a b; exit 5"] and task["shell"] is True
+    assert task["exit_code"] == 5
+    assert daemon.ok("logs", str(task_id)) == "b\n"
+
+
+def test_argv_is_kept_exactly(daemon: Home) -> None:
+    weird = ["printf", "%s|", "two words", "", "$HOME", "-n", "*"]
+    task_id = daemon.submit(*weird)
+    assert daemon.wait_final(task_id)["command"] == weird
+    assert daemon.ok("logs", str(task_id)) == "two words||$HOME|-n|*|"
+
+
+def test_missing_cwd_is_refused_and_creates_nothing(daemon: Home) -> None:
+    done = daemon.run("submit", "-C", "/no/such/dir", "--", "true")
+    assert done.returncode == 2
+    assert "/no/such/dir" in done.stderr and "does not exist" in done.stderr
+    assert daemon.json("list") == []
+
+
+def test_bad_options_are_usage_errors(daemon: Home) -> None:
+    for args in (
+        ["submit", "-p", "high", "--", "true"],
+        ["submit", "-p", "99999999", "--", "true"],
+        ["submit", "-q", "bad queue!", "--", "true"],
+        ["submit", "-l", "novalue", "--", "true"],
+        ["submit", "--timeout", "soon", "--", "true"],
+        ["list", "--state", "sleeping"],
+    ):
+        done = daemon.run(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.strip(), args
+    assert daemon.json("list") == []
+
+
+def test_list_filters_and_plain_output_in_a_pipe(daemon: Home) -> None:
+    ok = daemon.submit("true", options=("-q", "alpha", "-l", "team=blue", "-n", "first"))
+    bad = daemon.submit("false", options=("-q", "beta"))
+    daemon.wait_final(ok)
+    daemon.wait_final(bad)
+    assert [t["id"] for t in daemon.json("list", "--state", "failed")] == [bad]
+    assert [t["id"] for t in daemon.json("list", "-q", "alpha")] == [ok]
+    assert [t["id"] for t in daemon.json("list", "-l", "team=blue")] == [ok]
+    text = daemon.ok("list")
+    lines = text.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "QUEUE", "EXIT", "TRIES", "AGE", "TIME", "COMMAND"]
+    assert lines[1].split()[:4] == [str(bad), "failed", "beta", "1"]
+    assert lines[2].split()[-1] == "first"
+    assert "\x1b[" not in text  # no colour codes in a pipe
+
+
+def test_every_json_output_is_one_document(daemon: Home) -> None:
+    task_id = daemon.submit("true")
+    daemon.wait_final(task_id)
+    for args in (["list"], ["status"], ["status", str(task_id)], ["health"], ["daemon", "status"]):
+        out = daemon.ok(*args, "--json")
+        json.loads(out)  # raises if there is anything else on stdout
+    both = daemon.json("status", str(task_id), str(task_id))
+    assert isinstance(both, list) and len(both) == 2
+
+
+def test_status_without_id_summarises(daemon: Home) -> None:
+    daemon.wait_final(daemon.submit("false"))
+    summary = daemon.json("status")
+    assert summary["states"]["failed"] == 1
+    assert summary["health"]["status"] == "ok"
+    assert "failed 1" in daemon.ok("status")
+
+
+def test_daemon_start_stop_status(home: Home) -> None:
+    assert home.run("daemon", "status").returncode == 3
+    pid = home.start()
+    assert home.start() == pid  # starting twice is a no-op
+    home.ok("daemon", "stop")
+    assert home.run("daemon", "status").returncode == 3
+    assert not (home.path / "taskctld.sock").exists()
+
+
+def test_second_daemon_process_refuses_to_run(daemon: Home) -> None:
+    done = subprocess.run(
+        [TASKCTL.replace("taskctl", "taskctld"), "--foreground"], env=daemon.env,
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "already running" in done.stderr
+    assert daemon.json("daemon", "status")["status"] == "ok"
+
+
+def test_socket_and_state_files_are_private(daemon: Home) -> None:
+    daemon.wait_final(daemon.submit("echo", "x"))
+    assert (daemon.path / "taskctld.sock").stat().st_mode & 0o777 == 0o600
+    for name in ("taskctl.db", "logs", "run"):
+        mode = (daemon.path / name).stat().st_mode & 0o777
+        assert mode & 0o077 == 0, (name, oct(mode))
+    for log in (daemon.path / "logs").iterdir():
+        assert log.stat().st_mode & 0o077 == 0
+
+
+def test_sigterm_stops_the_daemon_gracefully(daemon: Home) -> None:
+    pid = daemon.daemon_pid()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: daemon.run("daemon", "status").returncode == 3)

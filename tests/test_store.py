@@ -1,0 +1,133 @@
+"""The SQLite store on its own: transitions, claims, events, migrations."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from taskctl.api import Outcome, TaskState
+from taskctld import states
+from taskctld.store import AttemptEnd, NewTask
+from taskctld.store.sqlite import MIGRATIONS, SqliteStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "t.db", durability="normal")
+
+
+def _submit(store: SqliteStore, n: int = 1, **kw: object) -> list[int]:
+    with store.transaction():
+        return store.submit([NewTask(command=["true"], cwd="/", **kw) for _ in range(n)], now=1000)  # type: ignore[arg-type]
+
+
+def test_every_pair_of_states_is_either_allowed_or_refused(store: SqliteStore) -> None:
+    everything = [*TaskState]
+    allowed = {(a, b) for a, b in itertools.product(everything, everything) if states.allowed(a, b)}
+    assert (TaskState.QUEUED, TaskState.RUNNING) in allowed
+    assert (TaskState.SUCCEEDED, TaskState.RUNNING) not in allowed
+    assert all(not states.allowed(s, TaskState.WAITING) for s in everything)
+    (task_id,) = _submit(store)
+    with store.transaction(), pytest.raises(RuntimeError, match="not in the state machine"):
+        store.move(task_id, TaskState.QUEUED, TaskState.SUCCEEDED, 2000)
+
+
+def test_move_is_conditional_on_the_current_state(store: SqliteStore) -> None:
+    (task_id,) = _submit(store)
+    with store.transaction():
+        assert store.move(task_id, TaskState.QUEUED, TaskState.CANCELLED, 2000, reason="cancelled")
+        assert not store.move(task_id, TaskState.QUEUED, TaskState.RUNNING, 2000)
+    assert store.get_task(task_id).state is TaskState.CANCELLED  # type: ignore[union-attr]
+
+
+def test_submit_ids_are_in_order_and_never_reused(store: SqliteStore) -> None:
+    first = _submit(store, 3)
+    assert first == [1, 2, 3]
+    with store.transaction():
+        store.conn.execute("DELETE FROM tasks WHERE id = 3")
+    assert _submit(store, 2) == [4, 5]
+
+
+def test_claim_takes_highest_priority_first_then_fifo(store: SqliteStore) -> None:
+    low = _submit(store, 2, priority=1)
+    high = _submit(store, 1, priority=5)
+    with store.transaction():
+        claim = store.claim({"default": 10}, 2, now=3000)
+    assert [t.id for t in claim.tasks] == [high[0], low[0]]
+    assert all(t.state is TaskState.RUNNING and t.attempts == 1 for t in claim.tasks)
+    assert claim.exhausted == set()
+    with store.transaction():
+        rest = store.claim({"default": 10}, 10, now=3000)
+    assert [t.id for t in rest.tasks] == [low[1]] and rest.exhausted == {"default"}
+
+
+def test_claim_respects_per_queue_slots(store: SqliteStore) -> None:
+    a = _submit(store, 3, queue="a")
+    b = _submit(store, 3, queue="b")
+    with store.transaction():
+        claim = store.claim({"a": 1, "b": 2}, 10, now=3000)
+    assert sorted(t.id for t in claim.tasks) == sorted([a[0], *b[:2]])
+
+
+def test_a_late_report_cannot_move_a_newer_attempt(store: SqliteStore) -> None:
+    (task_id,) = _submit(store)
+    with store.transaction():
+        store.claim({"default": 1}, 1, now=2000)
+        store.end_attempt(AttemptEnd(task_id, 1, Outcome.EXITED, 2100, exit_code=1))
+        assert store.move(task_id, TaskState.RUNNING, TaskState.QUEUED, 2100, fence=1)
+        store.claim({"default": 1}, 1, now=2200)
+        # a duplicate report about attempt 1 arrives: the fence refuses it
+        assert not store.move(task_id, TaskState.RUNNING, TaskState.FAILED, 2300, fence=1)
+    task = store.get_task(task_id)
+    assert task is not None and task.state is TaskState.RUNNING and task.attempts == 2
+
+
+def test_events_are_published_after_commit_and_dropped_on_rollback(store: SqliteStore) -> None:
+    seen: list[list] = []
+    store.on_commit(seen.append)
+    (task_id,) = _submit(store)
+    assert [(e.task_id, e.from_state, e.to_state) for e in seen[0]] == [
+        (task_id, None, TaskState.QUEUED)
+    ]
+    with pytest.raises(ZeroDivisionError), store.transaction():
+        store.move(task_id, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+        1 / 0  # noqa: B018
+    assert len(seen) == 1
+    assert store.get_task(task_id).state is TaskState.QUEUED  # type: ignore[union-attr]
+    assert [e.to_state for e in store.events_after(0, 10)] == [TaskState.QUEUED]
+
+
+def test_writes_outside_a_transaction_are_refused(store: SqliteStore) -> None:
+    with pytest.raises(RuntimeError, match="transaction"):
+        store.submit([NewTask(command=["true"], cwd="/")], now=1)
+
+
+def test_migrations_run_once_and_record_the_version(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    SqliteStore(path).close()
+    again = SqliteStore(path)
+    assert again.schema_version() == len(MIGRATIONS)
+    assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_environments_are_stored_once_per_content(store: SqliteStore) -> None:
+    env = {"A": "1", "B": "2"}
+    with store.transaction():
+        store.submit([NewTask(command=["true"], cwd="/", env=dict(env)) for _ in range(5)], now=1)
+    assert store.conn.execute("SELECT count(*) FROM envs").fetchone()[0] == 1
+    task = store.get_task(1)
+    assert task is not None and store.env_of(task.env_id) == env
+
+
+def test_claim_reads_only_queued_rows(store: SqliteStore) -> None:
+    plan = " ".join(
+        str(row)
+        for row in store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id, priority, run_at FROM tasks WHERE state = 'queued' "
+            "AND queue = ? ORDER BY priority DESC, run_at, id LIMIT ?",
+            ("default", 5),
+        )
+    )
+    assert "tasks_ready" in plan and "TEMP B-TREE" not in plan
