@@ -293,3 +293,105 @@ def test_sigterm_stops_the_daemon_gracefully(daemon: Home) -> None:
     pid = daemon.daemon_pid()
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: daemon.run("daemon", "status").returncode == 3)
+
+
+def test_logs_json_and_tail(daemon: Home) -> None:
+    task_id = daemon.submit("sh", "-c", "for i in 1 2 3 4 5; do echo line$i; done")
+    daemon.wait_final(task_id)
+    assert daemon.json("logs", str(task_id)) == {
+        "task_id": task_id,
+        "stream": "stdout",
+        "output": "line1\nline2\nline3\nline4\nline5\n",
+    }
+    assert daemon.ok("logs", "--tail", "2", str(task_id)) == "line4\nline5\n"
+    assert daemon.ok("logs", "--tail", "0", str(task_id)) == ""
+
+
+def _run_in_terminal(home: Home, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run taskctl with a pseudo-terminal as stdout; return what it drew."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [TASKCTL, *args],
+        env={**home.env, "COLUMNS": "100", **(env or {})},
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    return out.decode()
+
+
+def test_terminal_output_is_a_coloured_table_unless_no_color(daemon: Home) -> None:
+    task_id = daemon.submit("false", options=("-n", "colourful"))
+    daemon.wait_final(task_id)
+    drawn = _run_in_terminal(daemon, "list")
+    assert "colourful" in drawn and "failed" in drawn and "\x1b[" in drawn
+    plain = _run_in_terminal(daemon, "list", env={"NO_COLOR": "1"})
+    assert "colourful" in plain and "\x1b[3" not in plain  # no colour codes
+    assert "failed" in _run_in_terminal(daemon, "status", str(task_id))
+
+
+def test_stdin_is_dev_null(daemon: Home) -> None:
+    task_id = daemon.submit("sh", "-c", "cat; readlink /proc/self/fd/0")
+    assert daemon.wait_final(task_id)["state"] == "succeeded"
+    assert daemon.ok("logs", str(task_id)) == "/dev/null\n"
+
+
+def test_a_cwd_removed_before_the_start_is_a_spawn_error(home: Home) -> None:
+    home.config(concurrency=1)
+    home.start()
+    gate, workdir = home.path / "go", home.path / "gone"
+    workdir.mkdir()
+    blocker = home.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    doomed = home.submit("true", options=("-C", str(workdir)))
+    workdir.rmdir()
+    gate.touch()
+    home.wait_final(blocker)
+    task = home.wait_final(doomed)
+    assert task["state"] == "failed" and task["attempts"][0]["outcome"] == "spawn_error"
+    assert str(workdir) in task["attempts"][0]["error"]
+
+
+def _raw_request(sock_path: str, request: bytes) -> tuple[int, dict]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock_path)
+        s.sendall(request)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_bad_requests_get_a_json_error_with_a_machine_code(daemon: Home) -> None:
+    sock = str(daemon.path / "taskctld.sock")
+
+    def post(body: bytes, path: str = "/v1/tasks") -> tuple[int, dict]:
+        head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        return _raw_request(sock, head.encode() + body)
+
+    status, body = post(b'{"command": ["true"')
+    assert status == 400 and body["error"]["code"] == "invalid"
+    status, body = post(b'{"command": ["true"], "colour": "blue"}')
+    assert status == 400 and "colour" in body["error"]["message"]
+    status, body = post(b'{"command": []}')
+    assert status == 400 and "command" in body["error"]["message"]
+    status, body = post(b'{"command": ["true"], "priority": "high"}')
+    assert status == 400 and "priority" in body["error"]["message"]
+    status, body = _raw_request(
+        sock, b"GET /v2/tasks HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert daemon.json("list") == []

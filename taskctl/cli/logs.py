@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import codecs
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
 
 from taskctl import render
-from taskctl.cli.common import client, ids
+from taskctl.cli.common import JsonOption, client, emit_json, ids
 from taskctl.client import path_for
 
 
@@ -32,9 +33,11 @@ def logs(
     raw: Annotated[
         bool, typer.Option("--raw", help="Write the bytes as they are, even to a terminal.")
     ] = False,
+    json_: JsonOption = False,
 ) -> None:
     """Print an attempt's output. On a terminal, control sequences are shown escaped so a task
-    cannot rewrite your screen; in a pipe (or with --raw) the bytes pass through unchanged."""
+    cannot rewrite your screen; in a pipe (or with --raw) the bytes pass through unchanged.
+    With --json: one object with the output decoded as UTF-8 (NDJSON chunks with --follow)."""
     (number,) = ids([task_id])
     response = client().open(
         "GET",
@@ -46,6 +49,10 @@ def logs(
         timeout=None,
     )  # fmt: skip
     out = sys.stdout.buffer
+    stream = "stderr" if stderr else "stdout"
+    if json_:
+        _write_json(response.iter_chunks(), number, stream, follow)
+        return
     if raw or not sys.stdout.isatty():
         for chunk in response.iter_chunks():
             out.write(chunk)
@@ -56,3 +63,14 @@ def logs(
         text = decoder.decode(chunk)
         out.write(render.escape_controls(text.encode()).encode())
         out.flush()
+
+
+def _write_json(chunks: Iterator[bytes], task_id: int, stream: str, follow: bool) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if follow:
+        for chunk in chunks:
+            emit_json({"task_id": task_id, "stream": stream, "output": decoder.decode(chunk)})
+            sys.stdout.flush()
+        return
+    text = "".join(decoder.decode(chunk) for chunk in chunks) + decoder.decode(b"", final=True)
+    emit_json({"task_id": task_id, "stream": stream, "output": text})
