@@ -7,6 +7,7 @@ the user's identity and home, a UTF-8 locale.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 
@@ -14,6 +15,12 @@ MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 def minimal_env() -> dict[str, str]:
+    """A fresh copy (callers add to it)."""
+    return dict(_minimal_env())
+
+
+@functools.cache
+def _minimal_env() -> dict[str, str]:
     try:
         entry = pwd.getpwuid(os.getuid())
         user, home = entry.pw_name, entry.pw_dir

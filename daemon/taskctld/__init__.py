@@ -1,1 +1,1 @@
-"""taskctld: the taskctl daemon (store, dispatcher, runner, launcher and workers, server)."""
+"""taskctld: the taskctl daemon (store, dispatcher, runner and supervisor, server)."""

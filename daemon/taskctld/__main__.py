@@ -1,14 +1,11 @@
-"""`taskctld`: the daemon's entry point. Folders, lock, daemonizing, the launcher, then `app.run`.
-
-The order matters and is the reason this file imports so little at the top:
+"""`taskctld`: the daemon's entry point. Folders, lock, daemonizing, then `app.run`.
 
 1. the folders are created and checked, and the single-instance lock is taken (a `flock` on
    `taskctld.lock`, not a pid check: the kernel drops it when the holder dies);
 2. without `--foreground`, the process detaches; its first process exits only once the daemon
    is ready (or says why it failed), so `taskctl daemon start` can report the truth;
-3. the launcher that will fork every worker is forked *now*, while this process is small and
-   single-threaded, before the web stack is imported and before the database is opened;
-4. only then the daemon proper starts (`taskctld.app`).
+3. the daemon proper starts (`taskctld.app`): the heavy imports come only now, so a second
+   daemon or a bad folder is refused fast.
 """
 
 from __future__ import annotations
@@ -17,17 +14,12 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import json
 import os
-import signal
 import stat
 import sys
-import time
 
 from taskctl import __version__
 from taskctl.paths import Paths
-from taskctld.launcher import LauncherHandle, start_launcher
-from taskctld.procfs import ProcessId, read_boot_id
 
 LOG_ROTATE_AT = 10 << 20
 
@@ -55,18 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print("taskctld: already running", file=sys.stderr)
         return 0
     ready_fd = None if args.foreground else daemonize(paths)
-    try:
-        wait_for_old_launcher(paths)
-        launcher = start_launcher(
-            close_fds=tuple(fd for fd in (lock_fd, ready_fd) if fd is not None)
-        )
-        record_launcher(paths, launcher)
-        from taskctld import app  # the heavy imports, after the fork
+    write_pid(lock_fd)
+    from taskctld import app
 
-        return app.run(paths, launcher, ready_fd=ready_fd, foreground=args.foreground)
-    except StartupError as e:
-        _fail(ready_fd, str(e))
-        return 1
+    return app.run(paths, ready_fd=ready_fd)
 
 
 def prepare_folders(paths: Paths) -> None:
@@ -102,9 +86,13 @@ def take_lock(paths: Paths) -> int | None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return None
         raise StartupError(f"cannot lock {paths.lock}: {e.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def write_pid(lock_fd: int) -> None:
+    """The lock file names the daemon's pid (for people and tools; the lock is what counts)."""
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def daemonize(paths: Paths) -> int:
@@ -146,43 +134,6 @@ def _redirect_stdio(paths: Paths) -> None:
     os.dup2(out, 2)
     os.close(devnull)
     os.close(out)
-
-
-def _fail(ready_fd: int | None, message: str) -> None:
-    print(f"taskctld: {message}", file=sys.stderr)
-    if ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, message.encode())
-            os.close(ready_fd)
-
-
-def wait_for_old_launcher(paths: Paths, timeout: float = 3.0) -> None:
-    """An earlier daemon's launcher must be gone before we look at its attempts: otherwise it
-    could still start a worker we do not know about. It dies with its daemon (PDEATHSIG);
-    this waits for that, and kills it if it lingers."""
-    record = paths.run / "launcher"
-    try:
-        data = json.loads(record.read_text())
-        ident = ProcessId(int(data["pid"]), int(data["start"]), str(data["boot_id"]))
-    except (OSError, ValueError, KeyError):
-        return
-    boot_id = read_boot_id()
-    deadline = time.monotonic() + timeout
-    while ident.state(boot_id) == "alive":
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(ident.pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-        time.sleep(0.01)
-
-
-def record_launcher(paths: Paths, launcher: LauncherHandle) -> None:
-    ident = ProcessId.of(launcher.pid)
-    if ident is None:
-        raise StartupError("the launcher process died at start")
-    tmp = paths.run / "launcher.tmp"
-    tmp.write_text(json.dumps({"pid": ident.pid, "start": ident.start, "boot_id": ident.boot_id}))
-    tmp.replace(paths.run / "launcher")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from taskctl.paths import Paths
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
 from taskctld.events import EventHub
-from taskctld.launcher import LauncherHandle
-from taskctld.procfs import read_boot_id
 from taskctld.runner import Runner, RunnerSettings
 from taskctld.server import PeerCheckedProtocol, create_app
 from taskctld.service import Service
@@ -35,7 +33,7 @@ from taskctld.store.sqlite import SqliteStore
 log = logging.getLogger("taskctld")
 
 
-def run(paths: Paths, launcher: LauncherHandle, *, ready_fd: int | None, foreground: bool) -> int:
+def run(paths: Paths, *, ready_fd: int | None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -47,7 +45,7 @@ def run(paths: Paths, launcher: LauncherHandle, *, ready_fd: int | None, foregro
         _tell_starter(ready_fd, e.message)
         return 1
     try:
-        return asyncio.run(_serve(paths, config, launcher, ready_fd))
+        return asyncio.run(_serve(paths, config, ready_fd))
     except TaskctlError as e:
         log.error("%s", e.message)
         _tell_starter(ready_fd, e.message)
@@ -58,20 +56,18 @@ def run(paths: Paths, launcher: LauncherHandle, *, ready_fd: int | None, foregro
         return 1
 
 
-async def _serve(
-    paths: Paths, config: Config, launcher: LauncherHandle, ready_fd: int | None
-) -> int:
+async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     store = SqliteStore(paths.database, durability=config.durability)
     hub = EventHub()
     store.on_commit(hub.publish)
-    settings = RunnerSettings(log_cap=config.log_cap, fsync=config.durability == "full")
-    runner = Runner(paths, launcher, settings, report=lambda r: None, boot_id=read_boot_id())
+    runner = Runner(paths, RunnerSettings(log_cap=config.log_cap), report=lambda r: None)
     dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
     runner.report = dispatcher.report
-    runner.open(loop)
-    adopt_open_attempts(store, runner)
+    install_child_reaper(loop)
+    hellos = await runner.attach()
+    runner.recover(store.open_attempts(), hellos)
     dispatcher.load()
 
     shutdown = asyncio.Event()
@@ -113,7 +109,7 @@ async def _serve(
     with contextlib.suppress(asyncio.CancelledError):
         await dispatch
     with contextlib.suppress(TaskctlError):
-        dispatcher.cycle()  # commit what workers reported in the last moments
+        dispatcher.cycle()  # commit what supervisors reported in the last moments
     runner.close()
     store.close()
     with contextlib.suppress(FileNotFoundError):
@@ -121,16 +117,15 @@ async def _serve(
     return 0
 
 
-def adopt_open_attempts(store: SqliteStore, runner: Runner) -> None:
-    """Attempts the last daemon left open: finished ones are recorded, live ones adopted."""
-    open_attempts = store.open_attempts()
-    for attempt in open_attempts:
-        runner.recover(attempt)
-    known = {f"{a.task_id}.{a.number}" for a in open_attempts}
-    for leftover in runner.paths.run.iterdir():
-        if leftover.name not in known and leftover.name not in ("launcher",):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+def install_child_reaper(loop: asyncio.AbstractEventLoop) -> None:
+    """Our supervisor is our child: reap it when it exits (no zombies)."""
+
+    def reap() -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+
+    loop.add_signal_handler(signal.SIGCHLD, reap)
 
 
 def bind_control_socket(path: Path) -> socket.socket:
@@ -151,8 +146,8 @@ def bind_control_socket(path: Path) -> socket.socket:
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, shutdown: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit now (tasks still survive: they run in
-    their own workers)."""
+    """First SIGTERM/SIGINT: graceful stop. Second: exit now (tasks still survive: they run
+    under the supervisor, not under the daemon)."""
 
     def on_signal(sig: signal.Signals) -> None:
         if shutdown.is_set():

@@ -1,6 +1,6 @@
 """The dispatcher: the daemon's main loop. Each turn is one short transaction that
 
-  1. applies what workers reported (an attempt started, an attempt ended -> next state),
+  1. applies what supervisors reported (an attempt started, an attempt ended -> next state),
   2. promotes scheduled tasks whose time has come,
   3. claims queued tasks for the free slots,
 
@@ -28,6 +28,7 @@ from taskctld.store import EventRow, Store, TaskRow
 log = logging.getLogger("taskctld.dispatcher")
 
 RETRY_AFTER_STORE_ERROR = 1.0
+STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
 
 
 @dataclass
@@ -59,13 +60,25 @@ class Dispatcher:
         self.last_cycle_at = 0
         self._wake = asyncio.Event()
         self._due_timer: asyncio.TimerHandle | None = None
+        self._started_timer: asyncio.TimerHandle | None = None
         self._due_at: int | None = None
         store.on_commit(self.note_events)
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def report(self, report: Report) -> None:
+        """A supervisor's news. An end wakes the loop now (a slot is free); a start only
+        within STARTED_LATENCY, so that its pid reaches the store without costing a commit of
+        its own when tasks are short."""
         self.reports.append(report)
+        if isinstance(report, Ended):
+            self._wake.set()
+        elif self._started_timer is None:
+            loop = asyncio.get_running_loop()
+            self._started_timer = loop.call_later(STARTED_LATENCY, self._started_due)
+
+    def _started_due(self) -> None:
+        self._started_timer = None
         self._wake.set()
 
     def note_events(self, events: list[EventRow]) -> None:
@@ -116,6 +129,7 @@ class Dispatcher:
             self.reports[:0] = reports  # nothing was applied: keep them for the next turn
             raise
         self.last_cycle_at = now
+        self.runner.committed()
         for task_id, attempt in ended:
             self.runner.forget(task_id, attempt)
         for task in claimed:
@@ -127,11 +141,7 @@ class Dispatcher:
         for report in reports:
             if isinstance(report, Started):
                 self.store.mark_started(
-                    report.task_id,
-                    report.attempt,
-                    pid=report.pid,
-                    worker_pid=report.worker_pid,
-                    started_at=report.started_at,
+                    report.task_id, report.attempt, pid=report.pid, started_at=report.started_at
                 )
             else:
                 self._apply_end(report, now)

@@ -18,7 +18,7 @@ from taskctld.store import EventRow
 STREAM_QUEUE = 10_000
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: it lives in a set
 class Subscription:
     queue: asyncio.Queue[EventRow] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
     overflow: bool = False

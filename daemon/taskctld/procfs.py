@@ -2,7 +2,7 @@
 
 A pid alone is not an identity (pids are reused). An identity is (pid, start time in clock ticks
 since boot, boot id): the start time changes when the pid is reused, the boot id when the machine
-restarts. Standard library only: the launcher and workers use this too.
+restarts. Standard library only: the supervisor uses it too.
 """
 
 from __future__ import annotations
@@ -56,6 +56,20 @@ class ProcessId:
         return "zombie" if fields[0] in ("Z", "X") else "alive"
 
 
+def start_epoch_ms(pid: int) -> int | None:
+    """When a process started, in epoch milliseconds (to about a second: the boot time in
+    /proc/stat is whole seconds)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return int((btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")) * 1000)
+
+
 def _parent_map() -> dict[int, list[int]]:
     """pid -> children, from one pass over /proc (kernels without /proc/PID/task/TID/children)."""
     kids: dict[int, list[int]] = {}
@@ -66,6 +80,11 @@ def _parent_map() -> dict[int, list[int]]:
         if fields is not None:
             kids.setdefault(int(fields[1]), []).append(int(entry))
     return kids
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (one scan of /proc)."""
+    return _parent_map().get(pid, [])
 
 
 def descendants_of(pid: int) -> list[int]:

@@ -1,36 +1,52 @@
-"""The runner: starts attempts through the launcher, watches their workers, and adopts the
-workers of an earlier daemon.
+"""The runner: the daemon's side of the supervisors. It starts attempts, asks for them to be
+stopped, and adopts what earlier daemons left running.
 
 It never touches the database. What it learns (an attempt started, an attempt ended) becomes a
-`Report` queued for the dispatcher, which applies reports in its next transaction. Workers report
-by datagram on the notify socket; a pidfd per worker (sent by the worker itself, so it can never
-name a reused pid) tells the runner when a worker is gone, whether or not it said goodbye.
+`Report` queued for the dispatcher, which applies reports in its next transaction; only after
+that commit does the runner acknowledge the end to the supervisor (`forget`).
+
+At start-up it launches a fresh supervisor for new work and connects to every live supervisor
+an earlier daemon left behind: each says in its `hello` what still runs and what ended while no
+daemon listened, and is then retired (it exits once its last task has ended). An open attempt
+that no supervisor knows is settled from its run file: its final record if it has one; `lost` if
+it started and its supervisor is gone (its command, if alive, is killed: nothing runs
+unsupervised); `interrupted` (not counted) if it never started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import socket
+import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from taskctl.api import Outcome
 from taskctl.environment import minimal_env
+from taskctl.errors import TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import now_ms
-from taskctld.launcher import LauncherHandle
-from taskctld.procfs import ProcessId
+from taskctld.procfs import ProcessId, read_boot_id, start_epoch_ms
 from taskctld.store import AttemptEnd, AttemptRow, TaskRow
-from taskctld.worker import AttemptSpec, read_records
+from taskctld.supervisor import (
+    AttemptSpec,
+    FrameReader,
+    SupervisorInfo,
+    encode_frame,
+    known_supervisors,
+    launch_supervisor,
+    read_journal,
+)
 
 log = logging.getLogger("taskctld.runner")
+
+HELLO_TIMEOUT = 5.0
+Key = tuple[int, int]
 
 
 @dataclass
@@ -38,7 +54,6 @@ class Started:
     task_id: int
     attempt: int
     pid: int
-    worker_pid: int
     started_at: int
 
 
@@ -52,74 +67,138 @@ Report = Started | Ended
 
 
 @dataclass
-class Watched:
-    """A worker the runner is responsible for."""
-
-    task_id: int
-    attempt: int
-    pidfd: int | None = None
-    worker_pid: int | None = None
-    pending_signal: int | None = None  # to send as soon as the worker announces itself
-    ended: bool = False
-
-
-@dataclass
 class RunnerSettings:
     log_cap: int = 100 << 20
-    fsync: bool = True
-    home: str = field(default_factory=lambda: os.path.expanduser("~"))
+
+
+class Link(asyncio.Protocol):
+    """One connection to one supervisor."""
+
+    def __init__(self, runner: Runner, info: SupervisorInfo) -> None:
+        self.runner = runner
+        self.info = info
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.reader.feed(data):
+            if frame.get("op") == "hello" and not self.hello.done():
+                self.hello.set_result(frame)
+            else:
+                self.runner.on_frame(self, frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError("the supervisor went away"))
+        self.runner.on_link_lost(self)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if self.transport is None or self.lost:
+            return False
+        self.transport.write(encode_frame(message))
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Runner:
     def __init__(
-        self,
-        paths: Paths,
-        launcher: LauncherHandle,
-        settings: RunnerSettings,
-        report: Callable[[Report], None],
-        boot_id: str,
+        self, paths: Paths, settings: RunnerSettings, report: Callable[[Report], None]
     ) -> None:
         self.paths = paths
-        self.launcher = launcher
         self.settings = settings
         self.report = report
-        self.boot_id = boot_id
-        self.watched: dict[tuple[int, int], Watched] = {}
-        self.notify: socket.socket | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.current: Link | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.owner: dict[Key, Link] = {}  # attempts that have not ended, by supervisor
+        self.links: list[Link] = []
+        self.closing = False
+        self.orphaned: dict[Key, dict[str, Any]] = {}  # journals of supervisors that died
+        self.dead_journals: list[Path] = []  # to delete once their outcomes are committed
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def open(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Bind the notify socket and start listening to workers."""
-        self.loop = loop
-        path = self.paths.notify_socket
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.notify = sock
-        loop.add_reader(sock.fileno(), self._read_notify)
+    async def attach(self) -> list[dict[str, Any]]:
+        """Launch our supervisor and connect to the ones earlier daemons left; returns their
+        hellos (what they still run and what ended meanwhile)."""
+        earlier = known_supervisors(self.paths.run)
+        self._read_dead_journals({info.pid for info in earlier})
+        self.process, info = launch_supervisor(
+            self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
+        )
+        self.current = await self._connect(info)
+        await self.current.hello
+        hellos = []
+        for old in earlier:
+            try:
+                link = await self._connect(old)
+                hello = await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
+            except (OSError, ConnectionError, TimeoutError) as e:
+                log.warning(
+                    "cannot reach the supervisor of an earlier daemon (pid %d): %s", old.pid, e
+                )
+                continue
+            link.send({"op": "retire"})
+            hellos.append(hello)
+            for item in hello.get("running", []):
+                self.owner[(int(item["task_id"]), int(item["attempt"]))] = link
+            log.info(
+                "adopted supervisor pid %d with %d running task(s)",
+                old.pid,
+                len(hello.get("running", [])),
+            )
+        return hellos
+
+    def _read_dead_journals(self, alive: set[int]) -> None:
+        for path in self.paths.run.glob("supervisor.*.journal"):
+            pid = path.name.split(".")[1]
+            if pid.isdigit() and int(pid) not in alive:
+                self.orphaned.update(read_journal(path))
+                self.dead_journals.append(path)
+
+    def committed(self) -> None:
+        """Called after each dispatcher commit: outcomes read from dead supervisors' journals
+        are in the store now, so the journals can go."""
+        for path in self.dead_journals:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.dead_journals.clear()
+        self.orphaned.clear()
+
+    async def _connect(self, info: SupervisorInfo) -> Link:
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_unix_connection(lambda: Link(self, info), info.socket)
+        self.links.append(link)
+        return link
 
     def close(self) -> None:
-        """Stop watching (workers keep running; the next daemon adopts them)."""
-        if self.loop is not None and self.notify is not None:
-            self.loop.remove_reader(self.notify.fileno())
-            self.notify.close()
-            self.notify = None
-        for watched in self.watched.values():
-            self._unwatch(watched)
-        self.launcher.close()
+        """Stop listening. Supervisors and their tasks keep running; the next daemon adopts
+        them (ours sees the connection close, and exits once it has nothing left to run)."""
+        self.closing = True
+        for link in self.links:
+            link.close()
 
     # -- starting and stopping attempts ---------------------------------------------------------
 
     def start(self, task: TaskRow, env: dict[str, str] | None) -> None:
-        """Hand one claimed attempt to the launcher."""
-        spec = self.spec_for(task, env)
-        self.watched[(task.id, task.attempts)] = Watched(task.id, task.attempts)
-        self.launcher.send(spec)
+        """Hand one claimed attempt to our supervisor."""
+        key = (task.id, task.attempts)
+        link = self.current
+        if link is None or not link.send(
+            {"op": "spawn", "spec": self.spec_for(task, env).__dict__}
+        ):
+            self.report(_interrupted(key, "the supervisor is not available"))
+            return
+        self.owner[key] = link
 
     def spec_for(self, task: TaskRow, env: dict[str, str] | None) -> AttemptSpec:
         number = task.attempts
@@ -137,202 +216,140 @@ class Runner:
             env=full_env,
             stdout_path=str(self.paths.logs / f"{base}.out"),
             stderr_path=str(self.paths.logs / f"{base}.err"),
-            run_path=str(self.run_path(task.id, number)),
-            notify_path=str(self.paths.notify_socket),
             timeout=task.timeout,
             kill_grace=task.kill_grace,
             memory_limit=task.memory_limit,
             log_cap=self.settings.log_cap,
-            fsync=self.settings.fsync,
         )
 
-    def run_path(self, task_id: int, attempt: int) -> Path:
-        return self.paths.run / f"{task_id}.{attempt}"
-
-    def signal(self, task_id: int, attempt: int, sig: int) -> bool:
-        """Ask the attempt's worker to stop it (SIGTERM: cancel, SIGUSR1: interrupt)."""
-        watched = self.watched.get((task_id, attempt))
-        if watched is None or watched.ended:
-            return False
-        if watched.pidfd is None:
-            watched.pending_signal = sig
-            return True
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(watched.pidfd, sig)
-        return True
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        """Ask the attempt's supervisor to end it: `cancel` or `interrupt` (run again later)."""
+        link = self.owner.get((task_id, attempt))
+        return link is not None and link.send(
+            {"op": "signal", "task_id": task_id, "attempt": attempt, "kind": kind}
+        )
 
     def running_count(self) -> int:
-        return sum(1 for w in self.watched.values() if not w.ended)
+        return len(self.owner)
 
     def forget(self, task_id: int, attempt: int) -> None:
-        """The attempt's end is committed: drop its run file and stop watching."""
-        watched = self.watched.pop((task_id, attempt), None)
-        if watched is not None:
-            self._unwatch(watched)
-        with contextlib.suppress(FileNotFoundError):
-            self.run_path(task_id, attempt).unlink()
+        """The attempt's end is committed: its supervisor may forget it."""
+        link = self.owner.pop((task_id, attempt), None) or self.current
+        if link is not None:
+            link.send({"op": "ack", "task_id": task_id, "attempt": attempt})
 
-    # -- hearing from workers -------------------------------------------------------------------
+    # -- hearing from supervisors ---------------------------------------------------------------
 
-    def _read_notify(self) -> None:
-        assert self.notify is not None
-        while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.notify, 65536, 4)
-            except BlockingIOError:
-                return
-            try:
-                self._on_message(json.loads(data), fds)
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("ignoring a malformed worker message: %s", e)
-                for fd in fds:
-                    os.close(fd)
-
-    def _on_message(self, msg: dict[str, Any], fds: list[int]) -> None:
-        key = (int(msg["task_id"]), int(msg["attempt"]))
-        watched = self.watched.get(key)
-        if watched is None or watched.ended:
-            for fd in fds:
-                os.close(fd)
+    def on_frame(self, link: Link, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        try:
+            key = (int(frame["task_id"]), int(frame["attempt"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed supervisor message: %r", frame)
             return
-        if msg["type"] == "started":
-            self._on_started(watched, msg, fds)
-        elif msg["type"] == "done":
-            self._on_done(watched, msg)
+        if op == "started":
+            self.report(Started(*key, pid=int(frame["pid"]), started_at=int(frame["started_at"])))
+        elif op == "done":
+            self.report(ended_from_record(*key, frame))
 
-    def _on_started(self, watched: Watched, msg: dict[str, Any], fds: list[int]) -> None:
-        watched.worker_pid = int(msg["worker_pid"])
-        if fds:
-            self._watch_pidfd(watched, fds[0])
-            for extra in fds[1:]:
-                os.close(extra)
-        if watched.pending_signal is not None and watched.pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(watched.pidfd, watched.pending_signal)
-            watched.pending_signal = None
-        self.report(
-            Started(
-                watched.task_id,
-                watched.attempt,
-                pid=int(msg["pid"]),
-                worker_pid=watched.worker_pid,
-                started_at=int(msg["started_at"]),
+    def on_link_lost(self, link: Link) -> None:
+        """A supervisor is gone. If we were not closing, what it ran is settled from run files."""
+        if link in self.links:
+            self.links.remove(link)
+        if self.closing:
+            return
+        if link is self.current:
+            log.error("our supervisor (pid %d) died; starting a new one", link.info.pid)
+            self.current = None
+            asyncio.get_running_loop().create_task(self._replace_supervisor())
+        self._read_dead_journals({other.info.pid for other in self.links})
+        for key in [k for k, owner in self.owner.items() if owner is link]:
+            self.report(self.settle(key))
+
+    async def _replace_supervisor(self) -> None:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            if self.process is not None:
+                self.process.wait(timeout=1)
+        try:
+            self.process, info = launch_supervisor(
+                self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
             )
-        )
+            self.current = await self._connect(info)
+            await self.current.hello
+        except (OSError, ConnectionError, TaskctlError) as e:
+            log.error("cannot start a new supervisor: %s", e)
 
-    def _on_done(self, watched: Watched, final: dict[str, Any]) -> None:
-        watched.ended = True
-        self._unwatch(watched)
-        self.report(ended_from_record(watched.task_id, watched.attempt, final))
+    # -- settling attempts nobody runs any more -------------------------------------------------
 
-    def _watch_pidfd(self, watched: Watched, pidfd: int) -> None:
-        watched.pidfd = pidfd
-        assert self.loop is not None
-        self.loop.add_reader(pidfd, self._on_worker_exit, watched)
+    def recover(self, attempts: list[AttemptRow], hellos: list[dict[str, Any]]) -> None:
+        """Settle the open attempts of the store once every supervisor has said hello."""
+        done = {
+            (int(d["task_id"]), int(d["attempt"])): d
+            for hello in hellos
+            for d in hello.get("done", [])
+        }
+        for attempt in attempts:
+            key = (attempt.task_id, attempt.number)
+            if key in self.owner:
+                continue  # still running under an adopted supervisor
+            if key in done:
+                self.report(ended_from_record(*key, done[key]))
+            else:
+                self.report(self.settle(key))
 
-    def _unwatch(self, watched: Watched) -> None:
-        if watched.pidfd is not None:
-            if self.loop is not None:
-                self.loop.remove_reader(watched.pidfd)
-            os.close(watched.pidfd)
-            watched.pidfd = None
-
-    def _on_worker_exit(self, watched: Watched) -> None:
-        """The worker process is gone; if it did not report, its run file tells."""
-        self._read_notify()  # its goodbye may be queued behind this wake-up
-        if watched.ended:
-            return
-        watched.ended = True
-        self._unwatch(watched)
-        self.report(self._end_from_run_file(watched.task_id, watched.attempt))
-
-    def _end_from_run_file(self, task_id: int, attempt: int) -> Ended:
-        records = read_records(str(self.run_path(task_id, attempt)))
-        if "final" in records:
-            return ended_from_record(task_id, attempt, records["final"])
-        self._kill_orphaned_command(records.get("started"))
-        return Ended(
-            AttemptEnd(
-                task_id,
-                attempt,
-                Outcome.LOST,
-                ended_at=now_ms(),
-                error="its supervising worker died without recording an outcome",
-            )
-        )
-
-    def _kill_orphaned_command(self, started: dict[str, Any] | None) -> None:
-        """A command whose worker died is unsupervised: end its process group."""
-        if not started or "start" not in started:
-            return
-        ident = ProcessId(int(started["pid"]), int(started["start"]), self.boot_id)
-        if ident.state(self.boot_id) == "alive":
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(ident.pid, signal.SIGKILL)
-
-    # -- adoption after a restart ---------------------------------------------------------------
-
-    def recover(self, attempt: AttemptRow) -> None:
-        """Take responsibility for an attempt an earlier daemon left open.
-
-        Its worker may have finished (its run file says how), may still run (adopt it: watch its
-        pidfd), or may be gone without a word (lost). No run file at all means the worker never
-        started: the attempt is recorded as interrupted and does not count.
-        """
-        key = (attempt.task_id, attempt.number)
-        watched = Watched(attempt.task_id, attempt.number)
-        self.watched[key] = watched
-        records = read_records(str(self.run_path(*key)))
-        worker = records.get("worker")
-        if "final" in records or worker is None:
-            watched.ended = True
-            self.report(self._recovered_end(key, records))
-            return
-        ident = ProcessId(int(worker["pid"]), int(worker["start"]), str(worker["boot_id"]))
-        pidfd = _open_pidfd(ident, self.boot_id)
-        if pidfd is None:
-            watched.ended = True
-            self.report(self._end_from_run_file(*key))
-            return
-        watched.worker_pid = ident.pid
-        self._watch_pidfd(watched, pidfd)
-        log.info("adopted task %d attempt %d (worker pid %d)", *key, ident.pid)
-
-    def _recovered_end(self, key: tuple[int, int], records: dict[str, Any]) -> Ended:
+    def settle(self, key: Key) -> Ended:
+        """The end of an attempt whose supervisor is gone, from that supervisor's journal."""
+        self.owner.pop(key, None)
+        records = self.orphaned.get(key, {})
         if "final" in records:
             return ended_from_record(*key, records["final"])
+        if "started" not in records:
+            return _interrupted(key, "never started: the daemon stopped before its command ran")
+        _kill_orphan(records["started"], records.get("ident"))
         return Ended(
             AttemptEnd(
                 *key,
-                Outcome.INTERRUPTED,
+                Outcome.LOST,
                 ended_at=now_ms(),
-                error="never started: the daemon stopped before its worker ran",
-            ),
-            counts=False,
+                error="its supervisor died while it ran; the outcome is unknown",
+            )
         )
+
+
+def _interrupted(key: Key, why: str) -> Ended:
+    return Ended(AttemptEnd(*key, Outcome.INTERRUPTED, ended_at=now_ms(), error=why), counts=False)
+
+
+def _kill_orphan(started: dict[str, Any], ident: dict[str, Any] | None) -> None:
+    """A command whose supervisor died is unsupervised: end its process group, if that pid is
+    still the same process. Identity is the start time in ticks when the journal has it (after
+    a second of running), else a start within two seconds of when the supervisor started it."""
+    pid, boot_id = int(started["pid"]), str(started.get("boot_id"))
+    if boot_id != read_boot_id():
+        return
+    if ident is not None:
+        same = ProcessId(pid, int(ident["start"]), boot_id).state(boot_id) == "alive"
+    else:
+        began = start_epoch_ms(pid)
+        same = began is not None and abs(began - int(started["started_at"])) <= 2000
+    if same:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ended:
-    """The worker's final record as a report for the dispatcher."""
+    """A supervisor's final record as a report for the dispatcher."""
     raw = str(final.get("outcome", "lost"))
+    ended_at = int(final.get("ended_at") or now_ms())
     if raw == "not_started":
-        return Ended(
-            AttemptEnd(
-                task_id,
-                attempt,
-                Outcome.INTERRUPTED,
-                ended_at=int(final.get("ended_at") or now_ms()),
-                error=final.get("error") or "never started",
-            ),
-            counts=False,
-        )
+        return _interrupted((task_id, attempt), str(final.get("error") or "never started"))
     outcome = Outcome(raw)
     return Ended(
         AttemptEnd(
             task_id,
             attempt,
             outcome,
-            ended_at=int(final.get("ended_at") or now_ms()),
+            ended_at=ended_at,
             exit_code=final.get("exit_code"),
             signal=final.get("signal"),
             error=final.get("error"),
@@ -342,17 +359,3 @@ def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ende
         ),
         counts=outcome is not Outcome.INTERRUPTED,
     )
-
-
-def _open_pidfd(ident: ProcessId, boot_id: str) -> int | None:
-    """A pidfd for the process `ident` names, or None if it has exited or the pid was reused."""
-    if ident.state(boot_id) != "alive":
-        return None
-    try:
-        pidfd = os.pidfd_open(ident.pid)
-    except ProcessLookupError:
-        return None
-    if ident.state(boot_id) != "alive":  # reused between the check and the open
-        os.close(pidfd)
-        return None
-    return pidfd

@@ -63,46 +63,48 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 
 def create_app(service: Service) -> FastAPI:
+    """The API. Every route is `async def`: they all run on the event loop's thread, the only
+    thread that may touch the store (FastAPI would run a plain `def` in a thread pool)."""
     app = FastAPI(
         title="taskctld",
         version=__version__,
         description="The taskctl daemon's API, served over its Unix socket.",
         docs_url=None,
         redoc_url=None,
+        max_body_size=MAX_BODY,
     )
     _install_error_handlers(app)
-    _install_body_limit(app)
     v1 = f"/{API_VERSION}"
 
     @app.get("/healthz", response_model=Health, tags=["health"])
-    def healthz() -> Response:
+    async def healthz() -> Response:
         """The daemon is alive; also says its version."""
         return json_response(service.health())
 
     @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
-    def readyz() -> Response:
+    async def readyz() -> Response:
         """Ready: the store is writable."""
         health = service.health()
         return json_response(health, 200 if health["status"] == "ok" else 503)
 
     @app.post(f"{v1}/tasks", response_model=Task, status_code=201, responses=ERRORS, tags=["tasks"])
-    def submit(spec: TaskSpec) -> Response:
+    async def submit(spec: TaskSpec) -> Response:
         """Create a task. Answered only after the task is committed to the store."""
         (task_id,) = service.submit([spec])
         return json_response(service.views([service.task(task_id)])[0], 201)
 
     @app.post(
         f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
-        tags=["tasks"],
+        tags=["tasks"], max_body_size=MAX_BATCH_BODY,
     )  # fmt: skip
-    def submit_batch(batch: BatchSpec) -> Response:
+    async def submit_batch(batch: BatchSpec) -> Response:
         """Create many tasks in one transaction: all of them, or none and an error naming the
         first bad one."""
         ids = service.submit(batch.tasks)
         return json_response(service.views(service.store.get_tasks(ids)), 201)
 
     @app.get(f"{v1}/tasks", response_model=list[Task], responses=ERRORS, tags=["tasks"])
-    def list_tasks(
+    async def list_tasks(
         state: Annotated[list[TaskState] | None, Query()] = None,
         queue: str | None = None,
         label: Annotated[list[str] | None, Query()] = None,
@@ -121,7 +123,7 @@ def create_app(service: Service) -> FastAPI:
         return json_response(service.views(service.list(where), show_env=show_env))
 
     @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
-    def get_task(task_id: int, show_env: bool = False) -> Response:
+    async def get_task(task_id: int, show_env: bool = False) -> Response:
         return json_response(service.views([service.task(task_id)], show_env=show_env)[0])
 
     @app.post(
@@ -163,23 +165,25 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get(f"{v1}/events", response_model=list[Event], tags=["events"])
     async def events(
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int | None, Query(ge=0)] = None,
         follow: bool = False,
         task: int | None = None,
         queue: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     ) -> Response:
-        """State changes in order, as NDJSON. `after` resumes after a given event id; with
-        `follow`, the stream stays open and pushes each new event as it is committed."""
-        lines = _event_lines(service, after, follow, task, queue, limit)
+        """State changes in order, as NDJSON. `after` resumes after a given event id (0: from
+        the oldest kept); without it, only events from now on. With `follow`, the stream stays
+        open and pushes each new event as it is committed."""
+        start = service.store.last_event_id() if after is None else after
+        lines = _event_lines(service, start, follow, task, queue, limit)
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
     @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
-    def summary() -> Response:
+    async def summary() -> Response:
         return json_response(service.summary())
 
     @app.post(f"{v1}/daemon/stop", tags=["daemon"])
-    def stop(
+    async def stop(
         mode: Annotated[str, Body(embed=True, pattern="^(leave|drain|kill)$")] = "leave",
     ) -> Response:
         """Stop the daemon. `leave`: running tasks go on and are adopted by the next daemon."""
@@ -268,37 +272,39 @@ async def _follow_log(
 async def _event_lines(
     service: Service, after: int, follow: bool, task: int | None, queue: str | None, limit: int
 ) -> AsyncIterator[bytes]:
+    """Backlog from the events table, then (with `follow`) live events as they are committed,
+    each batch of events in one chunk. A subscriber that fell behind catches up from the table,
+    so nothing is lost or repeated."""
+
     def wanted(e: Any) -> bool:
         return (task is None or e.task_id == task) and (queue is None or e.queue == queue)
 
-    last = after
+    last, sent = after, 0
     with service.hub.subscribe() as sub:
-        while True:
-            backlog = service.store.events_after(last, min(limit, 1000))
-            for event in backlog:
-                last = event.id
-                if wanted(event):
-                    yield _ndjson(event_view(event))
-            if len(backlog) < min(limit, 1000):
+        while sent < limit or follow:
+            backlog = service.store.events_after(last, 1000)
+            if not backlog:
                 break
+            last = backlog[-1].id
+            chunk = [e for e in backlog if wanted(e)][: None if follow else limit - sent]
+            sent += len(chunk)
+            if chunk:
+                yield b"".join(_ndjson(event_view(e)) for e in chunk)
         if not follow:
             return
         while True:
-            event = await sub.queue.get()
+            batch = [await sub.queue.get()]
+            while not sub.queue.empty():
+                batch.append(sub.queue.get_nowait())
             if sub.overflow:
                 sub.overflow = False
-                for missed in service.store.events_after(last, 100_000):
-                    last = missed.id
-                    if wanted(missed):
-                        yield _ndjson(event_view(missed))
-                while not sub.queue.empty():
-                    sub.queue.get_nowait()
-                continue
-            if event.id <= last:
-                continue
-            last = event.id
-            if wanted(event):
-                yield _ndjson(event_view(event))
+                batch = service.store.events_after(last, 100_000)
+            fresh = [e for e in batch if e.id > last]
+            if fresh:
+                last = fresh[-1].id
+                chunk = [e for e in fresh if wanted(e)]
+                if chunk:
+                    yield b"".join(_ndjson(event_view(e)) for e in chunk)
 
 
 def _ndjson(obj: dict[str, Any]) -> bytes:
@@ -319,6 +325,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 413:
+            return json_response(PayloadTooLarge("request body over the size limit").to_body(), 413)
         if exc.status_code == 404:
             return json_response(
                 NotFound(f"no such endpoint (this daemon speaks /{API_VERSION})").to_body(), 404
@@ -340,19 +348,6 @@ def _validation_message(exc: RequestValidationError) -> str:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
     return "invalid request: " + "; ".join(parts)
-
-
-def _install_body_limit(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Response:
-        cap = MAX_BATCH_BODY if request.url.path.endswith("/tasks/batch") else MAX_BODY
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cap):
-            return json_response(
-                PayloadTooLarge(f"request body over the limit of {cap} bytes").to_body(), 413
-            )
-        response: Response = await call_next(request)
-        return response
 
 
 # -- the socket -----------------------------------------------------------------------------------

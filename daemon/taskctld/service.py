@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ class Service:
     def resolve(self, spec: TaskSpec, now: int) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
         machine: cwd exists, argv fits execve)."""
-        cwd = spec.cwd or self.runner.settings.home
+        cwd = spec.cwd or os.path.expanduser("~")
         _check_cwd(cwd)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
@@ -125,7 +124,7 @@ class Service:
         if task.state in FINAL_STATES:
             raise Conflict(f"task {task_id} is already {task.state.value}")
         if task.state is TaskState.RUNNING:
-            self.runner.signal(task.id, task.attempts, signal.SIGTERM)
+            self.runner.stop(task.id, task.attempts, "cancel")
             await self.wait_final(task_id, task.kill_grace + 10)
             return self.task(task_id)
         now = now_ms()

@@ -65,9 +65,6 @@ class AttemptRow:
     started_at: int | None = None
     ended_at: int | None = None
     pid: int | None = None
-    worker_pid: int | None = None
-    worker_start: int | None = None
-    boot_id: str | None = None
     max_rss: int | None = None
     cpu_user: float | None = None
     cpu_system: float | None = None
@@ -88,7 +85,7 @@ class EventRow:
 
 @dataclass
 class AttemptEnd:
-    """How an attempt ended, as its worker (or recovery) reported it."""
+    """How an attempt ended, as its supervisor (or recovery) reported it."""
 
     task_id: int
     attempt: int

@@ -93,9 +93,6 @@ MIGRATIONS: list[str] = [
         started_at INTEGER,
         ended_at INTEGER,
         pid INTEGER,
-        worker_pid INTEGER,
-        worker_start INTEGER,
-        boot_id TEXT,
         max_rss INTEGER,
         cpu_user REAL,
         cpu_system REAL,
@@ -423,7 +420,7 @@ class SqliteStore:
         return Claim(claimed, exhausted)
 
     def mark_started(self, task_id: int, attempt: int, **fields: object) -> None:
-        """Record what the worker reported at start (pids, identity, exact start time)."""
+        """Record what the supervisor reported at start (pid, exact start time)."""
         self._require_transaction()
         names = sorted(fields)
         self.conn.execute(

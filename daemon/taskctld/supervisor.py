@@ -1,0 +1,930 @@
+"""The supervisor: the parent of every command, independent of the daemon.
+
+One supervisor process per daemon generation starts the commands (vfork+exec, each in its own
+process group, stdin from /dev/null, output piped into capped per-attempt log files), enforces
+timeouts, kills whole process trees on cancel or timeout, reaps them with `wait4` (exit status,
+CPU time, peak RSS), and writes each attempt's run file. It is single-threaded: one selector
+loop over the daemon's connection, the output pipes, a signal wake-up pipe and the deadlines.
+
+Why not one Python worker per task: forking an interpreter costs about 0.8-1 ms here, more than
+starting the command itself (`bench/fork_cost.py`); a shared supervisor pays only the vfork.
+
+It outlives the daemon. The daemon forks it at start-up, before importing its web stack or
+opening the database (so it is small and single-threaded), and talks to it over a Unix socket.
+When the daemon dies, the supervisor keeps running its tasks and keeps their outcomes (in memory
+and in run files); the next daemon connects to it, receives a `hello` listing what runs and what
+ended, and tells it to retire: it takes no new work and exits once its last task has ended.
+A new supervisor takes the new work (so an upgrade runs new tasks with new code).
+
+Its journal (`run/supervisor.PID.journal`, JSON lines, appended through one open file):
+  {"started": {task_id, attempt, pid, boot_id, started_at}}   once a command runs
+  {"ident": {task_id, attempt, start}}     its start time in ticks, for identity (after 1 s)
+  {"final": {task_id, attempt, outcome, exit_code, ...}}      once it and its tree are gone
+A daemon reads the journal only when the supervisor is dead; what a live one knows it says in
+`hello`. The journal is compacted when it grows. The supervisor's identity (pid, start time,
+boot id, socket) is in `run/supervisor.PID.json`.
+
+Wire: 4-byte big-endian length, then a JSON object with an "op".
+  daemon -> supervisor: spawn {spec}, signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
+  supervisor -> daemon: hello {pid, running, done}, started {...}, done {...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import heapq
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskctld.procfs import ProcessId, children_of, descendants_of, read_boot_id
+
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+HEADER = struct.Struct("!I")
+READ_SIZE = 65536
+UNATTACHED_LIMIT = 60.0  # seconds a fresh supervisor waits for its first daemon
+LEFTOVER_GRACE = 1.0  # seconds we wait for pipes held open by processes outside the tree
+STDERR_TAIL = 4096  # bytes of stderr kept to explain a failure (memory limit)
+OOM_HINTS = (b"MemoryError", b"Cannot allocate memory", b"out of memory", b"bad_alloc")
+
+
+@dataclass
+class AttemptSpec:
+    """Everything needed to run one attempt; sent by the daemon with `spawn`."""
+
+    task_id: int
+    attempt: int
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    stdout_path: str
+    stderr_path: str
+    timeout: float | None = None
+    kill_grace: float = 10.0
+    memory_limit: int | None = None
+    log_cap: int = 100 << 20
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+JOURNAL_COMPACT_AT = 4 << 20
+
+
+class Journal:
+    """An append-only JSON-lines file; each record is one write() on an O_APPEND descriptor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+
+    def append(self, kind: str, record: dict[str, Any]) -> None:
+        line = json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n"
+        os.write(self.fd, line)
+        self.size += len(line)
+
+    def rewrite(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Replace the journal with just `records` (atomic: a new file renamed over it)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            for kind, record in records:
+                f.write(json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n")
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+
+
+def read_journal(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """A journal as {(task_id, attempt): {"started": ..., "ident": ..., "final": ...}}; torn or
+    foreign lines are skipped."""
+    attempts: dict[tuple[int, int], dict[str, Any]] = {}
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return attempts
+    for line in lines:
+        try:
+            record = json.loads(line)
+            ((kind, body),) = record.items()
+            key = (int(body["task_id"]), int(body["attempt"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+        attempts.setdefault(key, {})[kind] = body
+    return attempts
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into length-prefixed JSON frames."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.buf += data
+        frames = []
+        while len(self.buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.buf)
+            if len(self.buf) < HEADER.size + size:
+                break
+            frames.append(json.loads(self.buf[HEADER.size : HEADER.size + size]))
+            del self.buf[: HEADER.size + size]
+        return frames
+
+
+# -- one running attempt -------------------------------------------------------------------------
+
+
+@dataclass
+class LogSink:
+    """One output stream: a pipe's read end copied into a log file, up to a cap. The file is
+    created on the first byte: silent tasks cost no files."""
+
+    fd: int
+    path: str
+    cap: int
+    out: int = -1
+    written: int = 0
+    discarded: int = 0
+    tail: bytes = b""  # the last bytes seen (stderr), to explain a failure
+    keep_tail: bool = False
+
+    def pump(self) -> bool:
+        """Copy what is available; False once the pipe is at its end."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        if self.keep_tail:
+            self.tail = (self.tail + data)[-STDERR_TAIL:]
+        if self.out < 0:
+            self.out = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        room = self.cap - self.written
+        if room > 0:
+            os.write(self.out, data[:room])
+            self.written += min(room, len(data))
+        if len(data) > room:
+            if self.discarded == 0:
+                notice = f"\n[taskctl: output truncated: the cap of {self.cap} bytes was reached]\n"
+                os.write(self.out, notice.encode())
+            self.discarded += len(data) - max(room, 0)
+        return True
+
+    def close(self) -> None:
+        for fd in (self.fd, self.out):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+@dataclass
+class Running:
+    spec: AttemptSpec
+    pid: int
+    start_ticks: int | None
+    started_at: int
+    sinks: list[LogSink] = field(default_factory=list)
+    status: int | None = None
+    usage: Any = None
+    deadline: float | None = None
+    kill_outcome: str | None = None  # why we are killing it: timeout, cancelled, interrupted
+    kill_at: float | None = None  # when SIGKILL follows SIGTERM
+    exited_at: float | None = None  # when the main process was reaped
+    peak_rss: int = 0  # sampled VmHWM of the main process (bytes)
+    stderr_tail: bytes = b""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.spec.task_id, self.spec.attempt)
+
+
+# -- the supervisor ------------------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, listener: socket.socket, journal: Journal, boot_id: str) -> None:
+        self.listener = listener
+        self.journal = journal
+        self.boot_id = boot_id
+        self.sel = selectors.DefaultSelector()
+        self.conn: socket.socket | None = None
+        self.reader = FrameReader()
+        self.outbox = bytearray()
+        self.running: dict[tuple[int, int], Running] = {}
+        self.by_pid: dict[int, Running] = {}
+        self.done: dict[tuple[int, int], dict[str, Any]] = {}
+        self.timers: list[tuple[float, tuple[int, int] | None]] = []
+        self.sweep_at: float | None = None  # next look for leftovers of finished tasks
+        self.sample_at: float | None = None  # next sample of peak RSS of running tasks
+        self.warned: set[int] = set()  # leftovers already sent SIGTERM
+        self.retired = False
+        self.ever_attached = False
+        self.born = time.monotonic()
+        self.own_hwm = 0
+        self.wake_r = -1
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self._install_signals()
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.own_hwm = _vm_hwm(os.getpid())
+        while not self._finished():
+            for key, mask in self.sel.select(self._next_timeout()):
+                self._dispatch(key, mask)
+            self._reap()
+            self._run_timers()
+        return 0
+
+    def _finished(self) -> bool:
+        if self.running:
+            return False
+        if self.retired or (self.ever_attached and self.conn is None):
+            return not self.outbox or self.conn is None
+        return not self.ever_attached and time.monotonic() - self.born > UNATTACHED_LIMIT
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        tag = key.data
+        if tag == "accept":
+            self._accept()
+        elif tag == "wake":
+            _drain(self.wake_r)
+        elif tag == "conn":
+            if mask & selectors.EVENT_READ:
+                self._read_conn()
+            if mask & selectors.EVENT_WRITE and self.conn is not None:
+                self._flush()
+        else:
+            running, sink = tag
+            more = sink.pump()
+            if sink.keep_tail:
+                running.stderr_tail = sink.tail
+            if not more:
+                self.sel.unregister(sink.fd)
+                sink.close()
+                running.sinks.remove(sink)
+                self._maybe_finish(running)
+
+    # -- the daemon's connection ----------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:  # a new daemon replaces a vanished one
+            self._drop_conn()
+        conn.setblocking(False)
+        self.conn = conn
+        self.ever_attached = True
+        self.reader = FrameReader()
+        self.outbox = bytearray()
+        self.sel.register(conn, selectors.EVENT_READ, "conn")
+        running = [
+            {
+                "task_id": r.spec.task_id,
+                "attempt": r.spec.attempt,
+                "pid": r.pid,
+                "started_at": r.started_at,
+            }
+            for r in self.running.values()
+        ]
+        done = [{"task_id": k[0], "attempt": k[1], **final} for k, final in self.done.items()]
+        self._send({"op": "hello", "pid": os.getpid(), "running": running, "done": done})
+
+    def _drop_conn(self) -> None:
+        if self.conn is not None:
+            self.sel.unregister(self.conn)
+            self.conn.close()
+            self.conn = None
+            self.outbox = bytearray()
+
+    def _read_conn(self) -> None:
+        assert self.conn is not None
+        try:
+            data = self.conn.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_conn()
+            return
+        for frame in self.reader.feed(data):
+            self._handle(frame)
+
+    def _handle(self, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        if op == "spawn":
+            self._spawn(AttemptSpec(**frame["spec"]))
+        elif op == "signal":
+            self._signal_request((int(frame["task_id"]), int(frame["attempt"])), str(frame["kind"]))
+        elif op == "ack":
+            self._ack((int(frame["task_id"]), int(frame["attempt"])))
+        elif op == "retire":
+            self.retired = True
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.conn is None:
+            return  # no daemon: the run file has it, and `hello` repeats it to the next one
+        self.outbox += encode_frame(message)
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.conn is not None
+        try:
+            sent = self.conn.send(self.outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop_conn()
+            return
+        del self.outbox[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        self.sel.modify(self.conn, events, "conn")
+
+    # -- starting -------------------------------------------------------------------------------
+
+    def _spawn(self, spec: AttemptSpec) -> None:
+        key = (spec.task_id, spec.attempt)
+        if key in self.running or key in self.done:
+            return  # a repeated request (the daemon reconnected): once is enough
+        if self.retired:
+            self._finish_now(spec, {"outcome": "not_started", "error": "supervisor retired"})
+            return
+        started_at = now_ms()
+        try:
+            pid, sinks = self._start_process(spec)
+        except OSError as e:
+            self._finish_now(spec, {"outcome": "spawn_error", "error": spawn_message(e, spec)})
+            return
+        running = Running(spec, pid, None, started_at, sinks)
+        self.journal.append(
+            "started",
+            {
+                "task_id": key[0],
+                "attempt": key[1],
+                "pid": pid,
+                "boot_id": self.boot_id,
+                "started_at": started_at,
+            },
+        )
+        self.running[key] = running
+        self.by_pid[pid] = running
+        for sink in sinks:
+            self.sel.register(sink.fd, selectors.EVENT_READ, (running, sink))
+        if spec.timeout is not None:
+            running.deadline = time.monotonic() + spec.timeout
+            heapq.heappush(self.timers, (running.deadline, key))
+        self._schedule_sample()
+        self._send(
+            {
+                "op": "started",
+                "task_id": spec.task_id,
+                "attempt": spec.attempt,
+                "pid": pid,
+                "started_at": started_at,
+            }
+        )
+
+    def _start_process(self, spec: AttemptSpec) -> tuple[int, list[LogSink]]:
+        """Start the command: own process group, stdin /dev/null, output into pipes."""
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            if spec.memory_limit is None:
+                pid = _spawn_fast(spec, out_w, err_w)
+            else:
+                pid = _spawn_limited(spec, out_w, err_w)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)  # the command holds the write ends now
+            os.close(err_w)
+        sinks = [
+            LogSink(fd=out_r, path=spec.stdout_path, cap=spec.log_cap),
+            LogSink(
+                fd=err_r,
+                path=spec.stderr_path,
+                cap=spec.log_cap,
+                keep_tail=spec.memory_limit is not None,
+            ),
+        ]
+        for sink in sinks:
+            os.set_blocking(sink.fd, False)
+        return pid, sinks
+
+    # -- signals from outside and timers ---------------------------------------------------------
+
+    def _signal_request(self, key: tuple[int, int], kind: str) -> None:
+        running = self.running.get(key)
+        if running is None or running.status is not None:
+            return
+        outcome = {"cancel": "cancelled", "interrupt": "interrupted"}.get(kind)
+        if outcome:
+            self._start_kill(running, outcome)
+
+    def _start_kill(self, running: Running, outcome: str | None) -> None:
+        """SIGTERM the tree now, SIGKILL after the grace. `outcome` None: leftovers of a
+        command that already exited (its outcome is its own)."""
+        if outcome and not running.kill_outcome:
+            running.kill_outcome = outcome
+        if running.kill_at is None:
+            running.kill_at = time.monotonic() + running.spec.kill_grace
+            heapq.heappush(self.timers, (running.kill_at, running.key))
+        self._signal_tree(running, signal.SIGTERM)
+
+    def _signal_tree(self, running: Running, sig: int) -> None:
+        """The command's process group, plus every process of its tree wherever it moved: its
+        descendants, and orphans (reparented to us, the subreaper) carrying its task id."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(running.pid, sig)
+        for pid in self._tree_of(running):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def _tree_of(self, running: Running) -> list[int]:
+        """Every live process of the attempt: descendants of its main process, and orphans
+        (reparented to us) whose environment names its task. Scans /proc: only on kills."""
+        pids = descendants_of(running.pid) if running.status is None else []
+        marker = f"TASKCTL_TASK_ID={running.spec.task_id}".encode()
+        for orphan in descendants_of(os.getpid()):
+            if orphan not in self.by_pid and _environ_has(orphan, marker):
+                pids.append(orphan)
+        return pids
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, key = heapq.heappop(self.timers)
+            if key is None:
+                self._periodic(now)
+            elif (running := self.running.get(key)) is not None:
+                self._tick(running, now)
+
+    def _tick(self, running: Running, now: float) -> None:
+        if running.status is None and running.deadline is not None and now >= running.deadline:
+            running.deadline = None
+            self._start_kill(running, "timeout")
+        if running.kill_at is not None and now >= running.kill_at:
+            self._signal_tree(running, signal.SIGKILL)
+            running.kill_at = now + 1.0  # keep insisting on stragglers, once a second
+            heapq.heappush(self.timers, (running.kill_at, running.key))
+        if running.exited_at is not None and now - running.exited_at >= LEFTOVER_GRACE:
+            # Only a process outside its group can still hold its pipes: stop waiting for them.
+            self._maybe_finish(running, force=not _group_alive(running.pid))
+
+    def _periodic(self, now: float) -> None:
+        if self.sample_at is not None and now >= self.sample_at:
+            self.sample_at = None
+            self._sample()
+        if self.sweep_at is not None and now >= self.sweep_at:
+            self.sweep_at = None
+            self._sweep()
+
+    def _schedule_sample(self) -> None:
+        """Peak RSS of running commands, once a second while any runs (never when idle)."""
+        if self.sample_at is None and self.running:
+            self.sample_at = time.monotonic() + 1.0
+            heapq.heappush(self.timers, (self.sample_at, None))
+
+    def _sample(self) -> None:
+        """Peak RSS so far; and, for commands that have run a second, their start time (which
+        makes pid + start + boot id an identity a reused pid cannot fake)."""
+        self.own_hwm = _vm_hwm(os.getpid())
+        for running in self.running.values():
+            if running.status is not None:
+                continue
+            running.peak_rss = max(running.peak_rss, _vm_hwm(running.pid))
+            if running.start_ticks is None:
+                ident = ProcessId.of(running.pid, self.boot_id)
+                if ident is not None:
+                    running.start_ticks = ident.start
+                    self.journal.append(
+                        "ident",
+                        {
+                            "task_id": running.key[0],
+                            "attempt": running.key[1],
+                            "start": ident.start,
+                        },
+                    )
+        self._schedule_sample()
+
+    def _schedule_sweep(self) -> None:
+        if self.sweep_at is None:
+            self.sweep_at = time.monotonic() + 2.0
+            heapq.heappush(self.timers, (self.sweep_at, None))
+
+    def _sweep(self) -> None:
+        """Processes that escaped both the process group and the pipes of a task that has
+        ended come back to us as orphans (we are the subreaper): stop them, TERM then KILL."""
+        live_tasks = {key[0] for key in self.running}
+        leftovers = False
+        for pid in children_of(os.getpid()):
+            if pid in self.by_pid:
+                continue
+            task = _task_of(pid)
+            if task is None or task in live_tasks:
+                continue
+            sig = signal.SIGKILL if pid in self.warned else signal.SIGTERM
+            self.warned.add(pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            leftovers = True
+        if leftovers:
+            self._schedule_sweep()
+        else:
+            self.warned.clear()
+
+    def _next_timeout(self) -> float | None:
+        if not self.timers:
+            return None if self.ever_attached else UNATTACHED_LIMIT
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    # -- reaping and finishing ------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            running = self.by_pid.pop(pid, None)
+            if running is None:
+                self.warned.discard(pid)
+                continue  # an orphan of some task's tree, reparented to us: reaped
+            running.status, running.usage = status, usage
+            running.exited_at = time.monotonic()
+            heapq.heappush(self.timers, (running.exited_at + LEFTOVER_GRACE, running.key))
+            if _group_alive(running.pid):
+                self._start_kill(running, None)  # it left processes behind in its group
+            self._maybe_finish(running)
+
+    def _maybe_finish(self, running: Running, force: bool = False) -> None:
+        """An attempt is over once its main process is reaped, its pipes are at their end and
+        its process group is empty (or the leftover grace has passed)."""
+        if running.status is None or running.key not in self.running:
+            return
+        if not force and (running.sinks or _group_alive(running.pid)):
+            return
+        for sink in list(running.sinks):
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sink.fd)
+            sink.close()
+        running.sinks.clear()
+        self.running.pop(running.key, None)
+        self._record_final(running.spec, self._final_of(running))
+        self._schedule_sweep()
+
+    def _final_of(self, running: Running) -> dict[str, Any]:
+        status, usage = running.status or 0, running.usage
+        record: dict[str, Any] = {
+            "ended_at": now_ms(),
+            "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "max_rss": self._peak_rss(running, usage.ru_maxrss * 1024 if usage else 0),
+            "cpu_user": round(usage.ru_utime, 6) if usage else None,
+            "cpu_system": round(usage.ru_stime, 6) if usage else None,
+        }
+        if running.kill_outcome:
+            record["outcome"] = running.kill_outcome
+        elif record["signal"] is not None:
+            record["outcome"] = "signaled"
+        else:
+            record["outcome"] = "exited"
+        if (
+            running.spec.memory_limit
+            and record["outcome"] in ("exited", "signaled")
+            and record["exit_code"] != 0
+        ):
+            hint = self._memory_hint(running)
+            if hint:
+                record["error"] = hint
+        return record
+
+    def _peak_rss(self, running: Running, reported: int) -> int | None:
+        """wait4's peak RSS also counts the pages the command had before its exec, which were
+        ours (vfork shares our memory). Above our own high-water mark it is the command's exact
+        peak; at or below, the best we know is what we sampled (None: too brief to sample)."""
+        if reported > self.own_hwm:
+            return reported
+        return running.peak_rss or None
+
+    def _memory_hint(self, running: Running) -> str | None:
+        """Why a task with a memory limit failed, when the evidence says it hit the limit."""
+        signaled = running.status is not None and os.WIFSIGNALED(running.status)
+        if any(h in running.stderr_tail for h in OOM_HINTS) or signaled:
+            limit = running.spec.memory_limit or 0
+            return f"memory_limit: it hit its memory limit of {limit >> 20} MiB (address space)"
+        return None
+
+    def _finish_now(self, spec: AttemptSpec, final: dict[str, Any]) -> None:
+        final.setdefault("ended_at", now_ms())
+        self._record_final(spec, final)
+
+    def _record_final(self, spec: AttemptSpec, final: dict[str, Any]) -> None:
+        key = (spec.task_id, spec.attempt)
+        self.journal.append("final", {"task_id": key[0], "attempt": key[1], **final})
+        self.done[key] = final
+        self._send({"op": "done", "task_id": spec.task_id, "attempt": spec.attempt, **final})
+
+    def _ack(self, key: tuple[int, int]) -> None:
+        self.done.pop(key, None)
+        if self.journal.size > JOURNAL_COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep only what a later daemon could still need: running and unacknowledged ones."""
+        records: list[tuple[str, dict[str, Any]]] = []
+        for (task_id, attempt), r in self.running.items():
+            started = {
+                "task_id": task_id,
+                "attempt": attempt,
+                "pid": r.pid,
+                "boot_id": self.boot_id,
+                "started_at": r.started_at,
+            }
+            records.append(("started", started))
+            if r.start_ticks is not None:
+                records.append(
+                    ("ident", {"task_id": task_id, "attempt": attempt, "start": r.start_ticks})
+                )
+        for (task_id, attempt), final in self.done.items():
+            records.append(("final", {"task_id": task_id, "attempt": attempt, **final}))
+        self.journal.rewrite(records)
+
+    # -- signals to us --------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = r
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        # We outlive the daemon: signals meant for it (a terminal's Ctrl-C, a service stop)
+        # are not for us. Handled (not ignored), so that commands get the default back at exec.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)
+
+
+# -- starting the supervisor ---------------------------------------------------------------------
+
+
+@dataclass
+class SupervisorInfo:
+    pid: int
+    start: int
+    boot_id: str
+    socket: str
+
+    def path_in(self, run_dir: Path) -> Path:
+        return run_dir / f"supervisor.{self.pid}.json"
+
+
+def launch_supervisor(
+    run_dir: Path, socket_path: Path
+) -> tuple[subprocess.Popen[bytes], SupervisorInfo]:
+    """Start a supervisor listening on `socket_path`, as a fresh process in its own session.
+
+    The socket is bound here, before the process starts, so the caller can connect at once
+    (the connection waits in the backlog until the supervisor accepts it)."""
+    import sys
+
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen(4)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskctld.supervisor",
+                str(listener.fileno()),
+                str(run_dir),
+                str(socket_path),
+            ],
+            pass_fds=(listener.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        listener.close()
+    ident = ProcessId.of(proc.pid)
+    info = SupervisorInfo(proc.pid, ident.start if ident else 0, read_boot_id(), str(socket_path))
+    return proc, info
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m taskctld.supervisor FD RUN_DIR SOCKET`: run one supervisor."""
+    fd, run_dir, socket_path = int(argv[0]), Path(argv[1]), argv[2]
+    os.set_inheritable(fd, False)  # it came through pass_fds; commands must not inherit it
+    listener = socket.socket(fileno=fd)
+    _prctl(PR_SET_NAME, b"taskctld-sup")
+    boot_id = read_boot_id()
+    me = ProcessId.of(os.getpid(), boot_id)
+    info = SupervisorInfo(os.getpid(), me.start if me else 0, boot_id, socket_path)
+    tmp = run_dir / f".supervisor.{info.pid}.tmp"
+    tmp.write_text(json.dumps(asdict(info)))
+    tmp.replace(info.path_in(run_dir))
+    journal = Journal(run_dir / f"supervisor.{info.pid}.journal")
+    supervisor = Supervisor(listener, journal, boot_id)
+    code = supervisor.serve()
+    # Outcomes no daemon acknowledged stay in the journal for the next daemon; without them
+    # the journal holds nothing anyone needs.
+    leftovers = [info.path_in(run_dir), Path(socket_path)]
+    if not supervisor.done:
+        leftovers.append(journal.path)
+    for leftover in leftovers:
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+    return code
+
+
+def known_supervisors(run_dir: Path) -> list[SupervisorInfo]:
+    """Supervisors that recorded themselves in the run folder and are still alive."""
+    boot_id = read_boot_id()
+    alive = []
+    for path in run_dir.glob("supervisor.*.json"):
+        try:
+            info = SupervisorInfo(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if ProcessId(info.pid, info.start, info.boot_id).state(boot_id) == "alive":
+            alive.append(info)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return alive
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+# Signals we handle or ignore here; the command must start with the default for each.
+_DEFAULT_IN_CHILD = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+)
+
+
+def _spawn_fast(spec: AttemptSpec, out_w: int, err_w: int) -> int:
+    """posix_spawn (vfork+exec): the cheapest way to start a process from Python. It cannot
+    change directory, so we do (this process is single-threaded and uses absolute paths).
+    Every descriptor of ours is close-on-exec (PEP 446), so the command gets only 0, 1, 2."""
+    program = _resolve(spec.argv[0], spec.env.get("PATH", os.defpath))
+    try:
+        os.chdir(spec.cwd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, spec.cwd) from None
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+    ]
+    return os.posix_spawn(
+        program, spec.argv, spec.env, file_actions=actions, setpgroup=0, setsigdef=_DEFAULT_IN_CHILD
+    )
+
+
+def _resolve(name: str, path: str) -> str:
+    """The program to execute, looked up in the task's PATH (not ours), like execvp."""
+    if "/" in name:
+        return name
+    for folder in path.split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def _spawn_limited(spec: AttemptSpec, out_w: int, err_w: int) -> int:
+    """With a memory limit: a pre-exec hook sets RLIMIT_AS, so it holds from the command's
+    first instruction (this path forks instead of vforking; only limited tasks pay for it)."""
+    limit = spec.memory_limit or resource.RLIM_INFINITY
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.Popen(
+        spec.argv,
+        cwd=spec.cwd,
+        env=spec.env,
+        stdin=subprocess.DEVNULL,
+        stdout=out_w,
+        stderr=err_w,
+        process_group=0,
+        close_fds=True,
+        preexec_fn=apply,
+    )
+    proc.returncode = 0  # we reap it with wait4 ourselves; Popen must not try
+    return proc.pid
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident set size of a live process, bytes (0 if unknown)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is left in the process group (a cheap check: no /proc scan)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _task_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for entry in f.read().split(b"\0"):
+                if entry.startswith(b"TASKCTL_TASK_ID="):
+                    return int(entry.split(b"=", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def spawn_message(error: OSError, spec: AttemptSpec) -> str:
+    """A readable reason for a command that could not start."""
+    if error.errno == errno.ENOENT and error.filename == spec.cwd:
+        return f"working directory {spec.cwd!r} does not exist"
+    if error.errno == errno.ENOENT:
+        return f"no such program: {spec.argv[0]!r}"
+    if error.errno == errno.EACCES:
+        return f"permission denied: {error.filename or spec.argv[0]!r}"
+    if error.errno == errno.ENOTDIR:
+        return f"not a directory: {error.filename or spec.cwd!r}"
+    if error.errno == errno.E2BIG:
+        return "argument list and environment too long for execve (E2BIG)"
+    return f"cannot start {spec.argv[0]!r}: {error.strerror or error}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
