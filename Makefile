@@ -29,13 +29,19 @@ test: $(TESTS)
 	$(BIN)/python -m pytest -q
 
 lint: $(TESTS)
-	$(BIN)/ruff check taskctl daemon tests
-	$(BIN)/ruff format --check taskctl daemon tests
+	$(BIN)/ruff check taskctl daemon tests bench
+	$(BIN)/ruff format --check taskctl daemon tests bench
 	$(BIN)/mypy
 
 format: $(TESTS)
-	$(BIN)/ruff format taskctl daemon tests
-	$(BIN)/ruff check --fix taskctl daemon tests
+	$(BIN)/ruff format taskctl daemon tests bench
+	$(BIN)/ruff check --fix taskctl daemon tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(BASE)
+	$(BIN)/python bench/run.py
+
+bench-quick: $(BASE)
+	$(BIN)/python bench/run.py --quick

@@ -43,5 +43,9 @@ def fork_then_spawn() -> None:
 
 
 if __name__ == "__main__":
-    for name, fn in (("fork+exit of this interpreter", fork_exit), ("posix_spawn /bin/true", spawn_true), ("fork, then posix_spawn in the child", fork_then_spawn)):
+    for name, fn in (
+        ("fork+exit of this interpreter", fork_exit),
+        ("posix_spawn /bin/true", spawn_true),
+        ("fork, then posix_spawn in the child", fork_then_spawn),
+    ):
         print(f"{name:40s} {per_op(fn):7.0f} us")

@@ -11,23 +11,33 @@ Standard library only; computing paths never touches the disk.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class Paths:
-    runtime: Path  # sockets: control socket and the workers' notify socket
-    state: Path  # database, daemon log, lock, run files
-    config_file: Path
+    """The three roots; everything else is derived. (A plain class: `dataclasses` costs the
+    CLI's start-up a millisecond.)"""
+
+    __slots__ = ("config_file", "runtime", "state")
+
+    def __init__(self, runtime: Path, state: Path, config_file: Path) -> None:
+        self.runtime = runtime  # sockets: the API's and the supervisors'
+        self.state = state  # database, logs, daemon log, lock, journals
+        self.config_file = config_file
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Paths) and (self.runtime, self.state, self.config_file) == (
+            other.runtime,
+            other.state,
+            other.config_file,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.runtime, self.state, self.config_file))
 
     @property
     def socket(self) -> Path:
         return self.runtime / "taskctld.sock"
-
-    @property
-    def notify_socket(self) -> Path:
-        return self.runtime / "notify.sock"
 
     @property
     def database(self) -> Path:
@@ -39,7 +49,7 @@ class Paths:
 
     @property
     def run(self) -> Path:
-        """Per-attempt run files written by workers; they outlive a daemon crash."""
+        """Supervisors' identity files and journals; they outlive a daemon crash."""
         return self.state / "run"
 
     @property

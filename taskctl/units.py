@@ -13,9 +13,9 @@ import re
 import time
 from datetime import datetime, timedelta
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_PART = r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)"  # compiled on first use (CLI start-up)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_SIZE = r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)"
 _SIZE_FACTOR = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -28,7 +28,7 @@ def parse_duration(text: str) -> float:
         value = float(s)
     except ValueError:
         pos, total = 0, 0.0
-        for match in _DURATION_PART.finditer(s):
+        for match in re.finditer(_DURATION_PART, s):
             if match.start() != pos:
                 break
             total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -45,7 +45,7 @@ def parse_duration(text: str) -> float:
 
 def parse_size(text: str) -> int:
     """Bytes in `text` (`100M`, `1.5G`, `512k`, `4096`); binary multiples."""
-    match = _SIZE.fullmatch(text.strip())
+    match = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if not match or (match.group(3) and match.group(3).lower() not in ("b", "ib")):
         raise ValueError(f"invalid size {text!r}: use forms like 512k, 100M, 2G")
     return int(float(match.group(1)) * _SIZE_FACTOR[match.group(2).lower()])

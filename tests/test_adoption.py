@@ -8,6 +8,14 @@ import signal
 from conftest import Home, wait_until
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _supervisors(home: Home) -> list[int]:
     return [int(p.name.split(".")[1]) for p in (home.path / "run").glob("supervisor.*.json")]
 
@@ -31,7 +39,10 @@ def test_a_task_that_ended_while_no_daemon_ran_keeps_its_exit_code(daemon: Home)
     wait_until(lambda: daemon.task(task_id)["state"] == "running")
     daemon.kill9()
     gate.touch()
-    wait_until(lambda: not [p for p in daemon.task_processes() if p not in _supervisors(daemon)], timeout=10)
+    wait_until(
+        lambda: not [p for p in daemon.task_processes() if p not in _supervisors(daemon)],
+        timeout=10,
+    )
     daemon.start()
     task = daemon.wait_final(task_id)
     assert task["state"] == "failed" and task["exit_code"] == 42
@@ -39,7 +50,10 @@ def test_a_task_that_ended_while_no_daemon_ran_keeps_its_exit_code(daemon: Home)
 
 def test_daemon_stop_leaves_tasks_running_and_the_next_daemon_finishes_them(daemon: Home) -> None:
     gate = daemon.path / "go"
-    ids = [daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit {n}") for n in (3, 4)]
+    ids = [
+        daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit {n}")
+        for n in (3, 4)
+    ]
     wait_until(lambda: all(daemon.task(i)["state"] == "running" for i in ids))
     daemon.ok("daemon", "stop")
     gate.touch()
@@ -55,6 +69,6 @@ def test_a_dead_supervisor_means_lost_and_no_orphan(daemon: Home) -> None:
         os.kill(sup, signal.SIGKILL)
     task = daemon.wait_final(task_id)
     assert task["state"] == "failed" and task["attempts"][0]["outcome"] == "lost"
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    wait_until(lambda: not _alive(pid))
     # and the daemon goes on with a new supervisor
     assert daemon.run("submit", "--wait", "--", "true").returncode == 0

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from taskctl.api import Backoff, Outcome, TaskState
 from taskctl.errors import TaskctlError
@@ -26,6 +27,7 @@ from taskctld.runner import Ended, Report, Runner, Started
 from taskctld.store import EventRow, Store, TaskRow
 
 log = logging.getLogger("taskctld.dispatcher")
+T = TypeVar("T")
 
 RETRY_AFTER_STORE_ERROR = 1.0
 STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
@@ -116,13 +118,19 @@ class Dispatcher:
                 await asyncio.sleep(RETRY_AFTER_STORE_ERROR)
                 self._wake.set()
 
-    def cycle(self) -> None:
-        """One turn: apply reports, promote due tasks, claim; then start what was claimed."""
+    def cycle(self, work: Callable[[int], T] | None = None) -> T | None:
+        """One turn: apply reports, promote due tasks, claim; then start what was claimed.
+
+        `work` runs in the same transaction (a submit, say), so that a task submitted while a
+        slot is free is inserted and claimed with one commit; its result is returned."""
         now = self.clock()
         reports, self.reports = self.reports, []
+        result = None
         try:
             with self.store.transaction():
                 ended = self._apply(reports, now)
+                if work is not None:
+                    result = work(now)
                 self.store.promote_due(now)
                 claimed = self._claim(now)
         except BaseException:
@@ -135,6 +143,7 @@ class Dispatcher:
         for task in claimed:
             self.runner.start(task, self.store.env_of(task.env_id))
         self._arm_due_timer()
+        return result
 
     def _apply(self, reports: list[Report], now: int) -> list[tuple[int, int]]:
         ended: list[tuple[int, int]] = []

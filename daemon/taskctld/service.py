@@ -54,8 +54,9 @@ class Service:
             except InvalidRequest as e:
                 where = f"task {index + 1}: " if len(specs) > 1 else ""
                 raise InvalidRequest(where + e.message) from None
-        with self.store.transaction():
-            return self.store.submit(tasks, now)
+        ids = self.dispatcher.cycle(lambda now: self.store.submit(tasks, now))
+        assert ids is not None
+        return ids
 
     def resolve(self, spec: TaskSpec, now: int) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the

@@ -1,7 +1,5 @@
 """`taskctl daemon start|stop|status`: manage taskctld explicitly."""
 
-from __future__ import annotations
-
 import os
 import time
 from typing import Annotated

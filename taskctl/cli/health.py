@@ -1,7 +1,5 @@
 """`taskctl health`: is the daemon healthy, and if not, why."""
 
-from __future__ import annotations
-
 import typer
 
 from taskctl import render

@@ -1,7 +1,5 @@
 """`taskctl logs`: a task's output, whole, tailed or followed live."""
 
-from __future__ import annotations
-
 import codecs
 import sys
 from collections.abc import Iterator

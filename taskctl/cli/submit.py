@@ -1,7 +1,5 @@
 """`taskctl submit`: create a task from a command line."""
 
-from __future__ import annotations
-
 import os
 from typing import Annotated, Any
 

@@ -1,7 +1,5 @@
 """Commands about existing tasks: list, status, cancel, wait."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
