@@ -164,6 +164,11 @@ class Dispatcher:
         if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
             return
         decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
+        reason = (
+            end.cause
+            if end.cause and decision.state is not TaskState.SUCCEEDED
+            else decision.reason
+        )
         fields: dict[str, object] = {}
         if decision.state is TaskState.SCHEDULED:
             fields["run_at"] = now + int(decision.delay * 1000)
@@ -172,7 +177,7 @@ class Dispatcher:
         else:
             fields["finished_at"] = now
         if self.store.move(
-            task.id, TaskState.RUNNING, decision.state, now, reason=decision.reason,
+            task.id, TaskState.RUNNING, decision.state, now, reason=reason,
             attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt, queue=task.queue,
             **fields,
         ):  # fmt: skip

@@ -355,6 +355,7 @@ def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ende
             max_rss=final.get("max_rss"),
             cpu_user=final.get("cpu_user"),
             cpu_system=final.get("cpu_system"),
+            cause=final.get("cause"),
         ),
         counts=outcome is not Outcome.INTERRUPTED,
     )

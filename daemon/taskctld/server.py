@@ -134,6 +134,13 @@ def create_app(service: Service) -> FastAPI:
         task = await service.cancel(task_id)
         return json_response(service.views([task])[0])
 
+    @app.post(
+        f"{v1}/tasks/{{task_id}}/retry", response_model=Task, responses=ERRORS, tags=["tasks"]
+    )
+    async def retry(task_id: int) -> Response:
+        """Run a finished task again as a new attempt, keeping its history."""
+        return json_response(service.views([service.retry(task_id)])[0])
+
     @app.get(f"{v1}/tasks/{{task_id}}/wait", response_model=Task, responses=ERRORS, tags=["tasks"])
     async def wait(task_id: int, timeout: Annotated[float, Query(ge=0, le=3600)] = 60) -> Response:
         """The task once it is final, or as it is after `timeout` seconds (check its state)."""

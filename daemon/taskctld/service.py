@@ -137,6 +137,25 @@ class Service:
             return await self.cancel(task_id)
         return self.task(task_id)
 
+    def retry(self, task_id: int) -> TaskRow:
+        """Queue a finished task again as a new attempt. Its history stays; its retry policy
+        starts afresh (the retries count from this attempt on)."""
+        task = self.task(task_id)
+        if task.state not in FINAL_STATES:
+            raise Conflict(
+                f"task {task_id} is {task.state.value}; only a finished task can be retried"
+            )
+
+        def requeue(now: int) -> bool:
+            return self.store.move(
+                task_id, task.state, TaskState.QUEUED, now, reason="retried",
+                run_at=now, finished_at=None, tries=0,
+            )  # fmt: skip
+
+        if not self.dispatcher.cycle(requeue):
+            raise Conflict(f"task {task_id} changed state meanwhile; try again")
+        return self.task(task_id)
+
     async def wait_final(self, task_id: int, timeout: float | None) -> TaskRow:
         """The task once it is final, or as it is when `timeout` seconds have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -631,6 +631,7 @@ class Supervisor:
             hint = self._memory_hint(running)
             if hint:
                 record["error"] = hint
+                record["cause"] = "memory_limit"
         return record
 
     def _peak_rss(self, running: Running, reported: int) -> int | None:
@@ -646,7 +647,7 @@ class Supervisor:
         signaled = running.status is not None and os.WIFSIGNALED(running.status)
         if any(h in running.stderr_tail for h in OOM_HINTS) or signaled:
             limit = running.spec.memory_limit or 0
-            return f"memory_limit: it hit its memory limit of {limit >> 20} MiB (address space)"
+            return f"it hit its memory limit of {limit >> 20} MiB (address space)"
         return None
 
     def _finish_now(self, spec: AttemptSpec, final: dict[str, Any]) -> None:

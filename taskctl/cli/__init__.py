@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "status": ("taskctl.cli.tasks", "status", {}),
     "logs": ("taskctl.cli.logs", "logs", {}),
     "cancel": ("taskctl.cli.tasks", "cancel", {}),
+    "retry": ("taskctl.cli.tasks", "retry", {}),
     "wait": ("taskctl.cli.tasks", "wait", {}),
     "health": ("taskctl.cli.health", "health", {}),
 }

@@ -90,18 +90,22 @@ def status(
         render.print_task_detail(task)
 
 
-def cancel(
+def retry(
     task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
     json_: JsonOption = False,
 ) -> None:
-    """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
-    SIGKILL after their grace period)."""
+    """Run finished tasks again, each as a new attempt; their history is kept."""
+    _each(task_ids, "retry", json_)
+
+
+def _each(task_ids: list[str], action: str, json_: bool) -> None:
+    """POST `action` to each task; report each result; exit with the first failure's code."""
     c = client()
     results: list[Any] = []
     failure: TaskctlError | None = None
     for task_id in ids(task_ids):
         try:
-            task = c.call("POST", path_for("tasks", task_id, "cancel"), timeout=None)
+            task = c.call("POST", path_for("tasks", task_id, action), timeout=None)
         except TaskctlError as e:
             note(f"taskctl: task {task_id}: {e.message}")
             failure = failure or e
@@ -113,6 +117,15 @@ def cancel(
         emit_json(results[0] if len(task_ids) == 1 and results else results)
     if failure is not None:
         raise typer.Exit(failure.exit_code)
+
+
+def cancel(
+    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    json_: JsonOption = False,
+) -> None:
+    """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
+    SIGKILL after their grace period)."""
+    _each(task_ids, "cancel", json_)
 
 
 def wait(

@@ -97,6 +97,7 @@ class AttemptEnd:
     max_rss: int | None = None
     cpu_user: float | None = None
     cpu_system: float | None = None
+    cause: str | None = None  # a more precise reason than the outcome (memory_limit)
 
 
 @dataclass
