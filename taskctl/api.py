@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -76,6 +76,7 @@ def _size(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=10 * 365 * 86400)]
 Size = Annotated[int, BeforeValidator(_size), Field(ge=1 << 20, le=1 << 50)]
+TaskIds = Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=1000)]
 ExitCodes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=256)]
 
 
@@ -121,6 +122,8 @@ class TaskSpec(RetryPolicy, ExecutionLimits):
     delay: Duration | None = None
     run_at: datetime | None = None
     key: str | None = Field(None, min_length=1, max_length=200)
+    after: TaskIds = Field(default_factory=list, description="run once these tasks succeeded")
+    after_any: TaskIds = Field(default_factory=list, description="run once these tasks are final")
 
     @field_validator("command")
     @classmethod
@@ -146,6 +149,52 @@ class TaskSpec(RetryPolicy, ExecutionLimits):
             if not LABEL_KEY_PATTERN.match(k) or len(v) > 200:
                 raise ValueError(f"invalid label {k!r}: keys are [A-Za-z0-9_.-/], values <= 200")
         return value
+
+
+class ScheduleSpec(Request):
+    """What `POST /v1/schedules` accepts: a cron schedule or a file trigger, and the task it
+    creates each time it fires."""
+
+    kind: Literal["cron", "trigger"]
+    name: str | None = Field(None, pattern=QUEUE_NAME_PATTERN)
+    cron: str | None = Field(None, max_length=200, description="five fields, or @hourly...")
+    tz: str | None = Field(None, max_length=64, description="IANA zone; default: the local one")
+    paths: list[str] = Field(default_factory=list, max_length=100)
+    glob: str | None = Field(None, max_length=200)
+    recursive: bool = False
+    debounce: Duration = 0.5
+    overlap: Literal["skip", "queue", "allow"] = "skip"
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    task: TaskSpec
+
+
+class Fire(Response):
+    due_at: str
+    fired_at: str
+    task_id: int | None = None
+    outcome: str
+    state: str | None = None
+    exit_code: int | None = None
+
+
+class Schedule(Response):
+    name: str
+    kind: str
+    cron: str | None = None
+    tz: str | None = None
+    paths: list[str] | None = None
+    glob: str | None = None
+    recursive: bool | None = None
+    debounce: float | None = None
+    overlap: str
+    catch_up: str
+    paused: bool
+    next_due: str | None = Field(None, description="in the schedule's zone")
+    command: list[str]
+    shell: bool = False
+    queue: str
+    created_at: str
+    runs: list[Fire] | None = Field(None, description="recent fires, newest first (show only)")
 
 
 class BatchSpec(Request):
@@ -194,6 +243,10 @@ class Task(Response):
     kill_grace: float = 10
     memory_limit: int | None = None
     key: str | None = None
+    after: list[int] = Field(default_factory=list)
+    after_any: list[int] = Field(default_factory=list)
+    schedule: str | None = Field(None, description="the cron schedule or trigger that created it")
+    due_at: str | None = Field(None, description="the schedule's due time this task stands for")
     deduplicated: bool | None = None
 
 

@@ -131,6 +131,90 @@ def print_task_list(tasks: list[dict[str, Any]]) -> None:
         console.print("no tasks", style="dim")
 
 
+def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], empty: str) -> None:
+    """Any listing: a rich table on a terminal, aligned plain text in a pipe."""
+    if not sys.stdout.isatty():
+        if rows:
+            print(plain_table(header, rows))
+        return
+    from rich.table import Table
+
+    console = _console()
+    if not rows:
+        console.print(empty, style="dim")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in header:
+        table.add_column(name, no_wrap=name != header[-1], overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+SCHEDULE_HEADER = ("NAME", "CRON", "ZONE", "NEXT", "OVERLAP", "STATE", "COMMAND")
+TRIGGER_HEADER = ("NAME", "PATHS", "GLOB", "DEBOUNCE", "OVERLAP", "STATE", "COMMAND")
+
+
+def _schedule_command(s: dict[str, Any]) -> str:
+    return str(s["command"][0]) if s.get("shell") else shlex.join(s["command"])
+
+
+def schedule_rows(schedules: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return [
+        (
+            s["name"], s["cron"], s["tz"], s.get("next_due") or "-", s["overlap"],
+            "paused" if s["paused"] else "active", _schedule_command(s),
+        )
+        for s in schedules
+    ]  # fmt: skip
+
+
+def trigger_rows(triggers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return [
+        (
+            t["name"], " ".join(t["paths"]) + (" (recursive)" if t.get("recursive") else ""), t.get("glob") or "*",
+            format_duration(t.get("debounce")), t["overlap"], "paused" if t["paused"] else "active",
+            _schedule_command(t),
+        )
+        for t in triggers
+    ]  # fmt: skip
+
+
+def schedule_detail(s: dict[str, Any]) -> str:
+    lines = [f"{s['kind']} {s['name']}  {'paused' if s['paused'] else 'active'}"]
+    if s["kind"] == "cron":
+        lines += [
+            f"  {'cron':<12}{s['cron']}  ({s['tz']})",
+            f"  {'next run':<12}{s.get('next_due') or '-'}",
+        ]
+        lines.append(f"  {'catch-up':<12}{s['catch_up']}")
+    else:
+        lines.append(f"  {'paths':<12}{' '.join(s['paths'])}")
+    lines += [
+        f"  {'overlap':<12}{s['overlap']}",
+        f"  {'command':<12}{_schedule_command(s)}",
+        f"  {'queue':<12}{s['queue']}",
+    ]
+    runs = s.get("runs") or []
+    if runs:
+        lines.append("  recent runs")
+        header = ("DUE", "TASK", "STATE", "EXIT", "NOTE")
+        rows: list[tuple[str, ...]] = [
+            (
+                r["due_at"],
+                str(r["task_id"] or "-"),
+                r.get("state") or "-",
+                "-" if r.get("exit_code") is None else str(r["exit_code"]),
+                "" if r["outcome"] == "fired" else r["outcome"],
+            )
+            for r in runs
+        ]
+        lines += ["    " + line for line in plain_table(header, rows).splitlines()]
+    return "\n".join(lines)
+
+
 # -- one task -------------------------------------------------------------------------------------
 
 

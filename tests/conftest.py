@@ -93,7 +93,10 @@ class Home:
         return done.stdout
 
     def json(self, *args: str, **kw: Any) -> Any:
-        return json.loads(self.ok(*args, "--json", **kw))
+        """Run with --json (placed before a `--`, so it is not taken for the command's)."""
+        words = list(args)
+        at = words.index("--") if "--" in words else len(words)
+        return json.loads(self.ok(*words[:at], "--json", *words[at:], **kw))
 
     def submit(self, *command: str, options: tuple[str, ...] = ()) -> int:
         return int(self.ok("submit", *options, "--", *command).strip())
@@ -144,6 +147,15 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, IndexError):
         return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes minutes of real time (runs first)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that with several workers they overlap with everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -9,7 +9,14 @@ cleanup() { taskctl daemon stop >/dev/null 2>&1 || true; rm -rf "$home"; }
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { printf '$ %s\n' "$*"; "$@"; }
+show() {  # print the command as it would be typed, then run it
+  printf '$'
+  for word in "$@"; do
+    if [[ "$word" =~ [^A-Za-z0-9_./=:,@%+-] ]]; then printf " '%s'" "$word"; else printf ' %s' "$word"; fi
+  done
+  printf '\n'
+  "$@"
+}
 
 step "start the daemon (in $home)"
 show taskctl daemon start
@@ -30,6 +37,24 @@ bad=$(taskctl submit -n broken -- sh -c 'echo "disk on fire" >&2; exit 3')
 taskctl wait "$bad" && { echo "expected exit 3"; exit 1; } || code=$?
 echo "taskctl wait $bad exited $code"
 show taskctl logs --stderr "$bad"
+
+step "a cron schedule (like a crontab line, with retries and a timeout)"
+show taskctl cron add -n heartbeat --retries 2 --timeout 30s '*/5 * * * *' -- sh -c 'date >> "$TASKCTL_HOME/heartbeat.log"'
+show taskctl cron next heartbeat -n 3
+show taskctl cron list
+
+step "a file trigger: a burst of changes becomes one task"
+mkdir -p "$home/inbox"
+show taskctl trigger add -n inbox "$home/inbox" --debounce 300ms -- sh -c 'wc -l < "$TASKCTL_CHANGED_PATHS"'
+sleep 0.3
+touch "$home/inbox/a" "$home/inbox/b" "$home/inbox/c"
+for _ in $(seq 100); do
+  fired=$(taskctl list --json | python3 -c 'import json,sys; print(next((t["id"] for t in json.load(sys.stdin) if t.get("schedule") == "inbox"), ""))')
+  [ -n "$fired" ] && break
+  sleep 0.1
+done
+show taskctl wait "$fired"
+printf 'changed paths seen by task %s: ' "$fired"; taskctl logs "$fired"
 
 step "everything, as people and as scripts see it"
 show taskctl list

@@ -72,6 +72,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
 
     shutdown = asyncio.Event()
     service = Service(store, dispatcher, runner, hub, config, paths, started, shutdown)
+    service.arm_triggers()
     sock = bind_control_socket(paths.socket)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -110,6 +111,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
         await dispatch
     with contextlib.suppress(TaskctlError):
         dispatcher.cycle()  # commit what supervisors reported in the last moments
+    service.triggers.close()
     runner.close()
     store.close()
     with contextlib.suppress(FileNotFoundError):

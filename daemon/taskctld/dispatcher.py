@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from taskctl.api import Backoff, Outcome, TaskState
 from taskctl.errors import TaskctlError
@@ -25,6 +25,9 @@ from taskctl.units import now_ms
 from taskctld import policy
 from taskctld.runner import Ended, Report, Runner, Started
 from taskctld.store import EventRow, Store, TaskRow
+
+if TYPE_CHECKING:
+    from taskctld.scheduler import Scheduler
 
 log = logging.getLogger("taskctld.dispatcher")
 T = TypeVar("T")
@@ -53,6 +56,7 @@ class Dispatcher:
         self.store = store
         self.runner = runner
         self.limits = limits
+        self.scheduler: Scheduler | None = None
         self.clock = clock
         self.jitter = jitter
         self.reports: list[Report] = []
@@ -131,6 +135,8 @@ class Dispatcher:
                 ended = self._apply(reports, now)
                 if work is not None:
                     result = work(now)
+                if self.scheduler is not None:
+                    self.scheduler.fire_due(now)
                 self.store.promote_due(now)
                 claimed = self._claim(now)
         except BaseException:
@@ -217,7 +223,11 @@ class Dispatcher:
     # -- scheduled tasks ------------------------------------------------------------------------
 
     def _arm_due_timer(self) -> None:
-        due = self.store.next_due()
+        """Sleep until the next scheduled task or cron due time (never a polling loop)."""
+        candidates = [
+            t for t in (self.store.next_due(), self.store.next_schedule_due()) if t is not None
+        ]
+        due = min(candidates) if candidates else None
         if due is None or (self._due_at is not None and self._due_at <= due and self._due_timer):
             return
         if self._due_timer is not None:

@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +34,8 @@ from taskctl.api import (
     ErrorBody,
     Event,
     Health,
+    Schedule,
+    ScheduleSpec,
     Summary,
     Task,
     TaskSpec,
@@ -120,7 +123,7 @@ def create_app(service: Service) -> FastAPI:
             limit=limit,
             before_id=before,
         )
-        return json_response(service.views(service.list(where), show_env=show_env))
+        return json_response(service.views(service.list_tasks(where), show_env=show_env))
 
     @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
     async def get_task(task_id: int, show_env: bool = False) -> Response:
@@ -185,6 +188,72 @@ def create_app(service: Service) -> FastAPI:
         lines = _event_lines(service, start, follow, task, queue, limit)
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
+    @app.post(
+        f"{v1}/schedules",
+        response_model=Schedule,
+        status_code=201,
+        responses=ERRORS,
+        tags=["schedules"],
+    )
+    async def add_schedule(spec: ScheduleSpec) -> Response:
+        """Create a cron schedule or a file trigger; refused whole if anything is invalid."""
+        return json_response(service.schedule_view(service.add_schedule(spec)), 201)
+
+    @app.get(f"{v1}/schedules", response_model=list[Schedule], tags=["schedules"])
+    async def list_schedules(
+        kind: Annotated[str | None, Query(pattern="^(cron|trigger)$")] = None,
+    ) -> Response:
+        return json_response([service.schedule_view(s) for s in service.store.list_schedules(kind)])
+
+    @app.get(
+        f"{v1}/schedules/{{name}}", response_model=Schedule, responses=ERRORS, tags=["schedules"]
+    )
+    async def show_schedule(name: str, runs: Annotated[int, Query(ge=0, le=1000)] = 20) -> Response:
+        """A schedule with its recent fires (newest first)."""
+        return json_response(service.schedule_view(service.schedule(name), runs=runs))
+
+    @app.delete(f"{v1}/schedules/{{name}}", responses=ERRORS, tags=["schedules"])
+    async def remove_schedule(name: str) -> Response:
+        """Remove a schedule; the tasks it created stay."""
+        service.remove_schedule(name)
+        return json_response({"removed": name})
+
+    @app.post(
+        f"{v1}/schedules/{{name}}/pause",
+        response_model=Schedule,
+        responses=ERRORS,
+        tags=["schedules"],
+    )
+    async def pause_schedule(name: str) -> Response:
+        return json_response(service.schedule_view(service.pause_schedule(name, True)))
+
+    @app.post(
+        f"{v1}/schedules/{{name}}/resume",
+        response_model=Schedule,
+        responses=ERRORS,
+        tags=["schedules"],
+    )
+    async def resume_schedule(name: str) -> Response:
+        """Resume from now: the time spent paused is not caught up."""
+        return json_response(service.schedule_view(service.pause_schedule(name, False)))
+
+    @app.get(
+        f"{v1}/schedules/{{name}}/next",
+        response_model=list[str],
+        responses=ERRORS,
+        tags=["schedules"],
+    )
+    async def next_fires(
+        name: str,
+        n: Annotated[int, Query(ge=1, le=1000)] = 5,
+        after: Annotated[
+            datetime | None, Query(description="from this moment (default: now)")
+        ] = None,
+    ) -> Response:
+        """The next n fire times, in the schedule's zone (RFC 3339 with its offset)."""
+        start = None if after is None else int(_aware(after).timestamp() * 1000)
+        return json_response(service.next_fires(name, n, start))
+
     @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
     async def summary() -> Response:
         return json_response(service.summary())
@@ -198,6 +267,10 @@ def create_app(service: Service) -> FastAPI:
         return json_response({"stopping": True, "mode": mode, "pid": os.getpid()})
 
     return app
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.astimezone()
 
 
 def _parse_labels(raw: list[str]) -> dict[str, str]:

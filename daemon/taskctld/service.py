@@ -7,24 +7,28 @@ Every method either completes or raises a `TaskctlError` having changed nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from taskctl import API_VERSION, __version__
-from taskctl.api import FINAL_STATES, TaskSpec, TaskState
+from taskctl.api import FINAL_STATES, ScheduleSpec, TaskSpec, TaskState
 from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
 from taskctl.paths import Paths
-from taskctl.units import now_ms
+from taskctl.units import ms_to_rfc3339, now_ms
+from taskctld import scheduler
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher
 from taskctld.events import EventHub
 from taskctld.runner import Runner
-from taskctld.store import AttemptRow, NewTask, Store, TaskFilter, TaskRow
+from taskctld.scheduler import Scheduler, Triggers
+from taskctld.store import AttemptRow, NewSchedule, NewTask, ScheduleRow, Store, TaskFilter, TaskRow
 from taskctld.views import task_view
 
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
@@ -40,6 +44,24 @@ class Service:
     paths: Paths
     started_monotonic: float
     shutdown: asyncio.Event
+    scheduler: Scheduler = field(init=False)
+    triggers: Triggers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(
+            self.store, self.build_from_template, self.paths.state / "changes"
+        )
+        self.dispatcher.scheduler = self.scheduler
+        self.triggers = Triggers(self._on_burst)
+
+    def arm_triggers(self) -> None:
+        """Watch every active trigger (at start-up: triggers persist)."""
+        for schedule in self.store.list_schedules("trigger"):
+            if not schedule.paused:
+                self.triggers.arm(schedule)
+
+    def _on_burst(self, schedule_id: int, changed: list[str]) -> None:
+        self.dispatcher.cycle(lambda now: self.scheduler.fire_trigger(schedule_id, changed, now))
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -58,11 +80,13 @@ class Service:
         assert ids is not None
         return ids
 
-    def resolve(self, spec: TaskSpec, now: int) -> NewTask:
+    def resolve(self, spec: TaskSpec, now: int, *, check_cwd: bool = True) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
-        machine: cwd exists, argv fits execve)."""
+        machine: cwd exists, argv fits execve). Tasks fired by a schedule skip the cwd check:
+        a directory that vanished since shows as the task's spawn error, not as a lost fire."""
         cwd = spec.cwd or os.path.expanduser("~")
-        _check_cwd(cwd)
+        if check_cwd:
+            _check_cwd(cwd)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
         _check_exec_size(spec.command, spec.env)
@@ -92,6 +116,8 @@ class Service:
             memory_limit=spec.memory_limit,
             run_at=run_at,
             key=spec.key,
+            after=spec.after,
+            after_any=spec.after_any,
         )
 
     # -- reads ----------------------------------------------------------------------------------
@@ -103,17 +129,22 @@ class Service:
         return task
 
     def views(self, tasks: list[TaskRow], *, show_env: bool = False) -> list[dict[str, Any]]:
-        attempts = self.store.attempts_of([t.id for t in tasks])
+        ids = [t.id for t in tasks]
+        attempts, deps = self.store.attempts_of(ids), self.store.deps_of(ids)
+        names = self.store.schedule_names({t.schedule_id for t in tasks if t.schedule_id})
         return [
-            task_view(t, attempts[t.id], env=self._env_for_view(t) if show_env else None)
+            task_view(
+                t, attempts[t.id], deps=deps[t.id], schedule=names.get(t.schedule_id or 0),
+                env=self._env_for_view(t) if show_env else None,
+            )
             for t in tasks
-        ]
+        ]  # fmt: skip
 
     def _env_for_view(self, task: TaskRow) -> dict[str, str]:
         env = self.store.env_of(task.env_id)
         return dict(env) if env is not None else {}
 
-    def list(self, where: TaskFilter) -> list[TaskRow]:
+    def list_tasks(self, where: TaskFilter) -> list[TaskRow]:
         return self.store.list_tasks(where)
 
     # -- cancel and wait ------------------------------------------------------------------------
@@ -184,6 +215,124 @@ class Service:
         attempts: list[AttemptRow] = self.store.attempts_of([task_id])[task_id]
         return any(a.number == number and a.outcome is None for a in attempts)
 
+    # -- schedules ------------------------------------------------------------------------------
+
+    def build_from_template(self, template: dict[str, Any], now: int) -> NewTask:
+        return self.resolve(TaskSpec.model_validate(template), now, check_cwd=False)
+
+    def add_schedule(self, spec: ScheduleSpec) -> ScheduleRow:
+        """Validate everything (expression, zone, paths, the task), then store it. Nothing is
+        created when anything is wrong."""
+        now = now_ms()
+        self.resolve(spec.task, now)  # the task must be valid today
+        template = spec.task.model_dump_json(exclude_none=True)
+        if spec.kind == "cron":
+            if not spec.cron:
+                raise InvalidRequest("a cron schedule needs a cron expression")
+            expr = scheduler.normalize_cron(spec.cron)
+            tz = spec.tz or scheduler.local_zone_name()
+            scheduler.zone(tz)
+            due = next(scheduler.times_after(expr, tz, now), None)
+            new = NewSchedule(
+                spec.name, "cron", expr, tz, spec.overlap, spec.catch_up, template, due
+            )
+        else:
+            paths = [_existing_path(p) for p in spec.paths]
+            if not paths:
+                raise InvalidRequest("a trigger needs at least one path to watch")
+            detail = json.dumps(
+                {
+                    "paths": paths,
+                    "glob": spec.glob,
+                    "recursive": spec.recursive,
+                    "debounce": spec.debounce,
+                }
+            )
+            new = NewSchedule(
+                spec.name, "trigger", detail, None, spec.overlap, spec.catch_up, template
+            )
+        row = self.dispatcher.cycle(lambda now: self.store.add_schedule(new, now))
+        assert row is not None
+        if row.kind == "trigger":
+            self.triggers.arm(row)
+        return row
+
+    def schedule(self, name: str) -> ScheduleRow:
+        found = self.store.get_schedule(name)
+        if found is None:
+            raise NotFound(f"no schedule named {name!r}")
+        return found
+
+    def remove_schedule(self, name: str) -> None:
+        row = self.schedule(name)
+        self.triggers.disarm(row.id)
+        self.dispatcher.cycle(lambda now: self.store.delete_schedule(row.id))
+
+    def pause_schedule(self, name: str, paused: bool) -> ScheduleRow:
+        """Pause or resume. A resumed cron schedule does not catch up on the time it spent
+        paused: it continues from now."""
+        row = self.schedule(name)
+
+        def change(now: int) -> None:
+            fields: dict[str, object] = {"paused": int(paused), "updated_at": now}
+            if not paused and row.kind == "cron":
+                fields["last_due"] = now
+                fields["next_due"] = next(
+                    scheduler.times_after(row.spec, row.tz or "UTC", now), None
+                )
+            self.store.update_schedule(row.id, **fields)
+
+        self.dispatcher.cycle(change)
+        row = self.schedule(name)
+        if row.kind == "trigger":
+            if paused:
+                self.triggers.disarm(row.id)
+            else:
+                self.triggers.arm(row)
+        return row
+
+    def next_fires(self, name: str, n: int, after: int | None) -> list[str]:
+        row = self.schedule(name)
+        if row.kind != "cron":
+            raise InvalidRequest(f"{name!r} is a file trigger: it has no fire times")
+        times = scheduler.next_times(
+            row.spec, row.tz or "UTC", now_ms() if after is None else after, n
+        )
+        return [t.isoformat() for t in times]
+
+    def schedule_view(self, row: ScheduleRow, *, runs: int = 0) -> dict[str, Any]:
+        template = json.loads(row.template)
+        view: dict[str, Any] = {
+            "name": row.name,
+            "kind": row.kind,
+            "overlap": row.overlap,
+            "catch_up": row.catch_up,
+            "paused": row.paused,
+            "command": template["command"],
+            "shell": template.get("shell", False),
+            "queue": template.get("queue", "default"),
+            "created_at": ms_to_rfc3339(row.created_at),
+        }
+        if row.kind == "cron":
+            tz = row.tz or "UTC"
+            due = (
+                None
+                if row.paused or row.next_due is None
+                else datetime.fromtimestamp(row.next_due / 1000, scheduler.zone(tz))
+            )
+            view.update(cron=row.spec, tz=tz, next_due=due.isoformat() if due else None)
+        else:
+            view.update(json.loads(row.spec))
+        if runs:
+            view["runs"] = [
+                {
+                    "due_at": ms_to_rfc3339(f.due_at), "fired_at": ms_to_rfc3339(f.fired_at),
+                    "task_id": f.task_id, "outcome": f.outcome, "state": f.task_state, "exit_code": f.exit_code,
+                }
+                for f in self.store.fires_of(row.id, runs)
+            ]  # fmt: skip
+        return view
+
     # -- health ---------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -197,6 +346,9 @@ class Service:
         for folder in (self.paths.state, self.paths.logs):
             if not os.access(folder, os.W_OK):
                 reasons.append(f"{folder} is not writable")
+        late = self.scheduler.overdue(now_ms())
+        if late:
+            reasons.append(f"scheduler behind: {', '.join(late)} past due")
         counts = self.store.count_by_state()
         queued = sum(q.get("queued", 0) for q in counts.values())
         return {
@@ -210,6 +362,9 @@ class Service:
             "running": self.dispatcher.running_count(),
             "queued": queued,
             "concurrency": self.config.concurrency,
+            "scheduler_heartbeat_age": round((now_ms() - self.scheduler.last_tick) / 1000, 3)
+            if self.scheduler.last_tick
+            else None,
             "disk_free": shutil.disk_usage(self.paths.state).free,
         }
 
@@ -228,6 +383,14 @@ class Service:
 
 def _first(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _existing_path(path: str) -> str:
+    if not os.path.isabs(path):
+        raise InvalidRequest(f"path {path!r} must be absolute")
+    if not os.path.exists(path):
+        raise InvalidRequest(f"path {path!r} does not exist")
+    return os.path.normpath(path)
 
 
 def _check_cwd(cwd: str) -> None:

@@ -30,7 +30,12 @@ def attempt_view(a: AttemptRow) -> dict[str, Any]:
 
 
 def task_view(
-    t: TaskRow, attempts: list[AttemptRow], *, env: dict[str, str] | None = None
+    t: TaskRow,
+    attempts: list[AttemptRow],
+    *,
+    deps: tuple[list[int], list[int]] = ([], []),
+    schedule: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The API's Task. `env` is included only when the caller asked to see it (show_env)."""
     view: dict[str, Any] = {
@@ -60,6 +65,10 @@ def task_view(
         "kill_grace": t.kill_grace,
         "memory_limit": t.memory_limit,
         "key": t.key,
+        "after": deps[0],
+        "after_any": deps[1],
+        "schedule": schedule,
+        "due_at": ms_to_rfc3339(t.due_at),
     }
     if env is not None:
         view["env"] = env

@@ -32,7 +32,11 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "wait": ("taskctl.cli.tasks", "wait", {}),
     "health": ("taskctl.cli.health", "health", {}),
 }
-GROUPS: dict[str, str] = {"daemon": "taskctl.cli.daemon"}
+GROUPS: dict[str, str] = {
+    "cron": "taskctl.cli.cron",
+    "trigger": "taskctl.cli.trigger",
+    "daemon": "taskctl.cli.daemon",
+}
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 

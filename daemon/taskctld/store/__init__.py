@@ -12,7 +12,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from taskctl.api import Outcome, TaskState
+from taskctl.api import FINAL_STATES, Outcome, TaskState
+
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 
 
 @dataclass
@@ -38,6 +40,10 @@ class NewTask:
     memory_limit: int | None = None
     run_at: int | None = None  # epoch ms; None or past = ready now
     key: str | None = None
+    after: list[int] = field(default_factory=list)  # run once these succeeded
+    after_any: list[int] = field(default_factory=list)  # run once these are final, however
+    schedule_id: int | None = None  # the cron schedule or trigger that created it
+    due_at: int | None = None  # the schedule's due time it stands for
 
 
 @dataclass
@@ -101,6 +107,37 @@ class AttemptEnd:
 
 
 @dataclass
+class NewSchedule:
+    name: str | None
+    kind: str  # cron | trigger
+    spec: str  # the cron expression, or a trigger's JSON (paths, glob, recursive, debounce)
+    tz: str | None
+    overlap: str  # skip | queue | allow
+    catch_up: str  # none | latest | all
+    template: str  # JSON: the task to create, in the API's fields
+    next_due: int | None = None
+
+
+@dataclass
+class ScheduleRow(NewSchedule):
+    id: int = 0
+    paused: bool = False
+    last_due: int | None = None
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass
+class FireRow:
+    due_at: int
+    fired_at: int
+    task_id: int | None
+    outcome: str
+    task_state: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
 class Claim:
     tasks: list[TaskRow]
     exhausted: set[str]  # queues that have no more queued tasks
@@ -148,6 +185,8 @@ class Store(Protocol):
     def get_tasks(self, ids: Sequence[int]) -> list[TaskRow]: ...
     def list_tasks(self, where: TaskFilter) -> list[TaskRow]: ...
     def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]: ...
+    def deps_of(self, ids: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]: ...
+    def schedule_names(self, ids: set[int]) -> dict[int, str]: ...
     def open_attempts(self) -> list[AttemptRow]: ...
     def ready_queues(self) -> set[str]: ...
     def running_by_queue(self) -> dict[str, int]: ...
@@ -155,6 +194,20 @@ class Store(Protocol):
     def events_after(self, event_id: int, limit: int) -> list[EventRow]: ...
     def last_event_id(self) -> int: ...
     def env_of(self, env_id: str | None) -> dict[str, str] | None: ...
+    def add_schedule(self, schedule: NewSchedule, now: int) -> ScheduleRow: ...
+    def get_schedule(self, name: str) -> ScheduleRow | None: ...
+    def get_schedule_by_id(self, schedule_id: int) -> ScheduleRow | None: ...
+    def list_schedules(self, kind: str | None = None) -> list[ScheduleRow]: ...
+    def update_schedule(self, schedule_id: int, **fields: object) -> None: ...
+    def delete_schedule(self, schedule_id: int) -> None: ...
+    def due_schedules(self, now: int) -> list[ScheduleRow]: ...
+    def next_schedule_due(self) -> int | None: ...
+    def fire_exists(self, schedule_id: int, due_at: int) -> bool: ...
+    def record_fire(
+        self, schedule_id: int, due_at: int, now: int, task_id: int | None, outcome: str
+    ) -> None: ...
+    def fires_of(self, schedule_id: int, limit: int) -> list[FireRow]: ...
+    def latest_task_of(self, schedule_id: int) -> tuple[int, str] | None: ...
     def check_writable(self) -> None: ...
     def close(self) -> None: ...
 

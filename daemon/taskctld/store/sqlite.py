@@ -22,15 +22,18 @@ from typing import Any
 
 import sqlite_utils
 
-from taskctl.api import Outcome, TaskState
-from taskctl.errors import StorageFull, TaskctlError
+from taskctl.api import FINAL_STATES, Outcome, TaskState
+from taskctl.errors import Conflict, InvalidRequest, StorageFull, TaskctlError
 from taskctld import states
 from taskctld.store import (
     AttemptEnd,
     AttemptRow,
     Claim,
     EventRow,
+    FireRow,
+    NewSchedule,
     NewTask,
+    ScheduleRow,
     TaskFilter,
     TaskRow,
 )
@@ -112,6 +115,42 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_task ON events (task_id);
     """,
+    # 2: dependencies between tasks; cron schedules and file triggers, and their fires
+    """
+    CREATE TABLE deps (
+        task_id INTEGER NOT NULL,
+        dep_id INTEGER NOT NULL,
+        any_end INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, dep_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX deps_by_dep ON deps (dep_id);
+    CREATE TABLE schedules (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL CHECK (kind IN ('cron', 'trigger')),
+        spec TEXT NOT NULL,
+        tz TEXT,
+        overlap TEXT NOT NULL CHECK (overlap IN ('skip', 'queue', 'allow')),
+        catch_up TEXT NOT NULL CHECK (catch_up IN ('none', 'latest', 'all')),
+        paused INTEGER NOT NULL DEFAULT 0,
+        template TEXT NOT NULL,
+        next_due INTEGER,
+        last_due INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE fires (
+        schedule_id INTEGER NOT NULL,
+        due_at INTEGER NOT NULL,
+        fired_at INTEGER NOT NULL,
+        task_id INTEGER,
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (schedule_id, due_at)
+    ) WITHOUT ROWID;
+    ALTER TABLE tasks ADD COLUMN schedule_id INTEGER;
+    ALTER TABLE tasks ADD COLUMN due_at INTEGER;
+    CREATE INDEX tasks_by_schedule ON tasks (schedule_id, id) WHERE schedule_id IS NOT NULL
+    """,
 ]
 
 _TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
@@ -138,6 +177,8 @@ _INSERT_COLUMNS = [
     "created_at",
     "updated_at",
     "key",
+    "schedule_id",
+    "due_at",
 ]
 _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_INSERT_COLUMNS)}) "
@@ -305,6 +346,8 @@ class SqliteStore:
         if self.conn.execute(sql, values).rowcount != 1:
             return False
         self._append_event(now, task_id, old, new, attempt, exit_code, reason, queue)
+        if new in FINAL_STATES:
+            self._release_dependents(task_id, now)
         return True
 
     def _append_event(
@@ -333,26 +376,106 @@ class SqliteStore:
     # -- submit ---------------------------------------------------------------------------------
 
     def submit(self, tasks: Sequence[NewTask], now: int) -> list[int]:
-        """Insert tasks (one transaction with the caller's); returns their ids in order."""
+        """Insert tasks (one transaction with the caller's); returns their ids in order.
+
+        A task with dependencies starts `waiting` and is settled at once: queued if they are
+        all met already, failed if one already failed. Dependencies must exist (so no cycle can
+        ever form); raises InvalidRequest naming an unknown one."""
         self._require_transaction()
+        self._check_deps_exist(tasks)
         rows = []
         for t in tasks:
             env_id = self._store_env(t.env)
-            state = TaskState.SCHEDULED if t.run_at and t.run_at > now else TaskState.QUEUED
             rows.append(
                 (
-                    t.name, t.queue, t.priority, state.value, _dump(t.command), int(t.shell),
-                    t.cwd, env_id, _dump(t.labels), t.retries, t.backoff, t.retry_delay,
-                    t.max_delay, _dump(t.retry_on), _dump(t.no_retry_on), t.timeout,
-                    t.kill_grace, t.memory_limit, t.run_at or now, now, now, t.key,
+                    t.name, t.queue, t.priority, _initial_state(t, now).value, _dump(t.command),
+                    int(t.shell), t.cwd, env_id, _dump(t.labels), t.retries, t.backoff,
+                    t.retry_delay, t.max_delay, _dump(t.retry_on), _dump(t.no_retry_on),
+                    t.timeout, t.kill_grace, t.memory_limit, t.run_at or now, now, now, t.key,
+                    t.schedule_id, t.due_at,
                 )
             )  # fmt: skip
         before = self._sequence("tasks")
         self.conn.executemany(_INSERT_TASK, rows)
         ids = list(range(before + 1, before + 1 + len(rows)))
-        for task_id, row in zip(ids, rows, strict=True):
+        waiting = []
+        for task_id, row, t in zip(ids, rows, tasks, strict=True):
             self._append_event(now, task_id, None, TaskState(row[3]), None, None, None, row[1])
+            if t.after or t.after_any:
+                self.conn.executemany(
+                    "INSERT OR IGNORE INTO deps (task_id, dep_id, any_end) VALUES (?, ?, ?)",
+                    [(task_id, d, 0) for d in t.after] + [(task_id, d, 1) for d in t.after_any],
+                )
+                waiting.append(task_id)
+        for task_id in waiting:
+            self._settle_waiting(task_id, now)
         return ids
+
+    def _check_deps_exist(self, tasks: Sequence[NewTask]) -> None:
+        wanted = sorted({d for t in tasks for d in (*t.after, *t.after_any)})
+        found: set[int] = set()
+        for chunk in _chunks(wanted):
+            found.update(
+                i
+                for (i,) in self.conn.execute(
+                    f"SELECT id FROM tasks WHERE id IN ({_marks(len(chunk))})", chunk
+                )
+            )
+        missing = [d for d in wanted if d not in found]
+        if missing:
+            raise InvalidRequest(f"unknown task id in --after: {', '.join(map(str, missing))}")
+
+    def _settle_waiting(self, task_id: int, now: int) -> None:
+        """A waiting task whose dependencies changed: queue it, fail it, or leave it waiting."""
+        rows = self.conn.execute(
+            "SELECT t.state, d.any_end FROM deps d JOIN tasks t ON t.id = d.dep_id WHERE d.task_id = ?",
+            (task_id,),
+        ).fetchall()
+        if any(not any_end and state in ("failed", "cancelled") for state, any_end in rows):
+            self.move(
+                task_id, TaskState.WAITING, TaskState.FAILED, now, reason="dependency_failed",
+                finished_at=now,
+            )  # fmt: skip
+        elif all(state in ("succeeded", "failed", "cancelled") for state, _ in rows):
+            run_at = self.conn.execute(
+                "SELECT run_at FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()[0]
+            if run_at > now:  # it also had a delay that has not passed yet
+                self.move(task_id, TaskState.WAITING, TaskState.SCHEDULED, now)
+            else:  # ready now: it queues behind what was already waiting for a slot
+                self.move(task_id, TaskState.WAITING, TaskState.QUEUED, now, run_at=now)
+
+    def _release_dependents(self, task_id: int, now: int) -> None:
+        """`task_id` just became final: settle every task waiting on it (failures cascade,
+        because settling a dependent as failed releases its own dependents in turn)."""
+        for (dependent,) in self.conn.execute(
+            "SELECT d.task_id FROM deps d JOIN tasks t ON t.id = d.task_id "
+            "WHERE d.dep_id = ? AND t.state = 'waiting'",
+            (task_id,),
+        ).fetchall():
+            self._settle_waiting(dependent, now)
+
+    def schedule_names(self, ids: set[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        marks = _marks(len(ids))
+        return dict(
+            self.conn.execute(
+                f"SELECT id, name FROM schedules WHERE id IN ({marks})", sorted(ids)
+            ).fetchall()
+        )
+
+    def deps_of(self, ids: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
+        """(after, after_any) of each task."""
+        found: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in ids}
+        for chunk in _chunks(ids):
+            for task_id, dep_id, any_end in self.conn.execute(
+                f"SELECT task_id, dep_id, any_end FROM deps WHERE task_id IN ({_marks(len(chunk))}) "
+                "ORDER BY task_id, dep_id",
+                chunk,
+            ):
+                found[task_id][1 if any_end else 0].append(dep_id)
+        return found
 
     def _sequence(self, table: str) -> int:
         row = self.conn.execute(
@@ -552,6 +675,109 @@ class SqliteStore:
         for (i,) in self.conn.execute("SELECT id FROM tasks ORDER BY id"):
             yield i
 
+    # -- schedules ------------------------------------------------------------------------------
+
+    def add_schedule(self, schedule: NewSchedule, now: int) -> ScheduleRow:
+        """Insert a schedule; a missing name becomes `cron-ID` or `trigger-ID`. Raises
+        Conflict when the name is taken."""
+        self._require_transaction()
+        name = schedule.name or f"{schedule.kind}-{self._sequence('schedules') + 1}"
+        try:
+            cur = self.conn.execute(
+                "INSERT INTO schedules (name, kind, spec, tz, overlap, catch_up, template, next_due, "
+                "last_due, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name, schedule.kind, schedule.spec, schedule.tz, schedule.overlap,
+                    schedule.catch_up, schedule.template, schedule.next_due, now, now, now,
+                ),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise Conflict(f"a schedule named {name!r} exists already") from None
+        found = self.get_schedule_by_id(cur.lastrowid or 0)
+        assert found is not None
+        return found
+
+    def get_schedule(self, name: str) -> ScheduleRow | None:
+        rows = _schedule_rows(self.conn.execute("SELECT * FROM schedules WHERE name = ?", (name,)))
+        return next(rows, None)
+
+    def get_schedule_by_id(self, schedule_id: int) -> ScheduleRow | None:
+        rows = _schedule_rows(
+            self.conn.execute("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
+        )
+        return next(rows, None)
+
+    def list_schedules(self, kind: str | None = None) -> list[ScheduleRow]:
+        if kind is None:
+            return list(_schedule_rows(self.conn.execute("SELECT * FROM schedules ORDER BY id")))
+        return list(
+            _schedule_rows(
+                self.conn.execute("SELECT * FROM schedules WHERE kind = ? ORDER BY id", (kind,))
+            )
+        )
+
+    def update_schedule(self, schedule_id: int, **fields: object) -> None:
+        self._require_transaction()
+        names = sorted(fields)
+        self.conn.execute(
+            f"UPDATE schedules SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+            [*(fields[n] for n in names), schedule_id],
+        )
+
+    def delete_schedule(self, schedule_id: int) -> None:
+        """The schedule and its fire records go; the tasks it created stay."""
+        self._require_transaction()
+        self.conn.execute("DELETE FROM fires WHERE schedule_id = ?", (schedule_id,))
+        self.conn.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+
+    def due_schedules(self, now: int) -> list[ScheduleRow]:
+        return list(
+            _schedule_rows(
+                self.conn.execute(
+                    "SELECT * FROM schedules WHERE kind = 'cron' AND paused = 0 AND next_due <= ? ORDER BY next_due",
+                    (now,),
+                )
+            )
+        )
+
+    def next_schedule_due(self) -> int | None:
+        row = self.conn.execute(
+            "SELECT min(next_due) FROM schedules WHERE kind = 'cron' AND paused = 0"
+        ).fetchone()
+        return row[0] if row else None
+
+    def fire_exists(self, schedule_id: int, due_at: int) -> bool:
+        found = self.conn.execute(
+            "SELECT 1 FROM fires WHERE schedule_id = ? AND due_at = ?", (schedule_id, due_at)
+        )
+        return found.fetchone() is not None
+
+    def record_fire(
+        self, schedule_id: int, due_at: int, now: int, task_id: int | None, outcome: str
+    ) -> None:
+        """The (schedule, due time) key is the primary key: a second fire of the same due
+        time fails here, and takes its task down with it (same transaction)."""
+        self._require_transaction()
+        self.conn.execute(
+            "INSERT INTO fires (schedule_id, due_at, fired_at, task_id, outcome) VALUES (?, ?, ?, ?, ?)",
+            (schedule_id, due_at, now, task_id, outcome),
+        )
+
+    def fires_of(self, schedule_id: int, limit: int) -> list[FireRow]:
+        cur = self.conn.execute(
+            "SELECT f.due_at, f.fired_at, f.task_id, f.outcome, t.state, t.exit_code FROM fires f "
+            "LEFT JOIN tasks t ON t.id = f.task_id WHERE f.schedule_id = ? ORDER BY f.due_at DESC LIMIT ?",
+            (schedule_id, limit),
+        )
+        return [FireRow(*row) for row in cur]
+
+    def latest_task_of(self, schedule_id: int) -> tuple[int, str] | None:
+        row = self.conn.execute(
+            "SELECT id, state FROM tasks WHERE schedule_id = ? ORDER BY id DESC LIMIT 1",
+            (schedule_id,),
+        ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
     # -- health ---------------------------------------------------------------------------------
 
     def check_writable(self) -> None:
@@ -564,6 +790,12 @@ class SqliteStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _initial_state(task: NewTask, now: int) -> TaskState:
+    if task.after or task.after_any:
+        return TaskState.WAITING
+    return TaskState.SCHEDULED if task.run_at and task.run_at > now else TaskState.QUEUED
 
 
 def _storage_error(error: sqlite3.OperationalError) -> TaskctlError:
@@ -584,6 +816,14 @@ def _task_rows(cur: sqlite3.Cursor) -> Iterator[TaskRow]:
         row["shell"] = bool(row["shell"])
         row.pop("updated_at")
         yield TaskRow(**row)
+
+
+def _schedule_rows(cur: sqlite3.Cursor) -> Iterator[ScheduleRow]:
+    names = [d[0] for d in cur.description]
+    for values in cur:
+        row = dict(zip(names, values, strict=True))
+        row["paused"] = bool(row["paused"])
+        yield ScheduleRow(**row)
 
 
 def _attempt_rows(cur: sqlite3.Cursor) -> Iterator[AttemptRow]:

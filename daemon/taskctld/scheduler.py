@@ -1,0 +1,316 @@
+"""Cron schedules and file triggers: what creates tasks by itself.
+
+Cron times come from cronsim, which follows Debian's cron(8) across daylight-saving changes: a
+fixed-time job whose time falls in a skipped hour runs once right after the gap, one in a
+repeated hour runs once, and jobs that run more often than hourly run on real time. (croniter
+7.0 fires `30 1 * * *` twice on a fall-back day; the golden tests pin the behaviour.)
+
+Firing is exactly once per due time: each fire is a row keyed by (schedule, due time) inserted
+in the same transaction as the task it creates, so a crash either loses both or keeps both, and
+a repeated attempt to fire the same due time changes nothing.
+
+`plan` decides what a schedule does at a given moment: a pure function of the schedule, its
+last handled due time and `now`, tested without a clock or a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from taskctl.errors import InvalidRequest
+from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
+
+log = logging.getLogger("taskctld.scheduler")
+
+ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+FIELDS = "minute hour day-of-month month day-of-week"
+LATE_GRACE_MS = 60_000  # a due time later than this when we get to it counts as missed
+MAX_CATCH_UP = 100  # `--catch-up all` runs at most this many missed times (the newest)
+MAX_SCAN = 100_000  # due times examined at most after a long downtime
+
+
+# -- cron expressions ---------------------------------------------------------------------------
+
+
+def normalize_cron(expr: str) -> str:
+    """The expression in five fields (aliases expanded); InvalidRequest naming what is wrong."""
+    text = " ".join(expr.split())
+    text = ALIASES.get(text.lower(), text)
+    if text.startswith("@"):
+        raise InvalidRequest(
+            f"invalid cron expression {expr!r}: unknown alias (use one of {', '.join(ALIASES)})"
+        )
+    if len(text.split()) != 5:
+        raise InvalidRequest(
+            f"invalid cron expression {expr!r}: it has {len(text.split())} fields, cron needs 5 ({FIELDS})"
+        )
+    try:
+        next(CronSim(text, datetime(2000, 1, 1, tzinfo=UTC)))
+    except CronSimError as e:
+        raise InvalidRequest(
+            f"invalid cron expression {expr!r}: {_field_message(str(e))}"
+        ) from None
+    except StopIteration:
+        raise InvalidRequest(f"invalid cron expression {expr!r}: it never fires") from None
+    return text
+
+
+def _field_message(message: str) -> str:
+    """cronsim says `Bad minute`; say which field and what it accepts."""
+    ranges = {
+        "minute": "0-59",
+        "hour": "0-23",
+        "day-of-month": "1-31, and a date that exists",
+        "month": "1-12 or jan-dec",
+        "day-of-week": "0-7 or sun-sat",
+    }
+    for name, allowed in ranges.items():
+        if name in message.lower():
+            return f"bad {name} field (allowed: {allowed})"
+    return message[:1].lower() + message[1:]
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequest(
+            f"unknown time zone {name!r}: use an IANA name like Europe/Berlin"
+        ) from None
+
+
+def local_zone_name() -> str:
+    """The machine's IANA zone (TZ, else /etc/localtime), or UTC."""
+    candidate = os.environ.get("TZ", "").lstrip(":")
+    if candidate and not candidate.startswith("/"):
+        with contextlib.suppress(InvalidRequest):
+            zone(candidate)
+            return candidate
+    with contextlib.suppress(OSError):
+        target = os.path.realpath(candidate or "/etc/localtime")
+        if "zoneinfo/" in target:
+            name = target.split("zoneinfo/", 1)[1]
+            with contextlib.suppress(InvalidRequest):
+                zone(name)
+                return name
+    return "UTC"
+
+
+def times_after(expr: str, tz: str, after_ms: int) -> Any:
+    """Due times strictly after `after_ms`, as epoch milliseconds, in order."""
+    start = datetime.fromtimestamp(after_ms / 1000, tz=zone(tz))
+    for due in CronSim(expr, start):
+        yield int(due.timestamp() * 1000)
+
+
+def next_times(expr: str, tz: str, after_ms: int, n: int) -> list[datetime]:
+    """The next n due times after a moment, as aware datetimes in the schedule's zone."""
+    start = datetime.fromtimestamp(after_ms / 1000, tz=zone(tz))
+    it = CronSim(expr, start)
+    return [next(it) for _ in range(n)]
+
+
+# -- what to do at a moment --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    fire: list[int]  # due times to fire now, oldest first
+    missed: int  # due times passed over (catch-up policy)
+    next_due: int | None  # the first due time after now
+
+
+def plan(expr: str, tz: str, catch_up: str, last_due: int, now: int) -> Plan:
+    """What a cron schedule does at `now`, given the newest due time it already handled.
+
+    Due times in (last_due, now] that are at most LATE_GRACE_MS old are on time and fire. Older
+    ones were missed (the daemon was down): `none` skips them, `latest` runs only the newest due
+    time, `all` runs each (the newest MAX_CATCH_UP)."""
+    due: list[int] = []
+    next_due = None
+    for t in times_after(expr, tz, last_due):
+        if t > now:
+            next_due = t
+            break
+        due.append(t)
+        if len(due) > MAX_SCAN:
+            due = due[-MAX_CATCH_UP:]
+    on_time = [t for t in due if now - t <= LATE_GRACE_MS]
+    missed = [t for t in due if now - t > LATE_GRACE_MS]
+    if catch_up == "all":
+        fire = missed[-MAX_CATCH_UP:] + on_time
+    elif catch_up == "latest":
+        fire = due[-1:]
+    else:
+        fire = on_time
+    return Plan(fire=fire, missed=len(due) - len(fire), next_due=next_due)
+
+
+# -- firing --------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Fires due schedules through the store, inside the dispatcher's transaction."""
+
+    def __init__(
+        self, store: Store, build: Callable[[dict[str, Any], int], NewTask], changes_dir: Path
+    ) -> None:
+        self.store = store
+        self.build = build  # a stored task template (API fields) -> the task to insert
+        self.changes_dir = changes_dir
+        self.last_tick = 0
+
+    def fire_due(self, now: int) -> None:
+        """Fire every cron schedule that is due (call inside a transaction)."""
+        self.last_tick = now
+        for schedule in self.store.due_schedules(now):
+            p = plan(
+                schedule.spec,
+                schedule.tz or "UTC",
+                schedule.catch_up,
+                schedule.last_due or schedule.created_at,
+                now,
+            )
+            for due in p.fire:
+                self.fire(schedule, due, now)
+            if p.missed:
+                log.info(
+                    "schedule %s: %d missed time(s) passed over (catch-up %s)",
+                    schedule.name,
+                    p.missed,
+                    schedule.catch_up,
+                )
+            self.store.update_schedule(
+                schedule.id, last_due=now, next_due=p.next_due, updated_at=now
+            )
+
+    def fire(
+        self, schedule: ScheduleRow, due: int, now: int, extra_env: dict[str, str] | None = None
+    ) -> int | None:
+        """Create the task for one due time, unless it exists already or the overlap policy
+        says no. Returns the task id (None when skipped)."""
+        if self.store.fire_exists(schedule.id, due):
+            return None
+        previous = self.store.latest_task_of(schedule.id)
+        running = previous is not None and previous[1] not in FINAL_VALUES
+        if running and schedule.overlap == "skip":
+            self.store.record_fire(
+                schedule.id, due, now, None, "skipped: the previous run is still going"
+            )
+            return None
+        template = json.loads(schedule.template)
+        if extra_env:
+            template["env"] = {**(template.get("env") or {}), **extra_env}
+        task = self.build(template, now)
+        task.schedule_id, task.due_at = schedule.id, due
+        if running and schedule.overlap == "queue" and previous is not None:
+            task.after_any = [previous[0]]
+        (task_id,) = self.store.submit([task], now)
+        self.store.record_fire(schedule.id, due, now, task_id, "fired")
+        return task_id
+
+    def fire_trigger(self, schedule_id: int, changed: list[str], now: int) -> int | None:
+        """A burst of file changes: one task, which finds the paths (one per line) in the file
+        named by TASKCTL_CHANGED_PATHS."""
+        schedule = self.store.get_schedule_by_id(schedule_id)
+        if schedule is None or schedule.paused:
+            return None
+        self.changes_dir.mkdir(mode=0o700, exist_ok=True)
+        listing = self.changes_dir / f"{schedule_id}-{now}.txt"
+        listing.write_text("".join(f"{p}\n" for p in sorted(changed)))
+        return self.fire(schedule, now, now, {"TASKCTL_CHANGED_PATHS": str(listing)})
+
+    def overdue(self, now: int) -> list[str]:
+        """Names of active cron schedules more than a few seconds past their due time."""
+        return [s.name or "" for s in self.store.due_schedules(now - 5000)]
+
+
+# -- file triggers ------------------------------------------------------------------------------
+
+
+@dataclass
+class TriggerSpec:
+    paths: list[str]
+    glob: str | None
+    recursive: bool
+    debounce: float  # seconds of quiet that end a burst
+
+    @classmethod
+    def parse(cls, raw: str) -> TriggerSpec:
+        return cls(**json.loads(raw))
+
+
+class Triggers:
+    """One watchfiles watcher per active trigger; each burst of changes becomes one fire."""
+
+    def __init__(self, on_burst: Callable[[int, list[str]], None]) -> None:
+        self.on_burst = on_burst
+        self.watchers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+
+    def arm(self, schedule: ScheduleRow) -> None:
+        self.disarm(schedule.id)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._watch(schedule.id, TriggerSpec.parse(schedule.spec), stop)
+        )
+        self.watchers[schedule.id] = (task, stop)
+
+    def disarm(self, schedule_id: int) -> None:
+        found = self.watchers.pop(schedule_id, None)
+        if found is not None:
+            found[1].set()
+            found[0].cancel()
+
+    def close(self) -> None:
+        for schedule_id in list(self.watchers):
+            self.disarm(schedule_id)
+
+    async def _watch(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
+        from watchfiles import awatch
+
+        quiet_ms = max(1, int(spec.debounce * 1000))
+
+        def wanted(_change: Any, path: str) -> bool:
+            if spec.glob is None:
+                return True
+            return fnmatch.fnmatch(os.path.basename(path), spec.glob) or fnmatch.fnmatch(
+                path, spec.glob
+            )
+
+        try:
+            async for changes in awatch(
+                *spec.paths,
+                watch_filter=wanted,
+                recursive=spec.recursive,
+                step=quiet_ms,  # a burst ends after this much quiet...
+                debounce=max(quiet_ms * 20, 2000),  # ...or after this long at most
+                stop_event=stop,
+                rust_timeout=0,
+                yield_on_timeout=False,
+            ):
+                self.on_burst(schedule_id, sorted({path for _, path in changes}))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the watcher of trigger %d stopped", schedule_id)

@@ -1,0 +1,187 @@
+"""The options that describe a task, shared by `submit`, `cron add` and `trigger add`, and the
+function that turns them into the API's task spec."""
+
+import os
+from typing import Annotated, Any
+
+import typer
+
+from taskctl.cli.common import duration, exit_codes, pairs, size
+from taskctl.environment import minimal_env
+
+EXEC = "Execution"
+RETRY = "Retries"
+WHEN = "Scheduling"
+
+Command = Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")]
+Name = Annotated[
+    str | None, typer.Option("-n", "--name", help="A name to show instead of the command.")
+]
+Queue = Annotated[str, typer.Option("-q", "--queue", help="Queue to run in.")]
+Priority = Annotated[
+    int, typer.Option("-p", "--priority", help="Higher runs first within its queue.")
+]
+Shell = Annotated[
+    bool, typer.Option("--shell", help="Run the command as one string through sh -c.")
+]
+Cwd = Annotated[
+    str | None,
+    typer.Option(
+        "-C", "--cwd", help="Working directory (default: the current one).", rich_help_panel=EXEC
+    ),
+]
+Env = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-e", "--env", help="Set K=V in the task's environment (repeatable).", rich_help_panel=EXEC
+    ),
+]
+NoEnv = Annotated[
+    bool,
+    typer.Option(
+        "--no-env",
+        help="Do not capture this shell's environment; start from a minimal one.",
+        rich_help_panel=EXEC,
+    ),
+]
+Label = Annotated[
+    list[str] | None, typer.Option("-l", "--label", help="Attach a K=V label (repeatable).")
+]
+Retries = Annotated[
+    int | None,
+    typer.Option(
+        "--retries",
+        min=0,
+        max=1000,
+        help="Attempts after the first when it fails.",
+        rich_help_panel=RETRY,
+    ),
+]
+Backoff = Annotated[
+    str | None, typer.Option("--backoff", help="fixed or exponential.", rich_help_panel=RETRY)
+]
+RetryDelay = Annotated[
+    str | None,
+    typer.Option("--retry-delay", help="Delay before a retry (e.g. 5s).", rich_help_panel=RETRY),
+]
+MaxDelay = Annotated[
+    str | None,
+    typer.Option("--max-delay", help="Cap on the exponential delay.", rich_help_panel=RETRY),
+]
+RetryOn = Annotated[
+    str | None,
+    typer.Option(
+        "--retry-on", help="Retry only these exit codes (e.g. 75,111).", rich_help_panel=RETRY
+    ),
+]
+NoRetryOn = Annotated[
+    str | None,
+    typer.Option("--no-retry-on", help="Never retry these exit codes.", rich_help_panel=RETRY),
+]
+Timeout = Annotated[
+    str | None,
+    typer.Option(
+        "--timeout", help="Kill an attempt after this long (e.g. 30m).", rich_help_panel=EXEC
+    ),
+]
+KillGrace = Annotated[
+    str | None,
+    typer.Option(
+        "--kill-grace",
+        help="SIGTERM to SIGKILL grace on cancel/timeout (default 10s).",
+        rich_help_panel=EXEC,
+    ),
+]
+MemoryLimit = Annotated[
+    str | None,
+    typer.Option("--memory-limit", help="Address-space limit, e.g. 512M.", rich_help_panel=EXEC),
+]
+Delay = Annotated[
+    str | None,
+    typer.Option("--delay", help="Start after this long (e.g. 10m).", rich_help_panel=WHEN),
+]
+At = Annotated[
+    str | None,
+    typer.Option(
+        "--at", help="Start at a time: RFC 3339, HH:MM, or a duration.", rich_help_panel=WHEN
+    ),
+]
+After = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--after",
+        help="Start once these tasks succeeded (repeatable, or 1,2,3).",
+        rich_help_panel=WHEN,
+    ),
+]
+AfterAny = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--after-any",
+        help="Start once these tasks are final, however they ended.",
+        rich_help_panel=WHEN,
+    ),
+]
+
+
+def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
+    """The API's task spec from command-line options (absent ones are left to the daemon's
+    defaults). Captures the current directory and environment unless told otherwise."""
+    if o.get("shell"):
+        command = [" ".join(command)]
+    spec: dict[str, Any] = {
+        "command": command,
+        "queue": o.get("queue", "default"),
+        "priority": o.get("priority", 0),
+        "shell": bool(o.get("shell")),
+        "cwd": os.path.abspath(o["cwd"]) if o.get("cwd") else os.getcwd(),
+        "env": {
+            **(minimal_env() if o.get("no_env") else dict(os.environ)),
+            **pairs(o.get("env"), "--env"),
+        },
+        "labels": pairs(o.get("label"), "--label"),
+    }
+    if o.get("backoff") is not None and o["backoff"] not in ("fixed", "exponential"):
+        raise typer.BadParameter("must be fixed or exponential", param_hint="--backoff")
+    if o.get("delay") is not None and o.get("at") is not None:
+        raise typer.BadParameter("give either --delay or --at", param_hint="--at")
+    optional = {
+        "name": o.get("name"),
+        "retries": o.get("retries"),
+        "backoff": o.get("backoff"),
+        "retry_delay": duration(o.get("retry_delay"), "--retry-delay"),
+        "max_delay": duration(o.get("max_delay"), "--max-delay"),
+        "retry_on": exit_codes(o.get("retry_on"), "--retry-on"),
+        "no_retry_on": exit_codes(o.get("no_retry_on"), "--no-retry-on"),
+        "timeout": duration(o.get("timeout"), "--timeout"),
+        "kill_grace": duration(o.get("kill_grace"), "--kill-grace"),
+        "memory_limit": size(o.get("memory_limit"), "--memory-limit"),
+        "delay": duration(o.get("delay"), "--delay"),
+        "run_at": _run_at(o.get("at")),
+        "after": task_ids(o.get("after"), "--after") or None,
+        "after_any": task_ids(o.get("after_any"), "--after-any") or None,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    return spec
+
+
+def task_ids(values: list[str] | None, option: str) -> list[int]:
+    """`--after 3 --after 4,5` as [3, 4, 5]."""
+    found = []
+    for value in values or []:
+        for part in value.split(","):
+            if not part.strip().isdigit() or int(part) < 1:
+                raise typer.BadParameter(f"{part!r} is not a task id", param_hint=option)
+            found.append(int(part))
+    return found
+
+
+def _run_at(text: str | None) -> str | None:
+    if text is None:
+        return None
+    from taskctl.units import ms_to_rfc3339, parse_at
+
+    try:
+        return ms_to_rfc3339(parse_at(text))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--at") from None
