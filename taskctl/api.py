@@ -11,6 +11,7 @@ daemon validates every request with it and FastAPI derives `/openapi.json` from 
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -106,10 +107,9 @@ class ExecutionLimits(Request):
     memory_limit: Size | None = Field(None, description="address-space limit, bytes")
 
 
-class TaskSpec(RetryPolicy, ExecutionLimits):
-    """What `POST /v1/tasks` accepts: one command to run."""
+class TaskOptions(RetryPolicy, ExecutionLimits):
+    """Everything about a task but its command (what a batch's `defaults` may set)."""
 
-    command: list[str] = Field(min_length=1, max_length=100_000)
     shell: bool = Field(False, description="run command[0] through `sh -c`")
     name: str | None = Field(None, max_length=200)
     queue: str = Field("default", pattern=QUEUE_NAME_PATTERN)
@@ -124,15 +124,6 @@ class TaskSpec(RetryPolicy, ExecutionLimits):
     key: str | None = Field(None, min_length=1, max_length=200)
     after: TaskIds = Field(default_factory=list, description="run once these tasks succeeded")
     after_any: TaskIds = Field(default_factory=list, description="run once these tasks are final")
-
-    @field_validator("command")
-    @classmethod
-    def _command_has_no_nul(cls, value: list[str]) -> list[str]:
-        if any("\0" in arg for arg in value):
-            raise ValueError("command arguments must not contain NUL bytes")
-        if not value[0]:
-            raise ValueError("the program name must not be empty")
-        return value
 
     @field_validator("env")
     @classmethod
@@ -197,8 +188,58 @@ class Schedule(Response):
     runs: list[Fire] | None = Field(None, description="recent fires, newest first (show only)")
 
 
+class TaskSpec(TaskOptions):
+    """What `POST /v1/tasks` accepts: one command to run."""
+
+    command: list[str] = Field(min_length=1, max_length=100_000)
+
+    @field_validator("command")
+    @classmethod
+    def _command_has_no_nul(cls, value: list[str]) -> list[str]:
+        if any("\0" in arg for arg in value):
+            raise ValueError("command arguments must not contain NUL bytes")
+        if not value[0]:
+            raise ValueError("the program name must not be empty")
+        return value
+
+    def fingerprint(self) -> str:
+        """What makes two submits with one idempotency key the same request: everything but
+        the captured environment (which changes between shells) and the timing."""
+        import hashlib
+
+        fields = self.model_dump(mode="json", exclude={"env", "key", "delay", "run_at"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
 class BatchSpec(Request):
+    """Many tasks in one transaction. `defaults` apply to every task that does not set the
+    field itself (send the environment once, not ten thousand times)."""
+
+    defaults: TaskOptions | None = None
     tasks: list[TaskSpec] = Field(min_length=1, max_length=100_000)
+
+    def merged(self) -> list[TaskSpec]:
+        if self.defaults is None:
+            return self.tasks
+        base = {k: getattr(self.defaults, k) for k in self.defaults.model_fields_set}
+        return [
+            t.model_copy(update={k: v for k, v in base.items() if k not in t.model_fields_set})
+            for t in self.tasks
+        ]
+
+
+class QueueSettings(Request):
+    """`PUT /v1/queues/{name}`: a queue's limit and the defaults of its tasks."""
+
+    concurrency: int | None = Field(
+        None, ge=1, le=10_000, description="null: only the global limit"
+    )
+    retries: int | None = Field(None, ge=0, le=1000)
+    backoff: Backoff | None = None
+    retry_delay: Duration | None = None
+    max_delay: Duration | None = None
+    timeout: Duration | None = None
+    kill_grace: Duration | None = None
 
 
 class Attempt(Response):
@@ -265,6 +306,7 @@ class QueueInfo(Response):
     name: str
     concurrency: int | None = None
     paused: bool = False
+    defaults: dict[str, Any] = Field(default_factory=dict)
     counts: dict[str, int] = Field(default_factory=dict)
 
 

@@ -151,6 +151,24 @@ def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], empty: str)
     console.print(table)
 
 
+QUEUE_HEADER = ("QUEUE", "LIMIT", "STATE", "RUNNING", "QUEUED", "SCHEDULED", "WAITING", "DEFAULTS")
+
+
+def queue_rows(queues: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for q in queues:
+        c = q.get("counts") or {}
+        defaults = " ".join(f"{k}={v}" for k, v in sorted((q.get("defaults") or {}).items()))
+        rows.append(
+            (
+                q["name"], "-" if q.get("concurrency") is None else str(q["concurrency"]),
+                "paused" if q.get("paused") else "active",
+                *(str(c.get(s, 0)) for s in ("running", "queued", "scheduled", "waiting")), defaults,
+            )
+        )  # fmt: skip
+    return rows
+
+
 # -- schedules --------------------------------------------------------------------------------------
 
 SCHEDULE_HEADER = ("NAME", "CRON", "ZONE", "NEXT", "OVERLAP", "STATE", "COMMAND")
@@ -301,7 +319,10 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines.append(f"tasks: {states or 'none'}")
     for q in summary.get("queues", []):
         counts = "  ".join(f"{k} {v}" for k, v in sorted(q["counts"].items()))
-        lines.append(f"  queue {q['name']}: {counts}")
+        extra = (" (paused)" if q.get("paused") else "") + (
+            f" limit {q['concurrency']}" if q.get("concurrency") else ""
+        )
+        lines.append(f"  queue {q['name']}{extra}: {counts or 'empty'}")
     return "\n".join(lines)
 
 

@@ -131,3 +131,13 @@ def test_claim_reads_only_queued_rows(store: SqliteStore) -> None:
         )
     )
     assert "tasks_ready" in plan and "TEMP B-TREE" not in plan
+
+
+def test_a_queue_that_loses_the_global_slot_is_not_exhausted(store: SqliteStore) -> None:
+    (older,) = _submit(store, 1, queue="a")
+    (newer,) = _submit(store, 1, queue="b")
+    with store.transaction():
+        claim = store.claim({"a": 1, "b": 1}, 1, now=3000)
+    assert [t.id for t in claim.tasks] == [older]
+    assert claim.exhausted == {"a"}  # b still has its task queued
+    assert store.get_task(newer).state is TaskState.QUEUED  # type: ignore[union-attr]

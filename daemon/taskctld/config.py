@@ -12,6 +12,7 @@ Every key is optional; an unknown key or a bad value stops the daemon with a mes
     backoff = "fixed"
     retry_delay = "1s"
     max_delay = "1h"
+    key_retention = "24h"      # a finished task still answers for its --key this long
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Config(Request):
     backoff: Backoff = Backoff.FIXED
     retry_delay: Duration = 1.0
     max_delay: Duration = 3600.0
+    key_retention: Duration = 86400.0  # how long a finished task still answers for its --key
 
     @classmethod
     def load(cls, path: Path) -> Config:

@@ -100,9 +100,19 @@ class Dispatcher:
         self._wake.set()
 
     def load(self) -> None:
-        """Initial in-memory view: running counts and queues with queued tasks."""
+        """Initial in-memory view: running counts, queues with queued tasks, queue settings."""
         self.running = self.store.running_by_queue()
         self.ready_queues = self.store.ready_queues()
+        self.load_queues()
+
+    def load_queues(self) -> None:
+        """Queue limits and pauses, after a change; a resumed queue may start tasks now."""
+        queues = self.store.list_queues()
+        self.limits.queue_limits = {
+            q.name: q.concurrency for q in queues if q.concurrency is not None
+        }
+        self.limits.paused = {q.name for q in queues if q.paused}
+        self._wake.set()
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,10 +31,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from taskctl import API_VERSION, __version__
 from taskctl.api import (
+    QUEUE_NAME_PATTERN,
     BatchSpec,
     ErrorBody,
     Event,
     Health,
+    QueueInfo,
+    QueueSettings,
     Schedule,
     ScheduleSpec,
     Summary,
@@ -92,9 +96,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post(f"{v1}/tasks", response_model=Task, status_code=201, responses=ERRORS, tags=["tasks"])
     async def submit(spec: TaskSpec) -> Response:
-        """Create a task. Answered only after the task is committed to the store."""
-        (task_id,) = service.submit([spec])
-        return json_response(service.views([service.task(task_id)])[0], 201)
+        """Create a task. Answered only after the task is committed to the store. With a `key`
+        already in use by an equal request, the existing task is returned (`deduplicated`)."""
+        (done,) = service.submit([spec])
+        view = service.views([service.task(done.task_id)])[0]
+        view["deduplicated"] = done.deduplicated
+        return json_response(view, 200 if done.deduplicated else 201)
 
     @app.post(
         f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
@@ -103,8 +110,11 @@ def create_app(service: Service) -> FastAPI:
     async def submit_batch(batch: BatchSpec) -> Response:
         """Create many tasks in one transaction: all of them, or none and an error naming the
         first bad one."""
-        ids = service.submit(batch.tasks)
-        return json_response(service.views(service.store.get_tasks(ids)), 201)
+        done = service.submit(batch.merged())
+        views = service.views(service.store.get_tasks([d.task_id for d in done]))
+        for view, d in zip(views, done, strict=True):
+            view["deduplicated"] = d.deduplicated
+        return json_response(views, 201)
 
     @app.get(f"{v1}/tasks", response_model=list[Task], responses=ERRORS, tags=["tasks"])
     async def list_tasks(
@@ -165,6 +175,10 @@ def create_app(service: Service) -> FastAPI:
         """An attempt's output as bytes (default: the latest attempt). With `follow`, the
         response streams until the task is final, across attempts."""
         task = service.task(task_id)
+        if follow and task.attempts == 0:
+            task = await service.wait_started(task_id)
+        if task.attempts == 0 and task.state.value in ("succeeded", "failed", "cancelled"):
+            return Response(b"", media_type="application/octet-stream")  # ended without running
         number, path = service.log_path(task, attempt, stream)
         start = _tail_offset(path, tail) if tail is not None else 0
         if follow:
@@ -253,6 +267,31 @@ def create_app(service: Service) -> FastAPI:
         """The next n fire times, in the schedule's zone (RFC 3339 with its offset)."""
         start = None if after is None else int(_aware(after).timestamp() * 1000)
         return json_response(service.next_fires(name, n, start))
+
+    @app.get(f"{v1}/queues", response_model=list[QueueInfo], tags=["queues"])
+    async def list_queues() -> Response:
+        """Queues with their limit, defaults and task counts by state."""
+        return json_response(service.queues())
+
+    @app.put(f"{v1}/queues/{{name}}", response_model=QueueInfo, responses=ERRORS, tags=["queues"])
+    async def set_queue(
+        name: Annotated[str, PathParam(pattern=QUEUE_NAME_PATTERN)], settings: QueueSettings
+    ) -> Response:
+        """Create or change a queue; fields left out keep their value."""
+        return json_response(service.queue_view(service.set_queue(name, settings)))
+
+    @app.post(
+        f"{v1}/queues/{{name}}/pause", response_model=QueueInfo, responses=ERRORS, tags=["queues"]
+    )
+    async def pause_queue(name: str) -> Response:
+        """Nothing new starts from the queue; running tasks finish."""
+        return json_response(service.queue_view(service.pause_queue(name, True)))
+
+    @app.post(
+        f"{v1}/queues/{{name}}/resume", response_model=QueueInfo, responses=ERRORS, tags=["queues"]
+    )
+    async def resume_queue(name: str) -> Response:
+        return json_response(service.queue_view(service.pause_queue(name, False)))
 
     @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
     async def summary() -> Response:
@@ -421,12 +460,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _validation_message(exc: RequestValidationError) -> str:
+    """The first few problems, each with where it is: `priority: ...`, or `task 3: priority:
+    ...` for the third task of a batch."""
     parts = []
     for err in exc.errors()[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        where = ".".join(loc)
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        prefix = ""
+        if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
+            prefix, loc = f"task {loc[1] + 1}: ", loc[2:]
+        where = ".".join(str(p) for p in loc)
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
+        parts.append(prefix + (f"{where}: {msg}" if where else msg))
     return "invalid request: " + "; ".join(parts)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from taskctl import API_VERSION, __version__
-from taskctl.api import FINAL_STATES, ScheduleSpec, TaskSpec, TaskState
+from taskctl.api import FINAL_STATES, QueueSettings, ScheduleSpec, TaskSpec, TaskState
 from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339, now_ms
@@ -28,10 +28,25 @@ from taskctld.dispatcher import Dispatcher
 from taskctld.events import EventHub
 from taskctld.runner import Runner
 from taskctld.scheduler import Scheduler, Triggers
-from taskctld.store import AttemptRow, NewSchedule, NewTask, ScheduleRow, Store, TaskFilter, TaskRow
+from taskctld.store import (
+    AttemptRow,
+    NewSchedule,
+    NewTask,
+    QueueRow,
+    ScheduleRow,
+    Store,
+    TaskFilter,
+    TaskRow,
+)
 from taskctld.views import task_view
 
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
+
+
+@dataclass
+class Submitted:
+    task_id: int
+    deduplicated: bool
 
 
 @dataclass
@@ -65,9 +80,13 @@ class Service:
 
     # -- submit ---------------------------------------------------------------------------------
 
-    def submit(self, specs: Sequence[TaskSpec]) -> list[int]:
+    def submit(self, specs: Sequence[TaskSpec]) -> list[Submitted]:
         """Validate every spec, then insert all of them in one transaction (all or none).
-        The ids are returned only after the commit: an acknowledged task is durable."""
+        The ids are returned only after the commit: an acknowledged task is durable.
+
+        A spec with an idempotency key that matches a task not final, or finished within
+        `key_retention`, gives that task back (deduplicated) instead of a new one; the same
+        key with a different command or options is a Conflict."""
         now = now_ms()
         tasks = []
         for index, spec in enumerate(specs):
@@ -76,9 +95,43 @@ class Service:
             except InvalidRequest as e:
                 where = f"task {index + 1}: " if len(specs) > 1 else ""
                 raise InvalidRequest(where + e.message) from None
-        ids = self.dispatcher.cycle(lambda now: self.store.submit(tasks, now))
-        assert ids is not None
-        return ids
+        result = self.dispatcher.cycle(lambda now: self._insert_unless_known(tasks, now))
+        assert result is not None
+        return result
+
+    def _insert_unless_known(self, tasks: list[NewTask], now: int) -> list[Submitted]:
+        since = now - int(self.config.key_retention * 1000)
+        known: dict[str, Submitted] = {}
+        fresh: list[NewTask] = []
+        plan: list[Submitted | int] = []  # a known task, or an index into `fresh`
+        for task in tasks:
+            key = task.key
+            if key is not None and key not in known:
+                found = self.store.find_by_key(key, since)
+                if found is not None:
+                    if found.key_fingerprint != task.key_fingerprint:
+                        raise Conflict(
+                            f"idempotency key {key!r} belongs to task {found.id}, submitted with a "
+                            "different command or options"
+                        )
+                    known[key] = Submitted(found.id, deduplicated=True)
+            if key is not None and key in known:
+                plan.append(known[key])
+                continue
+            plan.append(len(fresh))
+            fresh.append(task)
+            if key is not None:
+                known[key] = Submitted(-len(fresh), deduplicated=True)  # resolved below
+        ids = self.store.submit(fresh, now) if fresh else []
+        out = []
+        for item in plan:
+            if isinstance(item, int):
+                out.append(Submitted(ids[item], deduplicated=False))
+            elif item.task_id < 0:
+                out.append(Submitted(ids[-item.task_id - 1], deduplicated=True))
+            else:
+                out.append(item)
+        return out
 
     def resolve(self, spec: TaskSpec, now: int, *, check_cwd: bool = True) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
@@ -96,6 +149,8 @@ class Service:
         elif spec.delay:
             run_at = now + int(spec.delay * 1000)
         c = self.config
+        queue = self.store.get_queue(spec.queue)
+        q = queue.defaults if queue else {}
         return NewTask(
             command=spec.command,
             cwd=cwd,
@@ -105,17 +160,18 @@ class Service:
             priority=spec.priority,
             env=spec.env,
             labels=spec.labels,
-            retries=_first(spec.retries, c.retries),
-            backoff=_first(spec.backoff, c.backoff).value,
-            retry_delay=_first(spec.retry_delay, c.retry_delay),
-            max_delay=_first(spec.max_delay, c.max_delay),
+            retries=_first(spec.retries, q.get("retries"), c.retries),
+            backoff=str(_first(spec.backoff, q.get("backoff"), c.backoff)),
+            retry_delay=_first(spec.retry_delay, q.get("retry_delay"), c.retry_delay),
+            max_delay=_first(spec.max_delay, q.get("max_delay"), c.max_delay),
             retry_on=spec.retry_on,
             no_retry_on=spec.no_retry_on,
-            timeout=spec.timeout,
-            kill_grace=_first(spec.kill_grace, c.kill_grace),
+            timeout=_first(spec.timeout, q.get("timeout"), None),
+            kill_grace=_first(spec.kill_grace, q.get("kill_grace"), c.kill_grace),
             memory_limit=spec.memory_limit,
             run_at=run_at,
             key=spec.key,
+            key_fingerprint=spec.fingerprint() if spec.key else None,
             after=spec.after,
             after_any=spec.after_any,
         )
@@ -187,6 +243,14 @@ class Service:
             raise Conflict(f"task {task_id} changed state meanwhile; try again")
         return self.task(task_id)
 
+    async def wait_started(self, task_id: int) -> TaskRow:
+        """The task once it has an attempt, or once it is final without one."""
+        while True:
+            task = self.task(task_id)
+            if task.attempts or task.state in FINAL_STATES:
+                return task
+            await self.hub.wait_change(task_id, 60)
+
     async def wait_final(self, task_id: int, timeout: float | None) -> TaskRow:
         """The task once it is final, or as it is when `timeout` seconds have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -214,6 +278,49 @@ class Service:
     def attempt_open(self, task_id: int, number: int) -> bool:
         attempts: list[AttemptRow] = self.store.attempts_of([task_id])[task_id]
         return any(a.number == number and a.outcome is None for a in attempts)
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    def queues(self) -> list[dict[str, Any]]:
+        counts = self.store.count_by_state()
+        return [self.queue_view(q, counts.get(q.name, {})) for q in self.store.list_queues()]
+
+    def queue_view(self, q: QueueRow, counts: dict[str, int] | None = None) -> dict[str, Any]:
+        if counts is None:
+            counts = self.store.count_by_state().get(q.name, {})
+        return {
+            "name": q.name,
+            "concurrency": q.concurrency,
+            "paused": q.paused,
+            "defaults": q.defaults,
+            "counts": counts,
+        }
+
+    def set_queue(self, name: str, settings: QueueSettings) -> QueueRow:
+        """Create or change a queue: its concurrency limit (null: only the global one) and the
+        defaults of its tasks. Fields left out of the request keep their value."""
+        existing = self.store.get_queue(name)
+        given = settings.model_dump(exclude_unset=True)
+        fields: dict[str, object] = {}
+        if "concurrency" in given:
+            fields["concurrency"] = given.pop("concurrency")
+        if given:
+            defaults = dict(existing.defaults if existing else {})
+            defaults.update({k: (v.value if hasattr(v, "value") else v) for k, v in given.items()})
+            fields["defaults"] = {k: v for k, v in defaults.items() if v is not None}
+        row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, **fields))
+        assert row is not None
+        self.dispatcher.load_queues()
+        return row
+
+    def pause_queue(self, name: str, paused: bool) -> QueueRow:
+        """Pause: nothing new starts from it (running tasks finish). Resume: it starts again."""
+        if self.store.get_queue(name) is None:
+            raise NotFound(f"no queue named {name!r}")
+        row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, paused=paused))
+        assert row is not None
+        self.dispatcher.load_queues()
+        return row
 
     # -- schedules ------------------------------------------------------------------------------
 
@@ -374,15 +481,12 @@ class Service:
         for per_queue in counts.values():
             for state, n in per_queue.items():
                 states[state] += n
-        queues = [
-            {"name": name, "concurrency": None, "paused": False, "counts": per_queue}
-            for name, per_queue in sorted(counts.items())
-        ]
-        return {"health": self.health(), "states": states, "queues": queues}
+        return {"health": self.health(), "states": states, "queues": self.queues()}
 
 
-def _first(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def _first(*values: Any) -> Any:
+    """The first of the values that is set (task, then queue, then daemon default)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _existing_path(path: str) -> str:

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
 GROUPS: dict[str, str] = {
     "cron": "taskctl.cli.cron",
     "trigger": "taskctl.cli.trigger",
+    "queue": "taskctl.cli.queue",
     "daemon": "taskctl.cli.daemon",
 }
 _CONTEXT = {"help_option_names": ["-h", "--help"]}

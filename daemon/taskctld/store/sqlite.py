@@ -33,6 +33,7 @@ from taskctld.store import (
     FireRow,
     NewSchedule,
     NewTask,
+    QueueRow,
     ScheduleRow,
     TaskFilter,
     TaskRow,
@@ -151,6 +152,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tasks ADD COLUMN due_at INTEGER;
     CREATE INDEX tasks_by_schedule ON tasks (schedule_id, id) WHERE schedule_id IS NOT NULL
     """,
+    # 3: idempotency keys
+    """
+    ALTER TABLE tasks ADD COLUMN key_fingerprint TEXT;
+    CREATE INDEX tasks_by_key ON tasks (key, id) WHERE key IS NOT NULL
+    """,
 ]
 
 _TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
@@ -179,6 +185,7 @@ _INSERT_COLUMNS = [
     "key",
     "schedule_id",
     "due_at",
+    "key_fingerprint",
 ]
 _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_INSERT_COLUMNS)}) "
@@ -392,9 +399,10 @@ class SqliteStore:
                     int(t.shell), t.cwd, env_id, _dump(t.labels), t.retries, t.backoff,
                     t.retry_delay, t.max_delay, _dump(t.retry_on), _dump(t.no_retry_on),
                     t.timeout, t.kill_grace, t.memory_limit, t.run_at or now, now, now, t.key,
-                    t.schedule_id, t.due_at,
+                    t.schedule_id, t.due_at, t.key_fingerprint,
                 )
             )  # fmt: skip
+        self.ensure_queues({t.queue for t in tasks}, now)
         before = self._sequence("tasks")
         self.conn.executemany(_INSERT_TASK, rows)
         ids = list(range(before + 1, before + 1 + len(rows)))
@@ -512,7 +520,7 @@ class SqliteStore:
         queues have nothing more queued."""
         self._require_transaction()
         candidates: list[tuple[int, int, int]] = []
-        exhausted = set()
+        last_of: dict[str, int] = {}  # queue -> id of its last queued task, if we saw it
         for queue, free in slots.items():
             want = min(free, limit)
             if want > 0:
@@ -522,11 +530,15 @@ class SqliteStore:
                     (queue, want + 1),
                 ).fetchall()
                 if len(found) <= want:
-                    exhausted.add(queue)
+                    last_of[queue] = found[-1][0] if found else 0
                 candidates += found[:want]
         if len(slots) > 1:
             candidates.sort(key=lambda c: (-c[1], c[2], c[0]))
         chosen = [c[0] for c in candidates[:limit]]
+        # A queue is exhausted only if what it had is all taken now (a queue can lose the
+        # global slots to others and keep its tasks).
+        taken = set(chosen)
+        exhausted = {q for q, last in last_of.items() if last == 0 or last in taken}
         claimed = []
         for task in self.get_tasks(chosen):
             number = task.attempts + 1
@@ -675,6 +687,56 @@ class SqliteStore:
         for (i,) in self.conn.execute("SELECT id FROM tasks ORDER BY id"):
             yield i
 
+    def find_by_key(self, key: str, since: int) -> TaskRow | None:
+        """The newest task with this idempotency key that is not final or ended after `since`."""
+        cur = self.conn.execute(
+            "SELECT * FROM tasks WHERE key = ? AND (finished_at IS NULL OR finished_at >= ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (key, since),
+        )
+        return next(_task_rows(cur), None)
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    def ensure_queues(self, names: set[str], now: int) -> None:
+        """Queues are created on first use."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO queues (name, created_at) VALUES (?, ?)",
+            [(n, now) for n in sorted(names)],
+        )
+
+    def list_queues(self) -> list[QueueRow]:
+        return [
+            _queue_row(r)
+            for r in self.conn.execute(
+                "SELECT name, concurrency, paused, defaults FROM queues ORDER BY name"
+            )
+        ]
+
+    def get_queue(self, name: str) -> QueueRow | None:
+        row = self.conn.execute(
+            "SELECT name, concurrency, paused, defaults FROM queues WHERE name = ?", (name,)
+        ).fetchone()
+        return _queue_row(row) if row else None
+
+    def set_queue(self, name: str, now: int, **fields: object) -> QueueRow:
+        """Create or change a queue: `concurrency`, `paused`, `defaults` (a dict)."""
+        self._require_transaction()
+        self.ensure_queues({name}, now)
+        if "defaults" in fields:
+            fields["defaults"] = _dump(fields["defaults"])
+        if "paused" in fields:
+            fields["paused"] = int(bool(fields["paused"]))
+        names = sorted(fields)
+        if names:
+            self.conn.execute(
+                f"UPDATE queues SET {', '.join(f'{n} = ?' for n in names)} WHERE name = ?",
+                [*(fields[n] for n in names), name],
+            )
+        found = self.get_queue(name)
+        assert found is not None
+        return found
+
     # -- schedules ------------------------------------------------------------------------------
 
     def add_schedule(self, schedule: NewSchedule, now: int) -> ScheduleRow:
@@ -816,6 +878,11 @@ def _task_rows(cur: sqlite3.Cursor) -> Iterator[TaskRow]:
         row["shell"] = bool(row["shell"])
         row.pop("updated_at")
         yield TaskRow(**row)
+
+
+def _queue_row(row: tuple[Any, ...]) -> QueueRow:
+    name, concurrency, paused, defaults = row
+    return QueueRow(name, concurrency, bool(paused), json.loads(defaults or "{}"))
 
 
 def _schedule_rows(cur: sqlite3.Cursor) -> Iterator[ScheduleRow]:

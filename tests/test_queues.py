@@ -1,0 +1,196 @@
+"""Flow control end to end: queue limits, pause, priorities, dependencies, idempotency keys,
+batches and waiting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+
+import pytest
+
+from taskctl.units import rfc3339_to_ms
+
+from conftest import TASKCTL, Home, wait_until
+
+
+def _interval(task: dict) -> tuple[float, float]:
+    a = task["attempts"][0]
+    return rfc3339_to_ms(a["started_at"]) / 1000, rfc3339_to_ms(a["ended_at"]) / 1000
+
+
+def test_a_queue_with_concurrency_one_runs_strictly_one_at_a_time(daemon: Home) -> None:
+    daemon.ok("queue", "set", "q1", "--concurrency", "1")
+    serial = [daemon.submit("sleep", "0.2", options=("-q", "q1")) for _ in range(20)]
+    beside = [daemon.submit("sleep", "0.5", options=("-q", "other")) for _ in range(3)]
+    tasks = [daemon.wait_final(i, timeout=60) for i in serial]
+    spans = sorted(_interval(t) for t in tasks)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, spans
+    others = [_interval(daemon.wait_final(i)) for i in beside]
+    assert any(s < spans[-1][1] and e > spans[0][0] for s, e in others)  # ran beside q1
+
+
+def test_a_paused_queue_starts_nothing_until_resumed(daemon: Home) -> None:
+    daemon.ok("queue", "set", "held")
+    daemon.ok("queue", "pause", "held")
+    ids = [daemon.submit("true", options=("-q", "held")) for _ in range(10)]
+    assert daemon.run("submit", "--wait", "--", "true").returncode == 0  # the daemon is busy-able
+    assert {daemon.task(i)["state"] for i in ids} == {"queued"}
+    listed = {q["name"]: q for q in daemon.json("queue", "list")}
+    assert listed["held"]["paused"] is True and listed["held"]["counts"]["queued"] == 10
+    daemon.ok("queue", "resume", "held")
+    assert {daemon.wait_final(i)["state"] for i in ids} == {"succeeded"}
+
+
+def test_higher_priority_starts_first(daemon: Home) -> None:
+    daemon.ok("queue", "set", "p", "--concurrency", "1")
+    daemon.ok("queue", "pause", "p")
+    ids = {prio: daemon.submit("true", options=("-q", "p", "-p", str(prio))) for prio in (1, 5, 3)}
+    daemon.ok("queue", "resume", "p")
+    starts = {prio: _interval(daemon.wait_final(i))[0] for prio, i in ids.items()}
+    assert sorted(starts, key=starts.__getitem__) == [5, 3, 1]
+
+
+def test_equal_priority_is_fifo(daemon: Home) -> None:
+    daemon.ok("queue", "set", "f", "--concurrency", "1")
+    daemon.ok("queue", "pause", "f")
+    ids = [daemon.submit("true", options=("-q", "f")) for _ in range(5)]
+    daemon.ok("queue", "resume", "f")
+    starts = [_interval(daemon.wait_final(i))[0] for i in ids]
+    assert starts == sorted(starts)
+
+
+def test_a_failed_dependency_fails_the_chain_without_running_it(daemon: Home) -> None:
+    gate = daemon.path / "go"
+    a = daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    b = daemon.submit("sh", "-c", "exit 1", options=("--after", str(a)))
+    c = daemon.submit("touch", str(daemon.path / "c-ran"), options=("--after", str(b)))
+    d = daemon.submit("touch", str(daemon.path / "d-ran"), options=("--after-any", str(b)))
+    assert daemon.task(b)["state"] == "waiting" and daemon.task(c)["state"] == "waiting"
+    assert daemon.task(c)["after"] == [b]
+    gate.touch()
+    assert daemon.wait_final(b)["exit_code"] == 1
+    failed = daemon.wait_final(c)
+    assert (
+        failed["state"] == "failed"
+        and failed["reason"] == "dependency_failed"
+        and failed["attempts"] == []
+    )
+    assert not (daemon.path / "c-ran").exists()
+    assert daemon.wait_final(d)["state"] == "succeeded" and (daemon.path / "d-ran").exists()
+
+
+def test_dependencies_on_unknown_tasks_are_refused(daemon: Home) -> None:
+    done = daemon.run("submit", "--after", "424242", "--", "true")
+    assert done.returncode == 2 and "424242" in done.stderr
+    assert daemon.json("list") == []
+    already = daemon.submit("true")
+    daemon.wait_final(already)
+    assert (
+        daemon.wait_final(daemon.submit("true", options=("--after", str(already))))["state"]
+        == "succeeded"
+    )
+
+
+def test_an_idempotency_key_gives_back_the_same_task(daemon: Home) -> None:
+    first = daemon.json("submit", "--key", "K", "--", "echo", "x")
+    again = daemon.json("submit", "--key", "K", "--", "echo", "x")
+    assert (
+        again["id"] == first["id"]
+        and again["deduplicated"] is True
+        and first["deduplicated"] is False
+    )
+    assert daemon.ok("submit", "--key", "K", "--", "echo", "x").strip() == str(first["id"])
+    other = daemon.run("submit", "--key", "K", "--", "echo", "y")
+    assert other.returncode == 5 and "K" in other.stderr
+    assert len(daemon.json("list")) == 1
+
+
+def test_stdin_submits_a_batch_of_ten_thousand_that_all_run(daemon: Home) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", "-c", f"seq 10000 | sed 's/^/echo /' | {TASKCTL} submit --stdin -q bulk"],
+        env=daemon.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ids = [int(x) for x in done.stdout.split()]
+    assert len(ids) == 10_000 and len(set(ids)) == 10_000
+    accepted = time.monotonic() - started
+
+    def finished() -> bool:
+        counts = {q["name"]: q["counts"] for q in daemon.json("queue", "list")}["bulk"]
+        return counts.get("succeeded", 0) == 10_000
+
+    wait_until(finished, timeout=240, interval=1)
+    assert daemon.ok("logs", str(ids[-1])) == "10000\n"
+    assert accepted < 60
+
+
+def test_a_batch_with_one_bad_line_accepts_nothing(daemon: Home) -> None:
+    lines = '{"command": ["true"]}\n{"command": ["true"]}\n{"command": ["true"\n'
+    done = daemon.run("submit", "--stdin", "--json-lines", input=lines)
+    assert done.returncode == 2 and "line 3" in done.stderr
+    lines = '{"command": ["true"]}\n\n{"command": ["true"], "queue": "no spaces allowed"}\n'
+    done = daemon.run("submit", "--stdin", "--json-lines", input=lines)
+    assert done.returncode == 2 and "line 3" in done.stderr
+    assert daemon.json("list") == []
+    good = daemon.run(
+        "submit",
+        "--stdin",
+        "--json-lines",
+        "-q",
+        "jl",
+        input='{"command": ["true"], "name": "one"}\n{"command": ["false"]}\n',
+    )
+    assert good.returncode == 0 and len(good.stdout.split()) == 2
+    assert {t["queue"] for t in daemon.json("list")} == {"jl"}
+
+
+def test_wait_returns_right_after_the_last_task_ends(daemon: Home) -> None:
+    ids = [daemon.submit("sleep", d) for d in ("0.5", "1", "1.5")]
+    done = subprocess.run(
+        [TASKCTL, "wait", *map(str, ids)],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    returned = time.time()
+    assert done.returncode == 0
+    last_end = max(_interval(daemon.task(i))[1] for i in ids)
+    assert 0 <= returned - last_end < 0.1 + 0.1, returned - last_end  # 100 ms, plus the CLI's exit
+
+
+def test_wait_exits_like_the_last_failure_and_times_out(daemon: Home) -> None:
+    ok, bad = daemon.submit("true"), daemon.submit("sh", "-c", "exit 9")
+    assert daemon.run("wait", str(ok), str(bad)).returncode == 9
+    slow = daemon.submit("sleep", "30")
+    timed = daemon.run("wait", "--timeout", "300ms", str(slow))
+    assert timed.returncode == 125 and "timed out" in timed.stderr
+    daemon.ok("cancel", str(slow))
+    finals = json.loads(daemon.run("wait", "--json", str(ok), str(bad)).stdout)
+    assert [t["state"] for t in finals] == ["succeeded", "failed"]
+
+
+def test_submit_wait_follow_streams_the_output(daemon: Home) -> None:
+    done = daemon.run(
+        "submit", "--wait", "--follow", "--", "sh", "-c", "echo one; echo two >&2; exit 3"
+    )
+    assert done.returncode == 3
+    lines = done.stdout.split()
+    assert lines[1:] == ["one"] and "two" in done.stderr
+
+
+def test_queue_defaults_apply_unless_the_task_sets_its_own(daemon: Home) -> None:
+    daemon.ok("queue", "set", "careful", "--retries", "2", "--timeout", "5s")
+    inherited = daemon.json("submit", "-q", "careful", "--", "true")
+    assert inherited["retries"] == 2 and inherited["timeout"] == 5
+    own = daemon.json("submit", "-q", "careful", "--retries", "0", "--", "true")
+    assert own["retries"] == 0
+
+
+@pytest.mark.parametrize("action", ["pause", "resume"])
+def test_unknown_queues_are_not_found(daemon: Home, action: str) -> None:
+    assert daemon.run("queue", action, "nosuch").returncode == 4
