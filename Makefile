@@ -26,11 +26,12 @@ demo: $(BASE)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/demo.sh
 
 test: $(TESTS)
+	@.ci/tools
 	$(BIN)/python -m pytest -q
 
 lint: $(TESTS)
-	$(BIN)/ruff check taskctl daemon tests bench
-	$(BIN)/ruff format --check taskctl daemon tests bench
+	$(BIN)/ruff check taskctl daemon tests bench man
+	$(BIN)/ruff format --check taskctl daemon tests bench man
 	$(BIN)/mypy
 
 format: $(TESTS)
@@ -39,6 +40,12 @@ format: $(TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+completions: $(BASE)
+	for shell in bash zsh fish; do _TASKCTL_COMPLETE=source_$$shell $(BIN)/taskctl > completions/taskctl.$$shell; done
+
+man: $(BASE)
+	$(BIN)/python man/generate.py
 
 bench: $(BASE)
 	$(BIN)/python bench/run.py

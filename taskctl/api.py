@@ -321,6 +321,12 @@ class Health(Response):
     running: int
     queued: int
     concurrency: int
+    last_event_id: int | None = None
+    scheduler_heartbeat_age: float | None = None
+    database_size: int | None = None
+    wal_size: int | None = None
+    disk_free: int | None = None
+    disk_free_logs: int | None = None
 
 
 class Summary(Response):

@@ -336,8 +336,16 @@ def health_text(h: dict[str, Any]) -> str:
         f"running       {h['running']} of {h['concurrency']}",
         f"queued        {h['queued']}",
     ]
+    if h.get("database_size") is not None:
+        lines.append(
+            f"database      {format_size(h['database_size'])} (WAL {format_size(h.get('wal_size'))})"
+        )
     if h.get("disk_free") is not None:
-        lines.append(f"disk free     {format_size(h['disk_free'])}")
+        lines.append(
+            f"disk free     {format_size(h['disk_free'])} (logs: {format_size(h.get('disk_free_logs'))})"
+        )
+    if h.get("scheduler_heartbeat_age") is not None:
+        lines.append(f"scheduler     last ran {format_duration(h['scheduler_heartbeat_age'])} ago")
     lines += [f"problem       {reason}" for reason in h.get("reasons", [])]
     return "\n".join(lines)
 
@@ -360,6 +368,50 @@ def escape_controls(data: bytes) -> str:
     characters shown as `^[`-style caret notation, so a task can never move the cursor, clear
     the screen or retitle the terminal. Newlines and tabs pass through; CRLF stays a newline."""
     return data.decode("utf-8", errors="replace").replace("\r\n", "\n").translate(_CONTROLS)
+
+
+# -- watch --------------------------------------------------------------------------------------------
+
+
+def event_line(e: dict[str, Any]) -> str:
+    """`18:02:11 task 42 running -> succeeded (exit 0)`"""
+    when = (parse_time(e["at"]) or datetime.now(UTC)).astimezone().strftime("%H:%M:%S")
+    change = (
+        f"{e['from_state']} -> {e['to_state']}"
+        if e.get("from_state")
+        else f"submitted, {e['to_state']}"
+    )
+    extra = []
+    if e.get("exit_code") is not None:
+        extra.append(f"exit {e['exit_code']}")
+    if e.get("reason") and e["to_state"] != "succeeded":
+        extra.append(e["reason"])
+    return f"{when} task {e['task_id']} [{e.get('queue', '')}] {change}" + (
+        f" ({', '.join(extra)})" if extra else ""
+    )
+
+
+def watch_view(tasks: list[dict[str, Any]], queues: list[dict[str, Any]], status: str) -> Any:
+    """The live view: recent tasks, queues, and a status line."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False, expand=True)
+    for name in LIST_HEADER:
+        table.add_column(name, no_wrap=name != "COMMAND", overflow="ellipsis")
+    for row in task_rows(tasks):
+        table.add_row(row[0], Text(row[1], style=STATE_STYLE.get(row[1], "")), *row[2:])
+    queue_table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in QUEUE_HEADER[:-1]:
+        queue_table.add_column(name)
+    for row in queue_rows(queues):
+        queue_table.add_row(*row[:-1])
+    return Group(table, Text(""), queue_table, Text(status, style="dim"))
+
+
+def console() -> Any:
+    return _console()
 
 
 def _console() -> Any:

@@ -24,7 +24,7 @@ from taskctl.errors import TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
 from taskctld.runner import Ended, Report, Runner, Started
-from taskctld.store import EventRow, Store, TaskRow
+from taskctld.store import AttemptEnd, EventRow, Store, TaskRow
 
 if TYPE_CHECKING:
     from taskctld.scheduler import Scheduler
@@ -57,6 +57,7 @@ class Dispatcher:
         self.runner = runner
         self.limits = limits
         self.scheduler: Scheduler | None = None
+        self.on_attempt_end: list[Callable[[AttemptEnd], None]] = []  # after the commit
         self.clock = clock
         self.jitter = jitter
         self.reports: list[Report] = []
@@ -67,6 +68,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._due_timer: asyncio.TimerHandle | None = None
         self._started_timer: asyncio.TimerHandle | None = None
+        self._ended: list[AttemptEnd] = []
         self._due_at: int | None = None
         store.on_commit(self.note_events)
 
@@ -151,9 +153,14 @@ class Dispatcher:
                 claimed = self._claim(now)
         except BaseException:
             self.reports[:0] = reports  # nothing was applied: keep them for the next turn
+            self._ended.clear()
             raise
         self.last_cycle_at = now
         self.runner.committed()
+        ended_now, self._ended = self._ended, []
+        for end in ended_now:
+            for observer in self.on_attempt_end:
+                observer(end)
         for task_id, attempt in ended:
             self.runner.forget(task_id, attempt)
         for task in claimed:
@@ -176,6 +183,7 @@ class Dispatcher:
     def _apply_end(self, report: Ended, now: int) -> None:
         end = report.end
         self.store.end_attempt(end)
+        self._ended.append(end)
         task = self.store.get_task(end.task_id)
         if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
             return

@@ -356,6 +356,7 @@ def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ende
             cpu_user=final.get("cpu_user"),
             cpu_system=final.get("cpu_system"),
             cause=final.get("cause"),
+            started_at=final.get("started_at"),
         ),
         counts=outcome is not Outcome.INTERRUPTED,
     )

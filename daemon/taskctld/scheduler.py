@@ -180,6 +180,7 @@ class Scheduler:
         self.build = build  # a stored task template (API fields) -> the task to insert
         self.changes_dir = changes_dir
         self.last_tick = 0
+        self.on_fire: list[Callable[[int], None]] = []  # lateness (ms) of each cron fire
 
     def fire_due(self, now: int) -> None:
         """Fire every cron schedule that is due (call inside a transaction)."""
@@ -193,7 +194,9 @@ class Scheduler:
                 now,
             )
             for due in p.fire:
-                self.fire(schedule, due, now)
+                if self.fire(schedule, due, now) is not None:
+                    for observer in self.on_fire:
+                        observer(now - due)
             if p.missed:
                 log.info(
                     "schedule %s: %d missed time(s) passed over (catch-up %s)",

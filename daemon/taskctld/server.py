@@ -293,6 +293,13 @@ def create_app(service: Service) -> FastAPI:
     async def resume_queue(name: str) -> Response:
         return json_response(service.queue_view(service.pause_queue(name, False)))
 
+    @app.get("/metrics", tags=["health"], responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(
+            service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
     @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
     async def summary() -> Response:
         return json_response(service.summary())

@@ -26,6 +26,7 @@ from taskctld import scheduler
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher
 from taskctld.events import EventHub
+from taskctld.metrics import Metrics
 from taskctld.runner import Runner
 from taskctld.scheduler import Scheduler, Triggers
 from taskctld.store import (
@@ -61,6 +62,7 @@ class Service:
     shutdown: asyncio.Event
     scheduler: Scheduler = field(init=False)
     triggers: Triggers = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -68,6 +70,13 @@ class Service:
         )
         self.dispatcher.scheduler = self.scheduler
         self.triggers = Triggers(self._on_burst)
+        self.metrics = Metrics(self.store, self.paths.database, self.started_monotonic)
+        self.metrics.load()
+        self.store.on_commit(self.metrics.on_events)
+        self.dispatcher.on_attempt_end.append(
+            lambda end: self.metrics.on_attempt_end(end, end.started_at)
+        )
+        self.scheduler.on_fire.append(self.metrics.on_fire)
 
     def arm_triggers(self) -> None:
         """Watch every active trigger (at start-up: triggers persist)."""
@@ -282,12 +291,12 @@ class Service:
     # -- queues ---------------------------------------------------------------------------------
 
     def queues(self) -> list[dict[str, Any]]:
-        counts = self.store.count_by_state()
+        counts = self.metrics.state_counts()
         return [self.queue_view(q, counts.get(q.name, {})) for q in self.store.list_queues()]
 
     def queue_view(self, q: QueueRow, counts: dict[str, int] | None = None) -> dict[str, Any]:
         if counts is None:
-            counts = self.store.count_by_state().get(q.name, {})
+            counts = self.metrics.state_counts().get(q.name, {})
         return {
             "name": q.name,
             "concurrency": q.concurrency,
@@ -443,6 +452,8 @@ class Service:
     # -- health ---------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """Alive is not enough: the store must take a write, the state and log folders must
+        take a file, and no cron schedule may be overdue. Each failed check is a reason."""
         reasons = []
         writable = True
         try:
@@ -451,13 +462,13 @@ class Service:
             writable = False
             reasons.append(f"store not writable: {e.message}")
         for folder in (self.paths.state, self.paths.logs):
-            if not os.access(folder, os.W_OK):
-                reasons.append(f"{folder} is not writable")
+            problem = _probe_folder(folder)
+            if problem:
+                reasons.append(problem)
         late = self.scheduler.overdue(now_ms())
         if late:
             reasons.append(f"scheduler behind: {', '.join(late)} past due")
-        counts = self.store.count_by_state()
-        queued = sum(q.get("queued", 0) for q in counts.values())
+        tick = self.scheduler.last_tick
         return {
             "status": "unhealthy" if reasons else "ok",
             "reasons": reasons,
@@ -467,16 +478,18 @@ class Service:
             "uptime": round(time.monotonic() - self.started_monotonic, 3),
             "store_writable": writable,
             "running": self.dispatcher.running_count(),
-            "queued": queued,
+            "queued": self.metrics.total("queued"),
             "concurrency": self.config.concurrency,
-            "scheduler_heartbeat_age": round((now_ms() - self.scheduler.last_tick) / 1000, 3)
-            if self.scheduler.last_tick
-            else None,
+            "last_event_id": self.store.last_event_id(),
+            "scheduler_heartbeat_age": round((now_ms() - tick) / 1000, 3) if tick else None,
+            "database_size": _size(self.paths.database),
+            "wal_size": _size(self.paths.database.with_name(self.paths.database.name + "-wal")),
             "disk_free": shutil.disk_usage(self.paths.state).free,
+            "disk_free_logs": shutil.disk_usage(self.paths.logs).free,
         }
 
     def summary(self) -> dict[str, Any]:
-        counts = self.store.count_by_state()
+        counts = self.metrics.state_counts()
         states: dict[str, int] = {s.value: 0 for s in TaskState}
         for per_queue in counts.values():
             for state, n in per_queue.items():
@@ -487,6 +500,26 @@ class Service:
 def _first(*values: Any) -> Any:
     """The first of the values that is set (task, then queue, then daemon default)."""
     return next((v for v in values if v is not None), None)
+
+
+def _probe_folder(folder: Path) -> str | None:
+    """Create and remove a small file: the only honest test of writability (permission
+    bits do not tell the whole story: read-only mounts, full disks, root)."""
+    probe = folder / f".health.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return f"{folder} is not writable: {e.strerror}"
+    return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _existing_path(path: str) -> str:

@@ -610,6 +610,7 @@ class Supervisor:
     def _final_of(self, running: Running) -> dict[str, Any]:
         status, usage = running.status or 0, running.usage
         record: dict[str, Any] = {
+            "started_at": running.started_at,
             "ended_at": now_ms(),
             "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,

@@ -10,6 +10,7 @@ Errors are turned into a message and an exit code here, in one place (see `taskc
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,9 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "cancel": ("taskctl.cli.tasks", "cancel", {}),
     "retry": ("taskctl.cli.tasks", "retry", {}),
     "wait": ("taskctl.cli.tasks", "wait", {}),
+    "watch": ("taskctl.cli.watch", "watch", {}),
     "health": ("taskctl.cli.health", "health", {}),
+    "metrics": ("taskctl.cli.metrics", "metrics", {}),
 }
 GROUPS: dict[str, str] = {
     "cron": "taskctl.cli.cron",
@@ -89,6 +92,10 @@ def _single_command_app(name: str) -> typer.Typer:
 
 def main() -> None:
     args = sys.argv[1:]
+    if "_TASKCTL_COMPLETE" in os.environ:  # a shell asking for completions (or their script)
+        from typer.completion import completion_init
+
+        completion_init()
     try:
         if args and args[0] in COMMANDS:
             _single_command_app(args[0])(args=args[1:], prog_name=f"taskctl {args[0]}")

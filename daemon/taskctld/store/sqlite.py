@@ -669,6 +669,24 @@ class SqliteStore:
             counts.setdefault(queue, {})[state] = n
         return counts
 
+    def count_attempt_outcomes(self) -> dict[str, int]:
+        return dict(
+            self.conn.execute(
+                "SELECT outcome, count(*) FROM attempts WHERE outcome IS NOT NULL GROUP BY outcome"
+            ).fetchall()
+        )
+
+    def last_task_id(self) -> int:
+        return self._sequence("tasks")
+
+    def oldest_queued(self) -> dict[str, int]:
+        """Per queue, the run_at (ms) of its oldest queued task."""
+        return dict(
+            self.conn.execute(
+                "SELECT queue, min(run_at) FROM tasks WHERE state = 'queued' GROUP BY queue"
+            ).fetchall()
+        )
+
     def events_after(self, event_id: int, limit: int) -> list[EventRow]:
         cur = self.conn.execute(
             "SELECT id, at, task_id, queue, from_state, to_state, attempt, exit_code, reason "

@@ -1,0 +1,144 @@
+"""What the daemon counts, and its Prometheus exposition at `/metrics`.
+
+Task counts by (queue, state) are read from the store once at start and then kept in step with
+every committed event, so health, `status` and `/metrics` cost O(queues), not a table scan.
+Totals of finished attempts by outcome also start from the store, so they survive restarts.
+Labels are bounded: queue names, states and outcomes, never task ids.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from taskctl.api import Outcome, TaskState
+from taskctld.store import AttemptEnd, EventRow, Store
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class Metrics(Collector):
+    def __init__(self, store: Store, database: Path, started: float) -> None:
+        self.store = store
+        self.database = database
+        self.started = started
+        self.counts: dict[str, Counter[str]] = {}
+        self.finished: Counter[str] = Counter()
+        self.submitted = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.durations = Histogram(
+            "taskctl_attempt_duration_seconds", "How long attempts ran, by outcome.", ["outcome"],
+            buckets=DURATION_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.lateness = Histogram(
+            "taskctl_cron_lateness_seconds", "How late cron fires happened after their due time.",
+            buckets=LATENESS_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(self)
+
+    def load(self) -> None:
+        """Start from what the store holds."""
+        self.counts = {q: Counter(states) for q, states in self.store.count_by_state().items()}
+        self.finished = Counter(self.store.count_attempt_outcomes())
+        self.submitted = self.store.last_task_id()
+
+    # -- kept in step -----------------------------------------------------------------------------
+
+    def on_events(self, events: list[EventRow]) -> None:
+        for e in events:
+            per_queue = self.counts.setdefault(e.queue, Counter())
+            if e.from_state is None:
+                self.submitted += 1
+            else:
+                per_queue[e.from_state.value] -= 1
+            per_queue[e.to_state.value] += 1
+
+    def on_removed(self, queue: str, state: str, n: int) -> None:
+        """Tasks deleted by pruning."""
+        self.counts.setdefault(queue, Counter())[state] -= n
+
+    def on_attempt_end(self, end: AttemptEnd, started_at: int | None) -> None:
+        self.finished[end.outcome.value] += 1
+        if started_at is not None:
+            self.durations.labels(end.outcome.value).observe(
+                max(0.0, (end.ended_at - started_at) / 1000)
+            )
+
+    def on_fire(self, lateness_ms: int) -> None:
+        self.lateness.observe(max(0.0, lateness_ms / 1000))
+
+    # -- read -----------------------------------------------------------------------------------
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        return {q: {s: n for s, n in c.items() if n} for q, c in self.counts.items()}
+
+    def total(self, state: str) -> int:
+        return sum(c[state] for c in self.counts.values())
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Any]:
+        tasks = GaugeMetricFamily(
+            "taskctl_tasks", "Tasks in the store, by queue and state.", labels=["queue", "state"]
+        )
+        for queue, states in sorted(self.counts.items()):
+            for state in TaskState:
+                tasks.add_metric([queue, state.value], states[state.value])
+        yield tasks
+        yield CounterMetricFamily(
+            "taskctl_tasks_submitted", "Tasks submitted.", value=self.submitted
+        )
+        finished = CounterMetricFamily(
+            "taskctl_attempts_finished", "Attempts that ended, by outcome.", labels=["outcome"]
+        )
+        for outcome in Outcome:
+            finished.add_metric([outcome.value], self.finished[outcome.value])
+        yield finished
+        running = GaugeMetricFamily(
+            "taskctl_running", "Tasks running now.", value=self.total("running")
+        )
+        yield running
+        depth = GaugeMetricFamily(
+            "taskctl_queue_depth", "Queued tasks waiting for a slot.", labels=["queue"]
+        )
+        oldest = GaugeMetricFamily(
+            "taskctl_queue_oldest_age_seconds", "Age of the oldest queued task.", labels=["queue"]
+        )
+        now = time.time()
+        ages = self.store.oldest_queued()
+        for queue, states in sorted(self.counts.items()):
+            depth.add_metric([queue], states["queued"])
+            oldest.add_metric([queue], max(0.0, now - ages[queue] / 1000) if queue in ages else 0.0)
+        yield depth
+        yield oldest
+        size = GaugeMetricFamily(
+            "taskctl_store_bytes", "Size of the database files.", labels=["file"]
+        )
+        for name, path in (
+            ("db", self.database),
+            ("wal", self.database.with_name(self.database.name + "-wal")),
+        ):
+            size.add_metric([name], _size(path))
+        yield size
+        yield GaugeMetricFamily(
+            "taskctl_uptime_seconds",
+            "Seconds since the daemon started.",
+            value=time.monotonic() - self.started,
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0

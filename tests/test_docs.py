@@ -1,0 +1,127 @@
+"""Generated files stay in step with the CLI, and load where they are meant to."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from taskctl.cli import build_app
+
+from conftest import TASKCTL
+
+ROOT = Path(__file__).resolve().parent.parent
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _commands() -> list[str]:
+    root = typer.main.get_command(build_app())
+    found = []
+    for name in root.list_commands(None):  # type: ignore[attr-defined]
+        command = root.get_command(None, name)  # type: ignore[attr-defined]
+        subs = command.list_commands(None) if hasattr(command, "list_commands") else []
+        found += [f"{name} {sub}" for sub in subs] or [name]
+    return found
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_completion_scripts_match_the_cli(shell: str) -> None:
+    env = {**os.environ, "_TASKCTL_COMPLETE": f"source_{shell}"}
+    fresh = subprocess.run([TASKCTL], env=env, capture_output=True, text=True, check=True).stdout
+    assert (ROOT / "completions" / f"taskctl.{shell}").read_text() == fresh, (
+        "run `make completions`"
+    )
+
+
+def test_completion_completes_the_current_commands() -> None:
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split(" ")) - 1),
+            "_TASKCTL_COMPLETE": "complete_bash",
+        }
+        return subprocess.run(
+            [TASKCTL], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    assert complete("taskctl cr") == ["cron"]
+    assert "--retry-on" in complete("taskctl submit --retry")
+    assert set(complete("taskctl queue ")) >= {"list", "set", "pause", "resume"}
+
+
+@pytest.mark.parametrize(
+    ("shell", "load"),
+    [
+        ("bash", "source completions/taskctl.bash; complete -p taskctl"),
+        (
+            "zsh",
+            "autoload -Uz compinit; compinit -u; source completions/taskctl.zsh; print -r -- ${_comps[taskctl]}",
+        ),
+        (
+            "fish",
+            "source completions/taskctl.fish; complete --do-complete 'taskctl cr' >/dev/null; complete -c taskctl",
+        ),
+    ],
+)
+def test_completion_scripts_load_in_their_shells(shell: str, load: str) -> None:
+    assert shutil.which(shell), (
+        f"{shell} is missing: `make test` installs it where it may (.ci/tools)"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(ROOT / ".venv"),
+    }
+    done = subprocess.run(
+        [shell, "-c", load], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "taskctl" in done.stdout
+
+
+def test_man_pages_match_the_cli(tmp_path: Path) -> None:
+    before = {p: (ROOT / "man" / p).read_text() for p in ("taskctl.1", "taskctld.8")}
+    subprocess.run([sys.executable, str(ROOT / "man" / "generate.py")], check=True)
+    after = {p: (ROOT / "man" / p).read_text() for p in before}
+    assert before == after, "run `make man`"
+
+
+def test_the_man_page_renders_every_command() -> None:
+    assert shutil.which("man"), "man-db is needed to render the page"
+    rendered = subprocess.run(
+        ["man", "-l", str(ROOT / "man" / "taskctl.1")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "100"},
+        check=True,
+    ).stdout
+    headings = set(re.findall(r"^   ([a-z][a-z ]+)$", rendered, re.MULTILINE))
+    assert set(_commands()) <= headings, set(_commands()) - headings
+    for section in ("EXIT STATUS", "ENVIRONMENT", "FILES", "EXAMPLES"):
+        assert section in rendered
+    daemon_page = subprocess.run(
+        ["man", "-l", str(ROOT / "man" / "taskctld.8")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "concurrency" in daemon_page and "--foreground" in daemon_page
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command in {c.split()[0] for c in _commands()}:
+        assert f"taskctl {command}" in readme, command
+
+
+def test_every_command_has_help() -> None:
+    root = typer.main.get_command(build_app())
+    for path in _commands():
+        command = root
+        for word in path.split():
+            command = command.get_command(None, word)  # type: ignore[attr-defined]
+        assert command.help and len(command.help) > 10, path

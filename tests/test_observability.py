@@ -1,0 +1,248 @@
+"""watch, live logs, terminal safety, metrics and health, against a real daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from taskctl.units import rfc3339_to_ms
+
+from conftest import TASKCTL, Home, wait_until
+
+
+def _watch(home: Home, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [TASKCTL, "watch", "--json", *args],
+        env=home.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _lines(proc: subprocess.Popen[str], n: int) -> list[dict]:
+    assert proc.stdout is not None
+    got = [json.loads(proc.stdout.readline()) for _ in range(n)]
+    proc.kill()
+    proc.wait()
+    return got
+
+
+def test_watch_json_streams_each_change_in_order_and_resumes_without_loss(daemon: Home) -> None:
+    watcher = _watch(daemon)
+    wait_until(lambda: daemon.json("health")["last_event_id"] is not None)
+    time.sleep(0.3)  # the watcher is connected before the tasks exist
+    a = daemon.submit("true")
+    daemon.wait_final(a)
+    b = daemon.submit("true")
+    events = _lines(watcher, 6)
+    assert [(e["task_id"], e["from_state"], e["to_state"]) for e in events] == [
+        (a, None, "queued"), (a, "queued", "running"), (a, "running", "succeeded"),
+        (b, None, "queued"), (b, "queued", "running"), (b, "running", "succeeded"),
+    ]  # fmt: skip
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    assert events[2]["exit_code"] == 0 and all(rfc3339_to_ms(e["at"]) for e in events)
+    resumed = _lines(_watch(daemon, "--since", str(events[2]["id"])), 3)
+    assert resumed == events[3:]
+
+
+def test_watch_reconnects_when_the_daemon_restarts(daemon: Home) -> None:
+    watcher = _watch(daemon)
+    time.sleep(0.3)
+    first = daemon.submit("true")
+    daemon.wait_final(first)
+    daemon.kill9()
+    daemon.start()
+    second = daemon.submit("true")
+    events = _lines(watcher, 6)
+    assert [e["task_id"] for e in events] == [first] * 3 + [second] * 3
+    assert watcher.stderr is not None and "reconnect" in watcher.stderr.read()
+
+
+def test_watch_in_a_terminal_updates_without_a_keypress(daemon: Home) -> None:
+    session = f"tc{uuid.uuid4().hex[:8]}"
+    env = {**daemon.env, "TERM": "xterm"}
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", TASKCTL, "watch"],
+        env=env,
+        check=True,
+    )
+    try:
+        gate = daemon.path / "go"
+        task_id = daemon.submit(
+            "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done", options=("-n", "watched")
+        )
+
+        def screen() -> str:
+            return subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ).stdout
+
+        def row() -> str:
+            return next((line for line in screen().splitlines() if "watched" in line), "")
+
+        wait_until(lambda: "running" in row(), timeout=5)
+        gate.touch()
+        ended = time.monotonic()
+        daemon.wait_final(task_id)
+        wait_until(lambda: "succeeded" in row(), timeout=5)
+        assert time.monotonic() - ended < 1.0 + 0.5
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+def test_logs_follow_shows_lines_as_they_are_written_and_returns_at_the_end(daemon: Home) -> None:
+    script = "for i in $(seq 10); do echo line$i $(date +%s.%N); sleep 0.1; done"
+    task_id = daemon.submit("sh", "-c", script)
+    proc = subprocess.Popen(
+        [TASKCTL, "logs", "-f", str(task_id)], env=daemon.env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    delays = []
+    for line in proc.stdout:
+        written = float(line.split()[1])
+        delays.append(time.time() - written)
+    assert proc.wait(timeout=10) == 0
+    assert len(delays) == 10
+    assert max(delays) < 0.3, delays
+
+
+def test_logs_follow_spans_attempts(daemon: Home) -> None:
+    task_id = daemon.submit(
+        'echo "try $TASKCTL_ATTEMPT"; exit 1',
+        options=("--shell", "--retries", "1", "--retry-delay", "300ms"),
+    )
+    done = daemon.run("logs", "-f", str(task_id), timeout=20)
+    assert done.stdout == "try 1\ntry 2\n"
+
+
+def _in_terminal(home: Home, *args: str) -> bytes:
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [TASKCTL, *args], env=home.env, stdout=follower, stderr=subprocess.DEVNULL
+    )
+    os.close(follower)
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(leader, 65536):
+            out += chunk
+    os.close(leader)
+    proc.wait(timeout=10)
+    return out
+
+
+def test_a_task_cannot_rewrite_the_terminal_through_logs(daemon: Home) -> None:
+    task_id = daemon.submit("printf", "before\\033]0;pwned\\007\\033[2Jafter\\n")
+    daemon.wait_final(task_id)
+    shown = _in_terminal(daemon, "logs", str(task_id))
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"before^[]0;pwned^G^[[2Jafter" in shown
+    raw = daemon.run("logs", "--raw", str(task_id)).stdout
+    assert "\x1b]0;pwned\x07" in raw  # --raw (and pipes) keep the bytes
+
+
+def test_metrics_parse_and_count_what_list_shows(daemon: Home) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    commands = [["true"], ["false"], ["sh", "-c", "kill -9 $$"], ["/no/such/program"]]
+    script = "; ".join(f"{TASKCTL} submit -- {' '.join(c)} >/dev/null" for c in commands * 25)
+    subprocess.run(["sh", "-c", script], env=daemon.env, check=True, timeout=120)
+    wait_until(
+        lambda: all(
+            t["state"] in ("succeeded", "failed") for t in daemon.json("list", "-n", "200")
+        ),
+        timeout=60,
+    )
+    tasks = daemon.json("list", "-n", "200")
+    text = subprocess.run(
+        ["curl", "-sS", "--unix-socket", str(daemon.path / "taskctld.sock"), "http://t/metrics"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    by_state = Counter(t["state"] for t in tasks)
+    gauge = {
+        s.labels["state"]: s.value
+        for s in families["taskctl_tasks"].samples
+        if s.labels["queue"] == "default"
+    }
+    assert (
+        gauge["succeeded"] == by_state["succeeded"] == 25
+        and gauge["failed"] == by_state["failed"] == 75
+    )
+    outcomes = Counter(a["outcome"] for t in tasks for a in t["attempts"])
+    finished = {
+        s.labels["outcome"]: s.value
+        for s in families["taskctl_attempts_finished"].samples
+        if s.name.endswith("_total")
+    }
+    assert {k: v for k, v in finished.items() if v} == dict(outcomes)
+    submitted = next(
+        s.value for s in families["taskctl_tasks_submitted"].samples if s.name.endswith("_total")
+    )
+    assert submitted == 100
+    assert all("task_id" not in s.labels for f in families.values() for s in f.samples)
+    assert (
+        "taskctl_attempt_duration_seconds" in families
+        and "taskctl_queue_oldest_age_seconds" in families
+    )
+    assert daemon.ok("metrics") == text or "taskctl_tasks" in daemon.ok("metrics")
+
+
+def _unwritable(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """Make a folder refuse new files, even to root (immutable), else by its mode."""
+
+    @contextlib.contextmanager
+    def manage() -> object:
+        if os.geteuid() == 0 and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(folder)], check=True)
+            try:
+                yield
+            finally:
+                subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o500)
+            try:
+                yield
+            finally:
+                folder.chmod(0o700)
+
+    return manage()  # type: ignore[return-value]
+
+
+def test_health_is_unhealthy_and_says_why_when_the_logs_folder_is_not_writable(
+    daemon: Home,
+) -> None:
+    assert daemon.run("health").returncode == 0
+    with _unwritable(daemon.path / "logs"):
+        done = daemon.run("health")
+        assert done.returncode == 1
+        assert "logs" in done.stderr and "not writable" in done.stderr
+        assert daemon.json("daemon", "status")["status"] == "unhealthy"
+    assert daemon.run("health").returncode == 0
+
+
+def test_health_json_has_what_monitors_need(daemon: Home) -> None:
+    report = daemon.json("health")
+    for field in (
+        "status",
+        "version",
+        "uptime",
+        "store_writable",
+        "wal_size",
+        "disk_free",
+        "disk_free_logs",
+        "running",
+        "queued",
+    ):
+        assert field in report, field
