@@ -415,6 +415,26 @@ def bench_dispatch(probes: int, tsp_missing: str | None) -> list[Row]:
     ]  # fmt: skip
 
 
+def bench_durability(n: int) -> list[Row]:
+    """The cost of durability=full (every acknowledged submit fsynced) against normal (a power
+    loss may drop the last ones; a crash of the daemon loses nothing): API submits, interleaved."""
+    full, normal = [], []
+    spec = {"command": ["true"], "cwd": "/tmp", "delay": "1h"}
+    with home(durability="full") as f, home(durability="normal") as nml:
+        for _ in range(n):
+            for h, out in ((f, full), (nml, normal)):
+                start = time.perf_counter()
+                h.client.call("POST", path_for("tasks"), spec)
+                out.append(time.perf_counter() - start)
+    v_full, v_normal = median(full) * 1000, median(normal) * 1000
+    return [
+        Row(
+            "API submit, durability=full", v_full, "ms", "durability=normal", v_normal, v_full / v_normal,
+            note=f"{n} sequential submits each; normal may lose the last acknowledged submits on power loss",
+        )
+    ]  # fmt: skip
+
+
 def sqlite_insert_floor(n: int, synchronous: str) -> float:
     """Rows per second of a bare insert loop in one transaction, same durability."""
     folder = Path(tempfile.mkdtemp(prefix="tcs", dir="/tmp"))
@@ -685,6 +705,7 @@ def main() -> int:
         ("drain", lambda: bench_drain(500 if q else 1000, 1 if q else 3, tsp_missing)),
         ("dispatch", lambda: bench_dispatch(30 if q else 100, tsp_missing)),
         ("batch", lambda: bench_batch(10_000)),
+        ("durability", lambda: bench_durability(50 if q else 300)),
         ("claim_scale", lambda: bench_claim_scale(100_000 if q else 1_000_000)),
         ("footprint", lambda: bench_footprint(5 if q else 30, 2_000 if q else 10_000, tsp_missing)),
         ("cron", lambda: bench_cron_lateness(10, 1 if q else 2)),

@@ -242,6 +242,17 @@ class QueueSettings(Request):
     kill_grace: Duration | None = None
 
 
+class StopRequest(Request):
+    mode: Literal["leave", "drain", "kill"] = "leave"
+    timeout: Duration | None = Field(
+        None, description="drain/kill: give up waiting after this long"
+    )
+
+
+class PruneRequest(Request):
+    older_than: Duration | None = Field(None, description="default: the daemon's retention")
+
+
 class Attempt(Response):
     number: int
     outcome: Outcome | None = None  # null while it runs

@@ -91,6 +91,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     server.lifespan = server.config.lifespan_class(server.config)
     await server.startup(sockets=[sock])
     dispatch = asyncio.create_task(dispatcher.run())
+    maintenance = asyncio.create_task(_maintain(service))
     dispatcher.wake()
     install_signal_handlers(loop, shutdown)
     _tell_starter(ready_fd, "ok")
@@ -102,11 +103,19 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     )
 
     await shutdown.wait()
-    log.info("stopping; running tasks keep running and will be adopted by the next daemon")
-    dispatcher.accepting = False
+    log.info(
+        "stopping (%s)",
+        {
+            "leave": "running tasks go on; the next daemon adopts them",
+            "drain": "waiting for running tasks",
+            "kill": "ending running tasks; they will run again",
+        }[service.stop_mode],
+    )
+    await service.wind_down()
     server.should_exit = True
     await server.shutdown()
     dispatch.cancel()
+    maintenance.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await dispatch
     with contextlib.suppress(TaskctlError):
@@ -117,6 +126,25 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     with contextlib.suppress(FileNotFoundError):
         paths.socket.unlink()
     return 0
+
+
+PRUNE_FIRST, PRUNE_EVERY = 60.0, 3600.0  # seconds
+
+
+async def _maintain(service: Service) -> None:
+    """Retention, a minute after start and then every hour (never a tight loop)."""
+    await asyncio.sleep(PRUNE_FIRST)
+    while True:
+        try:
+            removed = service.prune()
+            if removed["tasks"] or removed["events"]:
+                log.info(
+                    "pruned %(tasks)d finished task(s), %(log_files)d log file(s), %(events)d event(s)",
+                    removed,
+                )
+        except TaskctlError as e:
+            log.warning("pruning failed: %s", e.message)
+        await asyncio.sleep(PRUNE_EVERY)
 
 
 def install_child_reaper(loop: asyncio.AbstractEventLoop) -> None:
@@ -153,7 +181,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, shutdown: asyncio.E
 
     def on_signal(sig: signal.Signals) -> None:
         if shutdown.is_set():
-            log.warning("second %s: exiting now", sig.name)
+            log.warning("second %s: exiting now (tasks go on under their supervisor)", sig.name)
             os._exit(1)
         shutdown.set()
 

@@ -13,6 +13,8 @@ Every key is optional; an unknown key or a bad value stops the daemon with a mes
     retry_delay = "1s"
     max_delay = "1h"
     key_retention = "24h"      # a finished task still answers for its --key this long
+    retention = "7d"           # finished tasks, their logs and events are pruned after this,
+    keep_finished = 100000     # and beyond this many finished tasks (checked every hour)
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Config(Request):
     retry_delay: Duration = 1.0
     max_delay: Duration = 3600.0
     key_retention: Duration = 86400.0  # how long a finished task still answers for its --key
+    retention: Duration = 7 * 86400.0  # finished tasks, their logs and events older than this go
+    keep_finished: int = Field(100_000, ge=0)  # and at most this many finished tasks are kept
 
     @classmethod
     def load(cls, path: Path) -> Config:

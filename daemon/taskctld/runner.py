@@ -142,8 +142,11 @@ class Runner:
                 link = await self._connect(old)
                 hello = await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
             except (OSError, ConnectionError, TimeoutError) as e:
-                log.warning(
-                    "cannot reach the supervisor of an earlier daemon (pid %d): %s", old.pid, e
+                # It exited meanwhile (idle supervisors do): its journal tells what it ran.
+                log.info("the supervisor of an earlier daemon (pid %d) is gone: %s", old.pid, e)
+                self._read_dead_journals(
+                    {info.pid for info in earlier if info is not old}
+                    | {link.info.pid for link in self.links}
                 )
                 continue
             link.send({"op": "retire"})
@@ -160,7 +163,7 @@ class Runner:
     def _read_dead_journals(self, alive: set[int]) -> None:
         for path in self.paths.run.glob("supervisor.*.journal"):
             pid = path.name.split(".")[1]
-            if pid.isdigit() and int(pid) not in alive:
+            if pid.isdigit() and int(pid) not in alive and path not in self.dead_journals:
                 self.orphaned.update(read_journal(path))
                 self.dead_journals.append(path)
 
@@ -227,6 +230,11 @@ class Runner:
         return link is not None and link.send(
             {"op": "signal", "task_id": task_id, "attempt": attempt, "kind": kind}
         )
+
+    def interrupt_all(self) -> None:
+        """End every running attempt (`daemon stop --kill`): each is queued again."""
+        for task_id, attempt in list(self.owner):
+            self.stop(task_id, attempt, "interrupt")
 
     def running_count(self) -> int:
         return len(self.owner)

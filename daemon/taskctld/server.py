@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
@@ -36,10 +36,12 @@ from taskctl.api import (
     ErrorBody,
     Event,
     Health,
+    PruneRequest,
     QueueInfo,
     QueueSettings,
     Schedule,
     ScheduleSpec,
+    StopRequest,
     Summary,
     Task,
     TaskSpec,
@@ -304,13 +306,18 @@ def create_app(service: Service) -> FastAPI:
     async def summary() -> Response:
         return json_response(service.summary())
 
+    @app.post(f"{v1}/prune", tags=["tasks"])
+    async def prune(request: PruneRequest) -> Response:
+        """Remove finished tasks, their logs and old events now (retention runs hourly too)."""
+        return json_response(service.prune(request.older_than))
+
     @app.post(f"{v1}/daemon/stop", tags=["daemon"])
-    async def stop(
-        mode: Annotated[str, Body(embed=True, pattern="^(leave|drain|kill)$")] = "leave",
-    ) -> Response:
-        """Stop the daemon. `leave`: running tasks go on and are adopted by the next daemon."""
-        service.shutdown.set()
-        return json_response({"stopping": True, "mode": mode, "pid": os.getpid()})
+    async def stop(request: StopRequest) -> Response:
+        """Stop the daemon. `leave` (default): running tasks go on and the next daemon adopts
+        them. `drain`: start nothing new and exit once running tasks have finished (or after
+        `timeout`). `kill`: end running tasks and queue them again, their attempt not counted."""
+        service.request_stop(request.mode, request.timeout)
+        return json_response({"stopping": True, "mode": request.mode, "pid": os.getpid()})
 
     return app
 

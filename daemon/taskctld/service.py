@@ -7,7 +7,9 @@ Every method either completes or raises a `TaskctlError` having changed nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -41,6 +43,8 @@ from taskctld.store import (
 )
 from taskctld.views import task_view
 
+log = logging.getLogger("taskctld.service")
+
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
 
 
@@ -63,6 +67,8 @@ class Service:
     scheduler: Scheduler = field(init=False)
     triggers: Triggers = field(init=False)
     metrics: Metrics = field(init=False)
+    stop_mode: str = "leave"
+    stop_timeout: float | None = None
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -86,6 +92,31 @@ class Service:
 
     def _on_burst(self, schedule_id: int, changed: list[str]) -> None:
         self.dispatcher.cycle(lambda now: self.scheduler.fire_trigger(schedule_id, changed, now))
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def request_stop(self, mode: str, timeout: float | None) -> None:
+        self.stop_mode, self.stop_timeout = mode, timeout
+        self.shutdown.set()
+
+    async def wind_down(self) -> None:
+        """What a stop does before the daemon exits, by mode: `leave` nothing (tasks go on
+        under their supervisor), `drain` wait for running tasks, `kill` interrupt them (they
+        are queued again) and wait for that. Nothing new starts meanwhile."""
+        self.dispatcher.accepting = False
+        if self.stop_mode == "leave":
+            return
+        if self.stop_mode == "kill":
+            self.runner.interrupt_all()
+        deadline = None if self.stop_timeout is None else time.monotonic() + self.stop_timeout
+        while self.dispatcher.running_count() > 0:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning(
+                    "stop: %d task(s) still running; left to the next daemon",
+                    self.dispatcher.running_count(),
+                )
+                return
+            await asyncio.sleep(0.05)  # only while stopping
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -287,6 +318,30 @@ class Service:
     def attempt_open(self, task_id: int, number: int) -> bool:
         attempts: list[AttemptRow] = self.store.attempts_of([task_id])[task_id]
         return any(a.number == number and a.outcome is None for a in attempts)
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def prune(self, older_than: float | None = None) -> dict[str, int]:
+        """Remove finished tasks (with their logs) ended more than `older_than` seconds ago
+        (default: the configured retention) or beyond `keep_finished`, and older events. In
+        short transactions, so the daemon keeps serving meanwhile."""
+        now = now_ms()
+        cutoff = now - int((self.config.retention if older_than is None else older_than) * 1000)
+        removed = logs = 0
+        while batch := self.store.prunable(cutoff, self.config.keep_finished, 2000):
+            ids = [row[0] for row in batch]
+            self.dispatcher.cycle(lambda now, ids=ids: self.store.remove_tasks(ids))  # type: ignore[misc]
+            for task_id, queue, state, attempts in batch:
+                self.metrics.on_removed(queue, state, 1)
+                logs += _remove_logs(self.paths.logs, task_id, attempts)
+            removed += len(batch)
+        events = self.dispatcher.cycle(lambda now: self.store.prune_history(cutoff)) or 0
+        for listing in (self.paths.state / "changes").glob("*.txt"):
+            with contextlib.suppress(OSError):
+                if listing.stat().st_mtime * 1000 < cutoff:
+                    listing.unlink()
+        self.store.compact()
+        return {"tasks": removed, "log_files": logs, "events": events}
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -500,6 +555,16 @@ class Service:
 def _first(*values: Any) -> Any:
     """The first of the values that is set (task, then queue, then daemon default)."""
     return next((v for v in values if v is not None), None)
+
+
+def _remove_logs(folder: Path, task_id: int, attempts: int) -> int:
+    removed = 0
+    for number in range(1, attempts + 1):
+        for suffix in ("out", "err"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"{task_id}.{number}.{suffix}").unlink()
+                removed += 1
+    return removed
 
 
 def _probe_folder(folder: Path) -> str | None:

@@ -43,6 +43,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,8 +94,16 @@ class Journal:
         self.size = os.fstat(self.fd).st_size
 
     def append(self, kind: str, record: dict[str, Any]) -> None:
+        """Best effort: on a full disk the record is lost here, but the connected daemon gets
+        it anyway (the journal only matters if both die)."""
         line = json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n"
-        os.write(self.fd, line)
+        try:
+            os.write(self.fd, line)
+        except OSError as e:
+            print(
+                f"taskctld supervisor: cannot append to {self.path}: {e.strerror}", file=sys.stderr
+            )
+            return
         self.size += len(line)
 
     def rewrite(self, records: list[tuple[str, dict[str, Any]]]) -> None:
@@ -168,9 +177,11 @@ class LogSink:
     discarded: int = 0
     tail: bytes = b""  # the last bytes seen (stderr), to explain a failure
     keep_tail: bool = False
+    broken: str | None = None  # why the log cannot be written (a full disk): output is dropped
 
     def pump(self) -> bool:
-        """Copy what is available; False once the pipe is at its end."""
+        """Copy what is available; False once the pipe is at its end. The pipe is always
+        drained, whatever happens to the file, so the command never blocks on its output."""
         try:
             data = os.read(self.fd, READ_SIZE)
         except BlockingIOError:
@@ -179,6 +190,14 @@ class LogSink:
             return False
         if self.keep_tail:
             self.tail = (self.tail + data)[-STDERR_TAIL:]
+        if self.broken is None:
+            try:
+                self._store(data)
+            except OSError as e:
+                self.broken = e.strerror or str(e)
+        return True
+
+    def _store(self, data: bytes) -> None:
         if self.out < 0:
             self.out = os.open(
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
@@ -192,7 +211,6 @@ class LogSink:
                 notice = f"\n[taskctl: output truncated: the cap of {self.cap} bytes was reached]\n"
                 os.write(self.out, notice.encode())
             self.discarded += len(data) - max(room, 0)
-        return True
 
     def close(self) -> None:
         for fd in (self.fd, self.out):
@@ -216,6 +234,7 @@ class Running:
     exited_at: float | None = None  # when the main process was reaped
     peak_rss: int = 0  # sampled VmHWM of the main process (bytes)
     stderr_tail: bytes = b""
+    log_problem: str | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -286,6 +305,8 @@ class Supervisor:
             more = sink.pump()
             if sink.keep_tail:
                 running.stderr_tail = sink.tail
+            if sink.broken and not running.log_problem:
+                running.log_problem = f"output not saved: {sink.broken}"
             if not more:
                 self.sel.unregister(sink.fd)
                 sink.close()
@@ -618,6 +639,8 @@ class Supervisor:
             "cpu_user": round(usage.ru_utime, 6) if usage else None,
             "cpu_system": round(usage.ru_stime, 6) if usage else None,
         }
+        if running.log_problem:
+            record["error"] = running.log_problem
         if running.kill_outcome:
             record["outcome"] = running.kill_outcome
         elif record["signal"] is not None:
@@ -720,8 +743,6 @@ def launch_supervisor(
 
     The socket is bound here, before the process starts, so the caller can connect at once
     (the connection waits in the backlog until the supervisor accepts it)."""
-    import sys
-
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -927,6 +948,4 @@ def spawn_message(error: OSError, spec: AttemptSpec) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(_main(sys.argv[1:]))

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "watch": ("taskctl.cli.watch", "watch", {}),
     "health": ("taskctl.cli.health", "health", {}),
     "metrics": ("taskctl.cli.metrics", "metrics", {}),
+    "prune": ("taskctl.cli.prune", "prune", {}),
 }
 GROUPS: dict[str, str] = {
     "cron": "taskctl.cli.cron",

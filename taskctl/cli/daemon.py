@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from taskctl import render
-from taskctl.cli.common import JsonOption, emit_json, note
+from taskctl.cli.common import JsonOption, duration, emit_json, note
 from taskctl.client import Client, path_for, start_daemon
 from taskctl.errors import TaskctlError, Unreachable
 
@@ -44,31 +44,70 @@ def start(json_: JsonOption = False) -> None:
 
 @app.command()
 def stop(
+    drain: Annotated[
+        bool,
+        typer.Option("--drain", help="Start nothing new; exit once running tasks have finished."),
+    ] = False,
+    kill: Annotated[
+        bool,
+        typer.Option(
+            "--kill",
+            help="End running tasks (whole trees); they run again later, attempt not counted.",
+        ),
+    ] = False,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds to wait for it to exit.")
-    ] = STOP_TIMEOUT,
+        str | None,
+        typer.Option("--timeout", help="With --drain or --kill: stop waiting after this long."),
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Stop taskctld. Running tasks keep running; the next daemon adopts them."""
-    c = Client(autostart=False)
-    health = _health(c)
-    if health is None:
-        if json_:
-            emit_json({"stopped": False, "running": False})
-        else:
-            note("taskctld is not running")
-        return
-    c.call("POST", path_for("daemon", "stop"), {"mode": "leave"})
-    pid = int(health["pid"])
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise Unreachable(f"taskctld (pid {pid}) did not exit within {timeout:.0f}s")
-        time.sleep(0.02)
+    """Stop taskctld. By default running tasks keep running and the next daemon adopts them."""
+    if drain and kill:
+        raise typer.BadParameter("give --drain or --kill, not both", param_hint="--kill")
+    mode = "drain" if drain else "kill" if kill else "leave"
+    pid = _stop(Client(autostart=False), mode, duration(timeout, "--timeout"))
     if json_:
-        emit_json({"stopped": True, "pid": pid})
+        emit_json({"stopped": pid is not None, "pid": pid, "mode": mode})
+    elif pid is None:
+        note("taskctld is not running")
     else:
         note(f"taskctld stopped (pid {pid})")
+
+
+@app.command()
+def restart(json_: JsonOption = False) -> None:
+    """Replace the daemon (after an upgrade, say). Running tasks keep running: the new daemon
+    adopts them."""
+    c = Client(autostart=False)
+    old = _stop(c, "leave", None)
+    start_daemon(c.paths)
+    health = _health(c)
+    if health is None:
+        raise Unreachable("taskctld did not come back")
+    if json_:
+        emit_json({"old_pid": old, **health})
+    else:
+        note(f"taskctld restarted (pid {old} -> {health['pid']})")
+
+
+def _stop(c: Client, mode: str, timeout: float | None) -> int | None:
+    """Ask the daemon to stop and wait until its process is gone; its pid, or None if it was
+    not running."""
+    health = _health(c)
+    if health is None:
+        return None
+    body: dict[str, object] = {"mode": mode}
+    if timeout is not None:
+        body["timeout"] = timeout
+    c.call("POST", path_for("daemon", "stop"), body)
+    pid = int(health["pid"])
+    limit = STOP_TIMEOUT if mode == "leave" else None if timeout is None else timeout + STOP_TIMEOUT
+    deadline = None if limit is None else time.monotonic() + limit
+    while _alive(pid):
+        if deadline is not None and time.monotonic() > deadline:
+            raise Unreachable(f"taskctld (pid {pid}) did not exit within {limit:.0f}s")
+        time.sleep(0.02)
+    return pid
 
 
 @app.command()

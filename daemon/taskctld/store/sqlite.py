@@ -157,6 +157,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tasks ADD COLUMN key_fingerprint TEXT;
     CREATE INDEX tasks_by_key ON tasks (key, id) WHERE key IS NOT NULL
     """,
+    # 4: retention
+    """
+    CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX events_at ON events (at)
+    """,
 ]
 
 _TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
@@ -287,7 +292,8 @@ class SqliteStore:
             try:
                 yield
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # SQLite may have rolled back itself (disk full)
+                    self.conn.execute("ROLLBACK")
                 self._pending.clear()
                 raise
             self.conn.execute("COMMIT")
@@ -713,6 +719,55 @@ class SqliteStore:
             (key, since),
         )
         return next(_task_rows(cur), None)
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def prunable(self, cutoff: int, keep: int, limit: int) -> list[tuple[int, str, str, int]]:
+        """Finished tasks to remove: ended before `cutoff`, or beyond the newest `keep`.
+        (id, queue, state, attempts), at most `limit`. Waiting tasks never depend on a
+        finished one (dependencies settle when they end), so nothing waits on these."""
+        return self.conn.execute(
+            "SELECT id, queue, state, attempts FROM tasks WHERE id IN ("
+            "  SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?"
+            "  UNION SELECT id FROM (SELECT id FROM tasks WHERE finished_at IS NOT NULL"
+            "                        ORDER BY finished_at DESC LIMIT -1 OFFSET ?)"
+            ") LIMIT ?",
+            (cutoff, keep, limit),
+        ).fetchall()
+
+    def remove_tasks(self, ids: Sequence[int]) -> None:
+        """Delete tasks and what hangs on them (attempts, dependency rows)."""
+        self._require_transaction()
+        for chunk in _chunks(ids):
+            marks = _marks(len(chunk))
+            self.conn.execute(f"DELETE FROM attempts WHERE task_id IN ({marks})", chunk)
+            self.conn.execute(
+                f"DELETE FROM deps WHERE task_id IN ({marks}) OR dep_id IN ({marks})",
+                [*chunk, *chunk],
+            )
+            self.conn.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
+
+    def prune_history(self, cutoff: int) -> int:
+        """Events and cron fire records older than `cutoff` (keeping each schedule's newest fire,
+        which guards its last due time), and environments no task uses. Returns events removed."""
+        self._require_transaction()
+        removed = self.conn.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
+        self.conn.execute(
+            "DELETE FROM fires WHERE due_at < ? AND due_at < "
+            "(SELECT max(f.due_at) FROM fires f WHERE f.schedule_id = fires.schedule_id)",
+            (cutoff,),
+        )
+        self.conn.execute(
+            "DELETE FROM envs WHERE id NOT IN (SELECT env_id FROM tasks WHERE env_id IS NOT NULL)"
+        )
+        self._env_cache.clear()
+        return removed
+
+    def compact(self) -> None:
+        """Give freed pages back to the file system and keep the WAL small (outside any
+        transaction)."""
+        self.conn.execute("PRAGMA incremental_vacuum")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- queues ---------------------------------------------------------------------------------
 
