@@ -77,7 +77,7 @@ def _size(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=10 * 365 * 86400)]
 Size = Annotated[int, BeforeValidator(_size), Field(ge=1 << 20, le=1 << 50)]
-TaskIds = Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=1000)]
+TaskIds = Annotated[list[Annotated[int, Field(ge=1, le=(1 << 63) - 1)]], Field(max_length=1000)]
 ExitCodes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=256)]
 
 

@@ -83,6 +83,14 @@ class Unreachable(TaskctlError):
     exit_code = 3
 
 
+class TooMany(TaskctlError):
+    """A limit on concurrent use (watchers, connections) is reached; try again later."""
+
+    code = "too_many"
+    http_status = 429
+    exit_code = 5
+
+
 class Forbidden(TaskctlError):
     code = "forbidden"
     http_status = 403
@@ -100,6 +108,7 @@ _BY_CODE: dict[str, type[TaskctlError]] = {
         StorageFull,
         Unavailable,
         Unreachable,
+        TooMany,
         Forbidden,
     )
 }

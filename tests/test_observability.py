@@ -98,29 +98,36 @@ def test_watch_in_a_terminal_updates_without_a_keypress(daemon: Home) -> None:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
 
 
-def test_logs_follow_shows_lines_as_they_are_written_and_returns_at_the_end(daemon: Home) -> None:
-    script = "for i in $(seq 10); do echo line$i $(date +%s.%N); sleep 0.1; done"
-    task_id = daemon.submit("sh", "-c", script)
+def _follow(home: Home, task_id: int) -> subprocess.Popen[str]:
+    """`taskctl logs -f`, given a moment to connect before the task (held by a gate) writes."""
     proc = subprocess.Popen(
-        [TASKCTL, "logs", "-f", str(task_id)], env=daemon.env, stdout=subprocess.PIPE, text=True
+        [TASKCTL, "logs", "-f", str(task_id)], env=home.env, stdout=subprocess.PIPE, text=True
     )
+    time.sleep(1)
+    (home.path / "go").touch()
+    return proc
+
+
+def test_logs_follow_shows_lines_as_they_are_written_and_returns_at_the_end(daemon: Home) -> None:
+    gate = daemon.path / "go"
+    script = f"while [ ! -e {gate} ]; do sleep 0.02; done; for i in $(seq 10); do echo line$i $(date +%s.%N); sleep 0.1; done"
+    proc = _follow(daemon, daemon.submit("sh", "-c", script))
     assert proc.stdout is not None
-    delays = []
-    for line in proc.stdout:
-        written = float(line.split()[1])
-        delays.append(time.time() - written)
+    delays = [time.time() - float(line.split()[1]) for line in proc.stdout]
     assert proc.wait(timeout=10) == 0
     assert len(delays) == 10
     assert max(delays) < 0.3, delays
 
 
 def test_logs_follow_spans_attempts(daemon: Home) -> None:
-    task_id = daemon.submit(
-        'echo "try $TASKCTL_ATTEMPT"; exit 1',
-        options=("--shell", "--retries", "1", "--retry-delay", "300ms"),
+    gate = daemon.path / "go"
+    script = f'while [ ! -e {gate} ]; do sleep 0.02; done; echo "try $TASKCTL_ATTEMPT"; exit 1'
+    proc = _follow(
+        daemon,
+        daemon.submit(script, options=("--shell", "--retries", "1", "--retry-delay", "300ms")),
     )
-    done = daemon.run("logs", "-f", str(task_id), timeout=20)
-    assert done.stdout == "try 1\ntry 2\n"
+    out, _ = proc.communicate(timeout=20)
+    assert out == "try 1\ntry 2\n"
 
 
 def _in_terminal(home: Home, *args: str) -> bytes:

@@ -22,8 +22,9 @@ def _interval(task: dict) -> tuple[float, float]:
 
 def test_a_queue_with_concurrency_one_runs_strictly_one_at_a_time(daemon: Home) -> None:
     daemon.ok("queue", "set", "q1", "--concurrency", "1")
-    serial = [daemon.submit("sleep", "0.2", options=("-q", "q1")) for _ in range(20)]
-    beside = [daemon.submit("sleep", "0.5", options=("-q", "other")) for _ in range(3)]
+    beside = [daemon.submit("sleep", "1", options=("-q", "other")) for _ in range(3)]
+    batch = daemon.run("submit", "--stdin", "-q", "q1", input="sleep 0.2\n" * 20)
+    serial = [int(x) for x in batch.stdout.split()]
     tasks = [daemon.wait_final(i, timeout=60) for i in serial]
     spans = sorted(_interval(t) for t in tasks)
     for (_, end), (start, _) in itertools.pairwise(spans):

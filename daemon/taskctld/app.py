@@ -74,6 +74,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     service = Service(store, dispatcher, runner, hub, config, paths, started, shutdown)
     service.arm_triggers()
     sock = bind_control_socket(paths.socket)
+    PeerCheckedProtocol.request_timeout = config.request_timeout
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(service),
@@ -84,6 +85,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
             server_header=False,
             date_header=False,
             timeout_keep_alive=5,
+            limit_concurrency=config.max_connections,
             h11_max_incomplete_event_size=64 * 1024,
         )
     )

@@ -15,6 +15,9 @@ Every key is optional; an unknown key or a bad value stops the daemon with a mes
     key_retention = "24h"      # a finished task still answers for its --key this long
     retention = "7d"           # finished tasks, their logs and events are pruned after this,
     keep_finished = 100000     # and beyond this many finished tasks (checked every hour)
+    request_timeout = "10s"    # a client must send its whole request within this
+    max_connections = 256      # connections at once; more are answered 503
+    hold = false               # accept tasks but start none (a maintenance switch)
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class Config(Request):
     key_retention: Duration = 86400.0  # how long a finished task still answers for its --key
     retention: Duration = 7 * 86400.0  # finished tasks, their logs and events older than this go
     keep_finished: int = Field(100_000, ge=0)  # and at most this many finished tasks are kept
+    request_timeout: Duration = 10.0  # a request must arrive whole within this
+    max_connections: int = Field(256, ge=1, le=100_000)
+    hold: bool = False  # accept tasks but start none (a maintenance switch)
 
     @classmethod
     def load(cls, path: Path) -> Config:

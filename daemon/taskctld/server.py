@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+import h11
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
@@ -47,7 +48,7 @@ from taskctl.api import (
     TaskSpec,
     TaskState,
 )
-from taskctl.errors import InvalidRequest, NotFound, PayloadTooLarge, TaskctlError
+from taskctl.errors import InvalidRequest, NotFound, PayloadTooLarge, TaskctlError, TooMany
 from taskctld.service import Service
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
@@ -56,6 +57,9 @@ log = logging.getLogger("taskctld.server")
 
 MAX_BODY = 1 << 20
 MAX_BATCH_BODY = 64 << 20
+MAX_WATCHERS = 64  # concurrent event streams
+MAX_ID = (1 << 63) - 1  # SQLite's integers
+TaskId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 FOLLOW_POLL = 0.05  # seconds between reads of a log file being followed (only while following)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
@@ -64,6 +68,34 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody},
     507: {"model": ErrorBody},
 }
+
+
+class NDJSONResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
+
+
+def _document_errors_as_sent(app: FastAPI) -> None:
+    """Validation errors leave as 400 with an ErrorBody (see the handlers), never FastAPI's 422:
+    the OpenAPI document says so, and keeps the Event schema that NDJSON streams carry."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        for methods in schema.get("paths", {}).values():
+            for operation in methods.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault(
+            "Event", Event.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -80,9 +112,12 @@ def create_app(service: Service) -> FastAPI:
         description="The taskctl daemon's API, served over its Unix socket.",
         docs_url=None,
         redoc_url=None,
-        max_body_size=MAX_BODY,
+        dependencies=[Depends(_refuse_unknown_query)],
+        responses={400: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
     )
+    _document_errors_as_sent(app)
     _install_error_handlers(app)
+    app.add_middleware(StrictJSON)
     v1 = f"/{API_VERSION}"
 
     @app.get("/healthz", response_model=Health, tags=["health"])
@@ -107,7 +142,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post(
         f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
-        tags=["tasks"], max_body_size=MAX_BATCH_BODY,
+        tags=["tasks"],
     )  # fmt: skip
     async def submit_batch(batch: BatchSpec) -> Response:
         """Create many tasks in one transaction: all of them, or none and an error naming the
@@ -124,7 +159,7 @@ def create_app(service: Service) -> FastAPI:
         queue: str | None = None,
         label: Annotated[list[str] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
-        before: Annotated[int | None, Query(ge=1)] = None,
+        before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
         show_env: bool = False,
     ) -> Response:
         """Tasks, newest first."""
@@ -138,13 +173,13 @@ def create_app(service: Service) -> FastAPI:
         return json_response(service.views(service.list_tasks(where), show_env=show_env))
 
     @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
-    async def get_task(task_id: int, show_env: bool = False) -> Response:
+    async def get_task(task_id: TaskId, show_env: bool = False) -> Response:
         return json_response(service.views([service.task(task_id)], show_env=show_env)[0])
 
     @app.post(
         f"{v1}/tasks/{{task_id}}/cancel", response_model=Task, responses=ERRORS, tags=["tasks"]
     )
-    async def cancel(task_id: int) -> Response:
+    async def cancel(task_id: TaskId) -> Response:
         """Cancel a task; a running one is stopped with its whole process tree first."""
         task = await service.cancel(task_id)
         return json_response(service.views([task])[0])
@@ -152,12 +187,14 @@ def create_app(service: Service) -> FastAPI:
     @app.post(
         f"{v1}/tasks/{{task_id}}/retry", response_model=Task, responses=ERRORS, tags=["tasks"]
     )
-    async def retry(task_id: int) -> Response:
+    async def retry(task_id: TaskId) -> Response:
         """Run a finished task again as a new attempt, keeping its history."""
         return json_response(service.views([service.retry(task_id)])[0])
 
     @app.get(f"{v1}/tasks/{{task_id}}/wait", response_model=Task, responses=ERRORS, tags=["tasks"])
-    async def wait(task_id: int, timeout: Annotated[float, Query(ge=0, le=3600)] = 60) -> Response:
+    async def wait(
+        task_id: TaskId, timeout: Annotated[float, Query(ge=0, le=3600)] = 60
+    ) -> Response:
         """The task once it is final, or as it is after `timeout` seconds (check its state)."""
         task = await service.wait_final(task_id, timeout)
         return json_response(service.views([task])[0])
@@ -168,7 +205,7 @@ def create_app(service: Service) -> FastAPI:
         tags=["tasks"],
     )
     async def logs(
-        task_id: int,
+        task_id: TaskId,
         stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
         attempt: Annotated[int | None, Query(ge=1)] = None,
         tail: Annotated[int | None, Query(ge=0)] = None,
@@ -189,11 +226,22 @@ def create_app(service: Service) -> FastAPI:
             chunks = _read_log(path, start)
         return StreamingResponse(chunks, media_type="application/octet-stream")
 
-    @app.get(f"{v1}/events", response_model=list[Event], tags=["events"])
+    @app.get(
+        f"{v1}/events",
+        response_class=NDJSONResponse,
+        responses={
+            200: {
+                "content": {
+                    "application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}}
+                }
+            }
+        },
+        tags=["events"],
+    )
     async def events(
-        after: Annotated[int | None, Query(ge=0)] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
         follow: bool = False,
-        task: int | None = None,
+        task: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
         queue: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     ) -> Response:
@@ -201,8 +249,10 @@ def create_app(service: Service) -> FastAPI:
         the oldest kept); without it, only events from now on. With `follow`, the stream stays
         open and pushes each new event as it is committed."""
         start = service.store.last_event_id() if after is None else after
+        if follow and service.watchers >= MAX_WATCHERS:
+            raise TooMany(f"{MAX_WATCHERS} watchers are connected already; try again later")
         lines = _event_lines(service, start, follow, task, queue, limit)
-        return StreamingResponse(lines, media_type="application/x-ndjson")
+        return NDJSONResponse(lines)
 
     @app.post(
         f"{v1}/schedules",
@@ -322,6 +372,19 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+async def _refuse_unknown_query(request: Request) -> None:
+    """A misspelt query parameter must not be silently dropped (requests refuse unknown body
+    fields the same way)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in dependant.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
+
+
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.astimezone()
 
@@ -394,10 +457,10 @@ async def _follow_log(
         async for chunk in _read_log(path, offset):  # what it wrote just before the end
             yield chunk
         task = service.task(task_id)
-        if not across or task.state.value in ("succeeded", "failed", "cancelled"):
-            return
-        if task.attempts > number:
+        if across and task.attempts > number:  # a later attempt (perhaps already over)
             number, offset = number + 1, 0
+        elif not across or task.state.value in ("succeeded", "failed", "cancelled"):
+            return
         else:
             await service.hub.wait_change(task_id, 1.0)
 
@@ -413,6 +476,17 @@ async def _event_lines(
         return (task is None or e.task_id == task) and (queue is None or e.queue == queue)
 
     last, sent = after, 0
+    service.watchers += follow
+    try:
+        async for chunk in _event_chunks(service, last, sent, follow, limit, wanted):
+            yield chunk
+    finally:
+        service.watchers -= follow
+
+
+async def _event_chunks(
+    service: Service, last: int, sent: int, follow: bool, limit: int, wanted: Any
+) -> AsyncIterator[bytes]:
     with service.hub.subscribe() as sub:
         while sent < limit or follow:
             backlog = service.store.events_after(last, 1000)
@@ -457,7 +531,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return json_response(InvalidRequest(_validation_message(exc)).to_body(), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        bad_body = request.scope.get("taskctl.bad_body")
+        if bad_body:
+            return json_response(InvalidRequest(f"invalid JSON body: {bad_body}").to_body(), 400)
+        if exc.status_code == 400:
+            return json_response(InvalidRequest(f"invalid request: {exc.detail}").to_body(), 400)
         if exc.status_code == 413:
             return json_response(PayloadTooLarge("request body over the size limit").to_body(), 413)
         if exc.status_code == 404:
@@ -492,7 +571,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 class PeerCheckedProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, refusing any peer that is not the daemon's own user."""
+    """uvicorn's HTTP/1.1 protocol, refusing any peer that is not the daemon's own user, and
+    closing connections whose request does not arrive whole within `request_timeout` (a slow
+    or silent client cannot hold a connection open for ever). A request that has arrived may
+    take as long as it needs to be answered (`wait`, streams)."""
+
+    request_timeout = 10.0  # seconds; set from the daemon's config
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
@@ -504,16 +588,161 @@ class PeerCheckedProtocol(H11Protocol):
             transport.abort()
             return
         super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.request_timeout, self._request_overdue)
+
+    def _request_overdue(self) -> None:
+        self._deadline = None
+        if (
+            self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE)
+            and not self.transport.is_closing()
+        ):
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if getattr(self, "_deadline", None) is not None or not self.transport.is_closing():
+            self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "transport", None) is None:
             return  # refused in connection_made
+        if self._deadline is not None:
+            self._deadline.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if getattr(self, "transport", None) is None:
             return
+        if self.conn.their_state is h11.IDLE and not self._head_fits(data):
+            error = PayloadTooLarge(f"request headers over the limit of {MAX_HEAD} bytes")
+            body = json.dumps(error.to_body()).encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
+            return
         super().data_received(data)
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Whether the request line and headers end within MAX_HEAD bytes (checked on the
+        bytes before the blank line only, so a large body is not mistaken for a header)."""
+        head = getattr(self, "_head", b"") + data
+        if b"\r\n\r\n" in head[: MAX_HEAD + 4]:
+            self._head = b""
+            return True
+        self._head = head[: MAX_HEAD + 4]
+        return len(head) <= MAX_HEAD
+
+
+MAX_HEAD = 16 * 1024
+MAX_JSON_DEPTH = 32
+
+
+class _BadBody(Exception):
+    pass
+
+
+class StrictJSON:
+    """Pure ASGI middleware: a JSON body must be UTF-8, nest at most MAX_JSON_DEPTH deep, and
+    hold no NaN or Infinity. Checked while the body streams in, before anything parses it,
+    so a hostile body is refused with 400 and costs no more than reading it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        cap = MAX_BATCH_BODY if scope["path"].endswith("/tasks/batch") else MAX_BODY
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > cap:
+            await _send_error(send, PayloadTooLarge(f"request body over the limit of {cap} bytes"))
+            return
+        scanner = _JsonScanner(cap)
+        started = False
+
+        async def checked_receive() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                try:
+                    scanner.feed(
+                        message.get("body", b""), final=not message.get("more_body", False)
+                    )
+                except _BadBody as e:
+                    # FastAPI turns any failure while it reads the body into a generic 400;
+                    # the error handler finds the real reason here.
+                    scope["taskctl.bad_body"] = str(e)
+                    raise
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, checked_receive, tracking_send)
+        except _BadBody as e:
+            if started:
+                raise
+            await _send_error(send, InvalidRequest(f"invalid JSON body: {e}"))
+
+
+async def _send_error(send: Any, error: TaskctlError) -> None:
+    body = json.dumps(error.to_body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _JsonScanner:
+    """An incremental check of a JSON text's bytes: UTF-8, depth, no bare N or I (NaN,
+    Infinity) outside strings. Everything else is left to the JSON parser."""
+
+    def __init__(self, cap: int) -> None:
+        import codecs
+
+        self.cap = cap
+        self.size = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, data: bytes, *, final: bool) -> None:
+        self.size += len(data)
+        if self.size > self.cap:
+            raise _BadBody(f"the body is over the limit of {self.cap} bytes")
+        try:
+            text = self.decoder.decode(data, final)
+        except UnicodeDecodeError:
+            raise _BadBody("it is not UTF-8") from None
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "[{":
+                self.depth += 1
+                if self.depth > MAX_JSON_DEPTH:
+                    raise _BadBody(f"nested deeper than {MAX_JSON_DEPTH}")
+            elif ch in "]}":
+                self.depth -= 1
+            elif ch in "NI":
+                raise _BadBody("NaN and Infinity are not JSON")
 
 
 def _peer_uid(sock: socket.socket) -> int | None:

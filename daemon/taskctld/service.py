@@ -69,6 +69,7 @@ class Service:
     metrics: Metrics = field(init=False)
     stop_mode: str = "leave"
     stop_timeout: float | None = None
+    watchers: int = 0  # connected event streams
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -83,6 +84,7 @@ class Service:
             lambda end: self.metrics.on_attempt_end(end, end.started_at)
         )
         self.scheduler.on_fire.append(self.metrics.on_fire)
+        self.dispatcher.accepting = not self.config.hold
 
     def arm_triggers(self) -> None:
         """Watch every active trigger (at start-up: triggers persist)."""
