@@ -109,7 +109,7 @@ def taskctl_page() -> str:
         ".TP\n0\nSuccess.",
         ".TP\n1\nA task failed (wait, submit \\-\\-wait), or the daemon is unhealthy (health).",
         ".TP\n2\nUsage error or invalid input; nothing was changed.",
-        ".TP\n3\nThe daemon is not reachable.",
+        ".TP\n3\nThe daemon is not reachable, or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue.",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",
         ".TP\n6\nThe state folder is out of space.",
@@ -117,7 +117,9 @@ def taskctl_page() -> str:
         paragraphs(
             """wait and submit --wait exit like the task, as a shell would report it: its exit code,
             124 if it timed out, 128+N if signal N ended it, 127 if it could not start, 143 if it was
-            cancelled, 125 if the wait itself failed."""
+            cancelled, 1 if it never ran because a dependency failed, 125 if the wait itself gave up
+            (wait --timeout). wait and watch carry on across a daemon restart: they reconnect to the
+            next daemon and never start one themselves."""
         ),
         ".SH ENVIRONMENT",
         ".TP\nTASKCTL_HOME\nPut the socket, database, logs and config in this one folder.",

@@ -42,7 +42,7 @@ class Outcome(StrEnum):
     SIGNALED = "signaled"  # ended by a signal it did not handle
     TIMEOUT = "timeout"  # killed by taskctl after --timeout
     SPAWN_ERROR = "spawn_error"  # never started: no such program, bad cwd...
-    LOST = "lost"  # its outcome cannot be known (the supervising worker vanished)
+    LOST = "lost"  # its outcome cannot be known (its supervisor vanished)
     CANCELLED = "cancelled"  # killed by taskctl on request
     INTERRUPTED = "interrupted"  # killed by `daemon stop --kill`; re-queued, attempt not counted
 
@@ -184,6 +184,10 @@ class Schedule(Response):
     command: list[str]
     shell: bool = False
     queue: str
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the other submit options its tasks get, where not the default (env not shown)",
+    )
     created_at: str
     runs: list[Fire] | None = Field(None, description="recent fires, newest first (show only)")
 
@@ -333,6 +337,7 @@ class Health(Response):
     queued: int
     concurrency: int
     last_event_id: int | None = None
+    streams: int = 0  # connected `watch` and `logs --follow` streams
     scheduler_heartbeat_age: float | None = None
     database_size: int | None = None
     wal_size: int | None = None

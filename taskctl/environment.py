@@ -34,3 +34,8 @@ def _minimal_env() -> dict[str, str]:
         "SHELL": "/bin/sh",
         "LANG": "C.UTF-8",
     }
+
+
+# Set by the daemon on every task it runs (the changed paths only for file triggers); never
+# inherited from whoever started the daemon.
+TASK_MARKERS = ("TASKCTL_TASK_ID", "TASKCTL_ATTEMPT", "TASKCTL_QUEUE", "TASKCTL_CHANGED_PATHS")

@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from taskctl.units import format_duration, format_size
+from taskctl.units import duration_text, format_duration, format_size
 
 STATE_STYLE = {
     "waiting": "magenta",
@@ -151,6 +151,26 @@ def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], empty: str)
     console.print(table)
 
 
+_DURATIONS = {"timeout", "kill_grace", "retry_delay", "max_delay"}
+
+
+def _option_text(key: str, value: Any) -> str:
+    if isinstance(value, dict):  # labels
+        return " ".join(f"{key[:-1]}:{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return f"{key}={','.join(map(str, value))}"
+    return f"{key}={_default_value(key, value)}"
+
+
+def _default_value(key: str, value: Any) -> str:
+    """A queue default as it would be typed: 2h rather than 7200.0, 512MiB rather than bytes."""
+    if key in _DURATIONS and isinstance(value, int | float):
+        return duration_text(value)
+    if key == "memory_limit" and isinstance(value, int):
+        return format_size(value)
+    return str(value)
+
+
 QUEUE_HEADER = ("QUEUE", "LIMIT", "STATE", "RUNNING", "QUEUED", "SCHEDULED", "WAITING", "DEFAULTS")
 
 
@@ -158,7 +178,9 @@ def queue_rows(queues: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for q in queues:
         c = q.get("counts") or {}
-        defaults = " ".join(f"{k}={v}" for k, v in sorted((q.get("defaults") or {}).items()))
+        defaults = " ".join(
+            f"{k}={_default_value(k, v)}" for k, v in sorted((q.get("defaults") or {}).items())
+        )
         rows.append(
             (
                 q["name"], "-" if q.get("concurrency") is None else str(q["concurrency"]),
@@ -215,6 +237,9 @@ def schedule_detail(s: dict[str, Any]) -> str:
         f"  {'command':<12}{_schedule_command(s)}",
         f"  {'queue':<12}{s['queue']}",
     ]
+    options = s.get("options") or {}
+    if options:
+        lines.append(f"  {'options':<12}{' '.join(_option_text(k, v) for k, v in options.items())}")
     runs = s.get("runs") or []
     if runs:
         lines.append("  recent runs")
@@ -335,6 +360,7 @@ def health_text(h: dict[str, Any]) -> str:
         f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
         f"running       {h['running']} of {h['concurrency']}",
         f"queued        {h['queued']}",
+        f"streams       {h.get('streams', 0)} connected (watch, logs --follow)",
     ]
     if h.get("database_size") is not None:
         lines.append(

@@ -69,6 +69,19 @@ def format_duration(seconds: float | None) -> str:
     return f"{days}d{hours:02d}h"
 
 
+def duration_text(seconds: float) -> str:
+    """A setting as one would type it (`2h`, `1m30s`, `500ms`): exact, unlike format_duration."""
+    ms = round(seconds * 1000)
+    if ms % 1000:
+        return f"{ms}ms"
+    rest, parts = ms // 1000, []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts) or "0s"
+
+
 def format_size(n: int | None) -> str:
     if n is None:
         return "-"

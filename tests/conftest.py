@@ -41,6 +41,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def figure(label: str, value: Any) -> None:
+    """Print a measured figure (`pytest -s -p no:xdist -k ...` shows them): closing notes quote
+    what the tests measured, not only that they passed."""
+    print(f"figure: {label}: {value}")
+
+
 def processes_with_env(key: str, value: str) -> list[int]:
     """Pids whose environment has key=value (ours only; unreadable ones are skipped)."""
     needle = f"{key}={value}".encode()
@@ -106,6 +112,25 @@ class Home:
 
     def wait_final(self, task_id: int, timeout: float = 20) -> dict[str, Any]:
         return wait_until(lambda: (t := self.task(task_id))["state"] in FINAL and t, timeout)
+
+    def wait_streams(self, n: int = 1) -> None:
+        """Until `n` watch or logs --follow streams are connected to the daemon."""
+        wait_until(lambda: self.json("health")["streams"] >= n)
+
+    def wait_watching(self, folder: Path, watches: int = 1) -> None:
+        """Until the daemon holds `watches` inotify watches on `folder` (1: a file trigger is
+        armed; 0: it let go)."""
+        needle = f"ino:{folder.stat().st_ino:x} "
+        fdinfo = Path(f"/proc/{self.daemon_pid()}/fdinfo")
+
+        def count() -> int:
+            found = 0
+            for entry in fdinfo.iterdir():
+                with contextlib.suppress(OSError):
+                    found += entry.read_text().count(needle)
+            return found
+
+        wait_until(lambda: count() == watches)
 
     def config(self, **settings: Any) -> None:
         lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]

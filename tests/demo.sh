@@ -9,33 +9,42 @@ cleanup() { taskctl daemon stop >/dev/null 2>&1 || true; rm -rf "$home"; }
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() {  # print the command as it would be typed, then run it
+typed() {  # the command as it would be typed
   printf '$'
   for word in "$@"; do
     if [[ "$word" =~ [^A-Za-z0-9_./=:,@%+-] ]]; then printf " '%s'" "$word"; else printf ' %s' "$word"; fi
   done
   printf '\n'
-  "$@"
+}
+show() { typed "$@"; "$@"; }  # print the command, then run it
+submitted() {  # show a submit and its output (the new task's id), and keep the id in $id
+  typed "$@"
+  id=$("$@")
+  echo "$id"
 }
 
 step "start the daemon (in $home)"
 show taskctl daemon start
 
 step "a task that succeeds"
-ok=$(taskctl submit -n hello -- sh -c 'echo "hello from task $TASKCTL_TASK_ID"')
+submitted taskctl submit -n hello -- sh -c 'echo "hello from task $TASKCTL_TASK_ID"'
+ok=$id
 show taskctl wait "$ok"
 show taskctl logs "$ok"
 
 step "a task that fails, then succeeds on its retry"
-flaky=$(taskctl submit -n flaky --retries 2 --retry-delay 500ms -C "$home" --shell -- \
-  'n=$(cat attempts 2>/dev/null || echo 0); echo $((n+1)) > attempts; echo "attempt $((n+1))"; [ "$n" -ge 1 ]')
+submitted taskctl submit -n flaky --retries 2 --retry-delay 500ms -C "$home" --shell -- \
+  'n=$(cat attempts 2>/dev/null || echo 0); echo $((n+1)) > attempts; echo "attempt $((n+1))"; [ "$n" -ge 1 ]'
+flaky=$id
 show taskctl wait "$flaky"
 show taskctl status "$flaky"
 
 step "a failure keeps its exit code and its stderr"
-bad=$(taskctl submit -n broken -- sh -c 'echo "disk on fire" >&2; exit 3')
+submitted taskctl submit -n broken -- sh -c 'echo "disk on fire" >&2; exit 3'
+bad=$id
+typed taskctl wait "$bad"
 taskctl wait "$bad" && { echo "expected exit 3"; exit 1; } || code=$?
-echo "taskctl wait $bad exited $code"
+echo "(exit code $code: the task's own)"
 show taskctl logs --stderr "$bad"
 
 step "a cron schedule (like a crontab line, with retries and a timeout)"

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
+
+import pytest
+
+from taskctl.units import now_ms
+from taskctld.procfs import ProcessId, read_boot_id
+from taskctld.runner import _kill_orphan
 
 from conftest import Home, wait_until
 
@@ -72,3 +81,76 @@ def test_a_dead_supervisor_means_lost_and_no_orphan(daemon: Home) -> None:
     wait_until(lambda: not _alive(pid))
     # and the daemon goes on with a new supervisor
     assert daemon.run("submit", "--wait", "--", "true").returncode == 0
+
+
+def test_a_daemon_started_from_a_task_does_not_pass_on_its_markers(home: Home) -> None:
+    """The supervisor finds a task's strays by TASKCTL_TASK_ID: it must not carry one itself."""
+    markers = {"TASKCTL_TASK_ID": "1", "TASKCTL_ATTEMPT": "1", "TASKCTL_QUEUE": "default"}
+    home.ok("daemon", "start", env=markers)
+    task = home.wait_final(home.submit("sh", "-c", "sleep 30 & echo $TASKCTL_TASK_ID"))
+    assert task["id"] == 1 and home.ok("logs", "1") == "1\n"
+    (supervisor,) = wait_until(lambda: _supervisors(home))
+    with open(f"/proc/{supervisor}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    assert not [e for e in environ if e.startswith(b"TASKCTL_TASK_ID=")]
+    assert _alive(supervisor) and home.run("health").returncode == 0
+
+
+def test_a_reused_pid_is_never_taken_for_an_orphaned_task() -> None:
+    """A command whose supervisor died is killed by pid only while that pid is still the same
+    process: same boot, same start time (in ticks once journaled, else to two seconds)."""
+    other = subprocess.Popen(["sleep", "60"], process_group=0)
+    try:
+        ident = ProcessId.of(other.pid)
+        assert ident is not None
+        started = {"pid": other.pid, "boot_id": read_boot_id(), "started_at": now_ms()}
+        _kill_orphan(started, {"start": ident.start + 1})  # the pid was taken since
+        _kill_orphan({**started, "boot_id": "an-earlier-boot"}, {"start": ident.start})
+        _kill_orphan({**started, "started_at": now_ms() - 60_000}, None)  # no ticks journaled
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=0.5)  # none of those was it
+        _kill_orphan(started, None)  # it is: started when the journal says
+        assert other.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_no_supervisor_means_nothing_is_claimed_until_a_new_one_starts(daemon: Home) -> None:
+    """Our supervisor dies and a new one cannot start (its socket cannot be made here): health
+    says why, tasks wait queued rather than `running` with no process, and the daemon keeps
+    trying, so they run once it can."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.fail("making a folder immutable for this test needs root and chattr")
+    subprocess.run(["chattr", "+i", str(daemon.path)], check=True)
+    try:
+        for sup in _supervisors(daemon):
+            os.kill(sup, signal.SIGKILL)
+        sick = wait_until(lambda: (h := daemon.run("health")).returncode == 1 and h)
+        assert "cannot start a supervisor" in sick.stderr
+        task_id = daemon.submit("true")
+        assert daemon.task(task_id)["state"] == "queued"
+    finally:
+        subprocess.run(["chattr", "-i", str(daemon.path)], check=True)
+    assert daemon.wait_final(task_id)["state"] == "succeeded"
+    wait_until(lambda: daemon.run("health").returncode == 0)
+
+
+def test_an_earlier_supervisor_that_does_not_answer_does_not_stop_a_start(home: Home) -> None:
+    """A supervisor left by an earlier daemon hangs (SIGSTOP): the new daemon still starts
+    within the CLI's wait, treats it as dead, and no command of it runs unsupervised."""
+    home.start()
+    task_id = home.submit("sleep", "300")
+    pid = wait_until(lambda: home.task(task_id)["attempts"][0]["pid"])
+    (stuck,) = _supervisors(home)
+    home.kill9()
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        started = home.run("daemon", "start")
+        assert started.returncode == 0, started.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
+    task = home.wait_final(task_id)
+    assert task["attempts"][0]["outcome"] == "lost"
+    wait_until(lambda: not _alive(pid) and not _alive(stuck))

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections import Counter
 
 from conftest import FINAL, TASKCTL, Home, wait_until
@@ -109,6 +110,7 @@ def test_unknown_task_id_exits_4_with_one_line(daemon: Home) -> None:
         done = daemon.run(*command)
         assert done.returncode == 4, command
         assert done.stderr.strip().count("\n") == 0 and "424242" in done.stderr
+        assert done.stderr.count("424242") == 1, done.stderr  # said once, not "task N: task N"
 
 
 def test_daemon_down_with_autostart_off_exits_3_and_says_how_to_start(home: Home) -> None:
@@ -188,6 +190,21 @@ def test_environment_and_cwd_are_captured_at_submit(daemon: Home, tmp_path) -> N
     daemon.wait_final(bare)
     assert daemon.ok("logs", str(bare)) == "unset /usr/local/bin:/usr/bin:/bin\n"
     assert daemon.task(bare)["cwd"] == str(tmp_path)
+
+
+def test_a_relative_program_is_found_from_the_task_cwd(daemon: Home, tmp_path) -> None:
+    (tmp_path / "tools").mkdir()
+    script = tmp_path / "tools" / "hello"
+    script.write_text("#!/bin/sh\necho hello from $PWD\n")
+    script.chmod(0o755)
+    daemon.wait_final(daemon.submit("true", options=("-C", "/")))  # the supervisor is in /
+    on_path = daemon.submit(
+        "hello", options=("-C", str(tmp_path), "-e", "PATH=tools:/usr/bin:/bin")
+    )
+    relative = daemon.submit("./tools/hello", options=("-C", str(tmp_path)))
+    for task_id in (on_path, relative):  # the PATH entry `tools` is looked up from -C
+        assert daemon.wait_final(task_id)["state"] == "succeeded", daemon.task(task_id)
+        assert daemon.ok("logs", str(task_id)) == f"hello from {tmp_path}\n"
 
 
 def test_shell_runs_one_string_through_sh(daemon: Home) -> None:
@@ -395,3 +412,16 @@ def test_bad_requests_get_a_json_error_with_a_machine_code(daemon: Home) -> None
     )
     assert status == 404 and body["error"]["code"] == "not_found"
     assert daemon.json("list") == []
+
+
+def test_output_is_kept_as_bytes_whatever_the_encoding_and_line_length(daemon: Home) -> None:
+    """Invalid UTF-8, NUL bytes and a 1 MB line without a newline come back byte for byte."""
+    expected = bytes(range(256)) * 4 + b"x" * 1_000_000
+    script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 4 + b'x' * 1_000_000)"
+    task_id = daemon.submit(sys.executable, "-c", script)
+    assert daemon.wait_final(task_id)["state"] == "succeeded"
+    shown = subprocess.run(
+        [TASKCTL, "logs", str(task_id)], env=daemon.env, capture_output=True, timeout=30, check=True
+    ).stdout
+    assert shown == expected
+    assert (daemon.path / "logs" / f"{task_id}.1.out").read_bytes() == expected

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from taskctl.units import rfc3339_to_ms
 
-from conftest import TASKCTL, Home, wait_until
+from conftest import TASKCTL, Home, figure, wait_until
 
 
 def _watch(home: Home, *args: str) -> subprocess.Popen[str]:
@@ -37,8 +37,7 @@ def _lines(proc: subprocess.Popen[str], n: int) -> list[dict]:
 
 def test_watch_json_streams_each_change_in_order_and_resumes_without_loss(daemon: Home) -> None:
     watcher = _watch(daemon)
-    wait_until(lambda: daemon.json("health")["last_event_id"] is not None)
-    time.sleep(0.3)  # the watcher is connected before the tasks exist
+    daemon.wait_streams()  # the watcher is connected before the tasks exist
     a = daemon.submit("true")
     daemon.wait_final(a)
     b = daemon.submit("true")
@@ -55,7 +54,7 @@ def test_watch_json_streams_each_change_in_order_and_resumes_without_loss(daemon
 
 def test_watch_reconnects_when_the_daemon_restarts(daemon: Home) -> None:
     watcher = _watch(daemon)
-    time.sleep(0.3)
+    daemon.wait_streams()
     first = daemon.submit("true")
     daemon.wait_final(first)
     daemon.kill9()
@@ -93,6 +92,9 @@ def test_watch_in_a_terminal_updates_without_a_keypress(daemon: Home) -> None:
         ended = time.monotonic()
         daemon.wait_final(task_id)
         wait_until(lambda: "succeeded" in row(), timeout=5)
+        figure(
+            "watch in tmux: end to 'succeeded' on screen (s)", round(time.monotonic() - ended, 3)
+        )
         assert time.monotonic() - ended < 1.0 + 0.5
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
@@ -103,7 +105,7 @@ def _follow(home: Home, task_id: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [TASKCTL, "logs", "-f", str(task_id)], env=home.env, stdout=subprocess.PIPE, text=True
     )
-    time.sleep(1)
+    home.wait_streams()
     (home.path / "go").touch()
     return proc
 
@@ -116,6 +118,7 @@ def test_logs_follow_shows_lines_as_they_are_written_and_returns_at_the_end(daem
     delays = [time.time() - float(line.split()[1]) for line in proc.stdout]
     assert proc.wait(timeout=10) == 0
     assert len(delays) == 10
+    figure("logs -f: line written to line shown, max of 10 (s)", round(max(delays), 3))
     assert max(delays) < 0.3, delays
 
 

@@ -10,9 +10,12 @@ import time
 
 import pytest
 
+from taskctl.client import Client
+from taskctl.errors import Conflict, InvalidRequest
+from taskctl.paths import Paths
 from taskctl.units import rfc3339_to_ms
 
-from conftest import TASKCTL, Home, wait_until
+from conftest import TASKCTL, Home, figure, wait_until
 
 
 def _interval(task: dict) -> tuple[float, float]:
@@ -119,6 +122,7 @@ def test_stdin_submits_a_batch_of_ten_thousand_that_all_run(daemon: Home) -> Non
     ids = [int(x) for x in done.stdout.split()]
     assert len(ids) == 10_000 and len(set(ids)) == 10_000
     accepted = time.monotonic() - started
+    figure("seq 10000 | submit --stdin: accepted in (s)", round(accepted, 2))
 
     def finished() -> bool:
         counts = {q["name"]: q["counts"] for q in daemon.json("queue", "list")}["bulk"]
@@ -161,6 +165,7 @@ def test_wait_returns_right_after_the_last_task_ends(daemon: Home) -> None:
     returned = time.time()
     assert done.returncode == 0
     last_end = max(_interval(daemon.task(i))[1] for i in ids)
+    figure("wait: return after the last task ended (s)", round(returned - last_end, 3))
     assert 0 <= returned - last_end < 0.1 + 0.1, returned - last_end  # 100 ms, plus the CLI's exit
 
 
@@ -190,8 +195,61 @@ def test_queue_defaults_apply_unless_the_task_sets_its_own(daemon: Home) -> None
     assert inherited["retries"] == 2 and inherited["timeout"] == 5
     own = daemon.json("submit", "-q", "careful", "--retries", "0", "--", "true")
     assert own["retries"] == 0
+    listed = next(line for line in daemon.ok("queue", "list").splitlines() if "careful" in line)
+    assert "retries=2" in listed and "timeout=5s" in listed  # as typed, not 5.0
 
 
 @pytest.mark.parametrize("action", ["pause", "resume"])
 def test_unknown_queues_are_not_found(daemon: Home, action: str) -> None:
     assert daemon.run("queue", action, "nosuch").returncode == 4
+
+
+def _api(home: Home) -> Client:
+    return Client(Paths.from_env(home.env), autostart=False)
+
+
+def test_a_long_chain_fails_entirely_when_its_head_fails(daemon: Home) -> None:
+    """Releasing dependents is iterative: 400 links deep is no recursion limit."""
+    api = _api(daemon)
+    gate = daemon.path / "go"
+    wait_then_fail = f"until [ -e {gate} ]; do sleep 0.05; done; exit 3"
+    head = api.call("POST", "/v1/tasks", {"command": ["sh", "-c", wait_then_fail]})
+    previous, chain = head["id"], []
+    for _ in range(400):
+        previous = api.call("POST", "/v1/tasks", {"command": ["true"], "after": [previous]})["id"]
+        chain.append(previous)
+    gate.touch()
+    assert daemon.wait_final(head["id"])["exit_code"] == 3
+    last = daemon.wait_final(chain[-1])
+    assert last["state"] == "failed" and last["reason"] == "dependency_failed"
+    failed = api.call("GET", "/v1/tasks?limit=1000&state=failed")
+    assert sorted(t["id"] for t in failed) == [head["id"], *chain]
+    assert all(t["attempts"] == [] for t in failed if t["id"] != head["id"])
+    assert daemon.ok("health").strip()  # the daemon still answers
+
+
+def test_one_key_twice_in_a_batch_with_different_commands_is_refused(daemon: Home) -> None:
+    api = _api(daemon)
+    with pytest.raises(Conflict, match="K"):
+        api.call("POST", "/v1/tasks/batch", {"tasks": [
+            {"command": ["echo", "a"], "key": "K"},
+            {"command": ["echo", "b"], "key": "K"},
+        ]})  # fmt: skip
+    assert daemon.json("list") == []
+    same = api.call("POST", "/v1/tasks/batch", {"tasks": [
+        {"command": ["echo", "a"], "key": "K"},
+        {"command": ["echo", "a"], "key": "K"},
+    ]})  # fmt: skip
+    assert same[0]["id"] == same[1]["id"] and same[1]["deduplicated"] is True
+    assert len(daemon.json("list")) == 1
+
+
+def test_a_schedule_template_cannot_wait_on_tasks_or_carry_a_key(daemon: Home) -> None:
+    api = _api(daemon)
+    first = daemon.submit("true")
+    for extra in ({"after": [first]}, {"after_any": [first]}, {"key": "k"}, {"delay": 60}):
+        with pytest.raises(InvalidRequest, match="schedule"):
+            api.call("POST", "/v1/schedules", {
+                "kind": "cron", "cron": "* * * * *", "task": {"command": ["true"], **extra},
+            })  # fmt: skip
+    assert daemon.json("cron", "list") == []

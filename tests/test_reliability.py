@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TASKCTL, Home, wait_until
+from conftest import TASKCTL, Home, figure, wait_until
 
 
 def _gated(home: Home, code: int) -> int:
@@ -106,6 +106,10 @@ def test_a_gigabyte_of_output_is_capped_and_memory_stays_flat(daemon: Home) -> N
     with log.open("rb") as f:
         f.seek((100 << 20) - 1)
         assert b"output truncated" in f.read()
+    figure(
+        "1 GB of output: log size (MiB), daemon+supervisor peak RSS (MiB)",
+        (size >> 20, round(peak, 1)),
+    )
     assert peak < 100, peak
     assert daemon.ok("logs", "--stderr", str(task_id)) == "done\n"
 
@@ -256,3 +260,46 @@ def test_chaos_kill_the_daemon_at_random_moments(home: Home) -> None:
         assert len(counted) == 1 + retries
     with sqlite3.connect(home.path / "taskctl.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    interrupted = sum(a["outcome"] == "interrupted" for t in tasks.values() for a in t["attempts"])
+    figure(
+        "chaos: tasks acknowledged, final, attempts cut by the kills",
+        (len(acked), len(tasks), interrupted),
+    )
+
+
+def test_connected_clients_do_not_hold_a_stop_and_go_on_with_the_next_daemon(
+    daemon: Home,
+) -> None:
+    """`watch`, `wait` and `logs -f` are connected when the daemon stops: the stop is not held
+    up, the task goes on, and watch and wait carry on with the next daemon without starting
+    one themselves (autostart is on for them here)."""
+    gate = daemon.path / "go"
+    task_id = daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 7")
+    env = {**daemon.env, "TASKCTL_NO_AUTOSTART": "0"}
+
+    def client(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [TASKCTL, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    watcher, waiter = client("watch", "--json"), client("wait", str(task_id))
+    follower = client("logs", "-f", str(task_id))
+    daemon.wait_streams(2)  # watch and logs -f (a wait is a plain request)
+    began = time.monotonic()
+    assert daemon.run("daemon", "stop").returncode == 0
+    took = time.monotonic() - began
+    figure("daemon stop with watch, wait and logs -f connected (s)", round(took, 2))
+    assert took < 2, took  # streams end and waits answer at once (2 s: the backstop cut)
+    assert follower.wait(timeout=10) == 3  # it says so rather than pass for the task's end
+    assert follower.stderr is not None and "goes on" in follower.stderr.read()
+    with pytest.raises(AssertionError):  # the clients that wait on do not start a daemon
+        wait_until(lambda: daemon.run("daemon", "status").returncode == 0, timeout=3)
+    daemon.start()
+    gate.touch()
+    assert waiter.wait(timeout=20) == 7
+    assert waiter.stderr is not None and "waiting for it to come back" in waiter.stderr.read()
+    assert watcher.stdout is not None
+    seen = [json.loads(watcher.stdout.readline()) for _ in range(1)]
+    assert (seen[0]["task_id"], seen[0]["to_state"]) == (task_id, "failed")
+    watcher.kill()
+    watcher.wait()

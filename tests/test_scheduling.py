@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from taskctl.units import rfc3339_to_ms
 
-from conftest import Home, wait_until
+from conftest import Home, figure, wait_until
 
 
 def test_delay_starts_the_task_after_that_long(daemon: Home) -> None:
@@ -20,6 +21,7 @@ def test_delay_starts_the_task_after_that_long(daemon: Home) -> None:
     waited = (
         rfc3339_to_ms(done["attempts"][0]["started_at"]) - rfc3339_to_ms(task["created_at"])
     ) / 1000
+    figure("--delay 3s: submit to start (s)", waited)
     assert 2.5 <= waited <= 3.5, waited
 
 
@@ -29,6 +31,7 @@ def test_at_a_time_starts_then(daemon: Home) -> None:
     assert task["state"] == "scheduled"
     done = daemon.wait_final(task["id"], timeout=10)
     late = rfc3339_to_ms(done["attempts"][0]["started_at"]) / 1000 - when.timestamp()
+    figure("--at: start minus the given time (s)", round(late, 3))
     assert -0.05 <= late <= 0.5, late
     assert daemon.run("submit", "--at", "teatime", "--", "true").returncode == 2
 
@@ -71,11 +74,16 @@ def test_cron_pause_resume_show_and_rm(daemon: Home) -> None:
         "all",
         "--overlap",
         "queue",
+        "--retries", "2", "--timeout", "5m", "-p", "3", "-l", "team=ops", "-e", "TOKEN=hunter2",
         "0 3 * * *",
         "--",
         "true",
-    )
+    )  # fmt: skip
     shown = daemon.json("cron", "show", "nightly")
+    options = shown["options"]  # what its tasks get; never the environment (secrets)
+    assert (options["retries"], options["timeout"], options["priority"]) == (2, 300, 3)
+    assert options["labels"] == {"team": "ops"} and "hunter2" not in json.dumps(shown)
+    assert "retries=2 " in daemon.ok("cron", "show", "nightly")
     assert (
         shown["cron"] == "0 3 * * *" and shown["catch_up"] == "all" and shown["overlap"] == "queue"
     )
@@ -125,17 +133,29 @@ def test_a_burst_of_changes_is_one_task_listing_every_path(daemon: Home, tmp_pat
         "-c",
         'cat "$TASKCTL_CHANGED_PATHS"',
     )
-    time.sleep(0.3)  # let the watcher settle: it starts watching when armed, not retroactively
+    daemon.wait_watching(watched)  # it watches from when it is armed, not retroactively
     began = time.monotonic()
     for n in range(20):
         (watched / f"f{n:02d}").write_text("x")
     assert time.monotonic() - began < 0.2
-    task = wait_until(lambda: daemon.json("list"), timeout=10)[0]
-    daemon.wait_final(task["id"])
-    listed = daemon.ok("logs", str(task["id"])).split()
-    assert sorted(listed) == sorted(str(watched / f"f{n:02d}") for n in range(20))
-    time.sleep(1.5)
-    assert len(daemon.json("list")) == 1  # exactly one
+    burst = sorted(str(watched / f"f{n:02d}") for n in range(20))
+    assert _outputs_after_change(daemon, 1) == [burst]
+    # Exactly one: a later change is a task of its own that lists only itself, and nothing
+    # from the burst came in between.
+    assert _outputs_after_change(daemon, 2, watched / "sentinel") == [
+        burst,
+        [str(watched / "sentinel")],
+    ]
+
+
+def _outputs_after_change(daemon: Home, tasks: int, change: Path | None = None) -> list[list[str]]:
+    """Make `change` (if any), wait for the `tasks`-th task to finish, and return every task's
+    output (the paths it was given), sorted, in task order."""
+    if change is not None:
+        change.write_text("x")
+    wait_until(lambda: len(daemon.json("list")) >= tasks, timeout=10)
+    ids = sorted(t["id"] for t in daemon.json("list"))
+    return [sorted(daemon.ok("logs", str(daemon.wait_final(i)["id"])).split()) for i in ids]
 
 
 def test_triggers_persist_filter_and_pause(daemon: Home, tmp_path) -> None:
@@ -152,20 +172,24 @@ def test_triggers_persist_filter_and_pause(daemon: Home, tmp_path) -> None:
         "--debounce",
         "200ms",
         "--",
-        "true",
+        "sh",
+        "-c",
+        'cat "$TASKCTL_CHANGED_PATHS"',
     )
     daemon.ok("daemon", "stop")
     daemon.start()
-    time.sleep(0.3)
+    daemon.wait_watching(watched)  # the trigger outlived the restart
     (watched / "notes.txt").write_text("ignored")
     (watched / "readme.md").write_text("counted")
-    wait_until(lambda: len(daemon.json("list")) == 1, timeout=10)
-    time.sleep(0.5)
-    assert len(daemon.json("list")) == 1
+    readme = [str(watched / "readme.md")]
+    assert _outputs_after_change(daemon, 1) == [readme]  # notes.txt is filtered out
     daemon.ok("trigger", "pause", "md")
-    (watched / "again.md").write_text("while paused")
-    time.sleep(1)
-    assert len(daemon.json("list")) == 1
     listed = daemon.json("trigger", "list")
     assert [(t["name"], t["paused"], t["glob"]) for t in listed] == [("md", True, "*.md")]
-    json.dumps(listed)
+    daemon.wait_watching(watched, 0)  # a paused trigger lets go of the folder
+    (watched / "again.md").write_text("while paused")
+    daemon.ok("trigger", "resume", "md")
+    daemon.wait_watching(watched)
+    after = watched / "after.md"
+    # The change made while paused never becomes a task, now or after the resume.
+    assert _outputs_after_change(daemon, 2, after) == [readme, [str(after)]]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from taskctl.api import Outcome, TaskState
+from taskctl.errors import StorageFull
 from taskctld import states
+from taskctld.dispatcher import Dispatcher, Limits
+from taskctld.runner import Runner
 from taskctld.store import AttemptEnd, NewTask
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
 
@@ -141,3 +146,36 @@ def test_a_queue_that_loses_the_global_slot_is_not_exhausted(store: SqliteStore)
     assert [t.id for t in claim.tasks] == [older]
     assert claim.exhausted == {"a"}  # b still has its task queued
     assert store.get_task(newer).state is TaskState.QUEUED  # type: ignore[union-attr]
+
+
+def test_the_due_timer_looks_at_the_wall_clock_at_least_once_a_minute(store: SqliteStore) -> None:
+    """Timers run on the monotonic clock, which stops while the machine is suspended: a task
+    due in an hour must not wait an hour of monotonic time, whatever the hour spent asleep."""
+    _submit(store, run_at=1000 + 3_600_000)
+
+    async def armed_delay() -> float:
+        dispatcher = Dispatcher(
+            store, cast(Runner, None), Limits(concurrency=1), clock=lambda: 1000
+        )
+        dispatcher._arm_due_timer()
+        assert dispatcher._due_timer is not None
+        return dispatcher._due_timer.when() - asyncio.get_running_loop().time()
+
+    assert 0 < asyncio.run(armed_delay()) <= 60
+
+
+def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) -> None:
+    """A schedule's fire runs in a savepoint and must tell a full disk (retry the whole turn)
+    from a bad fire (record it and go on): the savepoint converts the error itself."""
+    (pages,) = store.conn.execute("PRAGMA page_count").fetchone()
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")  # full: not one page more
+    seen: list[type] = []
+    with pytest.raises(StorageFull), store.transaction():
+        try:
+            with store.savepoint():
+                tasks = [NewTask(command=["true"] * 100, cwd="/") for _ in range(500)]
+                store.submit(tasks, now=1000)
+        except Exception as e:
+            seen.append(type(e))
+            raise
+    assert seen == [StorageFull]

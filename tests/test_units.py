@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from taskctl.units import (
+    duration_text,
     format_duration,
     ms_to_rfc3339,
     parse_at,
@@ -85,3 +86,11 @@ def test_format_duration() -> None:
         "1h02m",
         "2d07h",
     ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(7200, "2h"), (5, "5s"), (0.5, "500ms"), (90, "1m30s"), (90000, "1d1h")]
+)
+def test_a_setting_is_shown_as_typed_and_reads_back(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
+    assert parse_duration(text) == seconds

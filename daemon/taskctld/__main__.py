@@ -19,6 +19,7 @@ import stat
 import sys
 
 from taskctl import __version__
+from taskctl.environment import TASK_MARKERS
 from taskctl.paths import Paths
 
 LOG_ROTATE_AT = 10 << 20
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"taskctld {__version__}")
     args = parser.parse_args(argv)
+    forget_task_markers()
     paths = Paths.from_env()
     os.umask(0o077)
     try:
@@ -51,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     from taskctld import app
 
     return app.run(paths, ready_fd=ready_fd)
+
+
+def forget_task_markers() -> None:
+    """Drop the variables that mark a task's processes, in case a task started this daemon.
+
+    The supervisor finds a task's escaped descendants by TASKCTL_TASK_ID in their environment; a
+    daemon that inherited one would look like an escapee of that task.
+    """
+    for name in TASK_MARKERS:
+        os.environ.pop(name, None)
 
 
 def prepare_folders(paths: Paths) -> None:

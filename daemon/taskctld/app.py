@@ -32,6 +32,10 @@ from taskctld.store.sqlite import SqliteStore
 
 log = logging.getLogger("taskctld")
 
+# At a stop, event streams end and waits answer at once; a `logs -f` (or any other request
+# still going) is cut after this many seconds, so no client can hold the daemon.
+STREAMS_CUT_AFTER = 2
+
 
 def run(paths: Paths, *, ready_fd: int | None) -> int:
     logging.basicConfig(
@@ -65,6 +69,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     runner = Runner(paths, RunnerSettings(log_cap=config.log_cap), report=lambda r: None)
     dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
     runner.report = dispatcher.report
+    runner.on_ready = dispatcher.wake
     install_child_reaper(loop)
     hellos = await runner.attach()
     runner.recover(store.open_attempts(), hellos)
@@ -85,6 +90,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
             server_header=False,
             date_header=False,
             timeout_keep_alive=5,
+            timeout_graceful_shutdown=STREAMS_CUT_AFTER,
             limit_concurrency=config.max_connections,
             h11_max_incomplete_event_size=64 * 1024,
         )
@@ -114,6 +120,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
         }[service.stop_mode],
     )
     await service.wind_down()
+    hub.close()  # streams end and waits answer, so no client holds the stop
     server.should_exit = True
     await server.shutdown()
     dispatch.cancel()
@@ -138,7 +145,7 @@ async def _maintain(service: Service) -> None:
     await asyncio.sleep(PRUNE_FIRST)
     while True:
         try:
-            removed = service.prune()
+            removed = await service.prune()
             if removed["tasks"] or removed["events"]:
                 log.info(
                     "pruned %(tasks)d finished task(s), %(log_files)d log file(s), %(events)d event(s)",

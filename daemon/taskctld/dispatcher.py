@@ -33,6 +33,10 @@ log = logging.getLogger("taskctld.dispatcher")
 T = TypeVar("T")
 
 RETRY_AFTER_STORE_ERROR = 1.0
+PROMOTE_BATCH = 1000  # scheduled tasks made queued per turn at most (see store.promote_due)
+# The due timer runs on the monotonic clock, which stops while the machine is suspended: look at
+# the wall clock at least this often (seconds), so a schedule is not late by the time asleep.
+WALL_CLOCK_CHECK = 60.0
 STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
 
 
@@ -70,6 +74,9 @@ class Dispatcher:
         self._started_timer: asyncio.TimerHandle | None = None
         self._ended: list[AttemptEnd] = []
         self._due_at: int | None = None
+        self._time_dirty = True  # look for due work on the first turn
+        self._claimed: dict[tuple[int, int], TaskRow] = {}  # running attempts, as claimed
+        self._stale = False  # counts could not be reloaded after a rollback
         store.on_commit(self.note_events)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -96,6 +103,7 @@ class Dispatcher:
                 self.ready_queues.add(event.queue)
                 self._wake.set()
             elif event.to_state is TaskState.SCHEDULED:
+                self._time_dirty = True
                 self._wake.set()
 
     def wake(self) -> None:
@@ -106,6 +114,19 @@ class Dispatcher:
         self.running = self.store.running_by_queue()
         self.ready_queues = self.store.ready_queues()
         self.load_queues()
+
+    def _reload_after_rollback(self) -> None:
+        """In-memory counts changed inside a transaction that rolled back: take them from the
+        store again (reads work even when writes fail, on a full disk say)."""
+        self._claimed.clear()
+        try:
+            self.running = self.store.running_by_queue()
+            self.ready_queues = self.store.ready_queues()
+        except Exception as e:  # the next turn tries again (stale counts only claim less)
+            self._stale = True
+            log.error("cannot reload the dispatcher's counts: %r", e)
+        else:
+            self._stale = False
 
     def load_queues(self) -> None:
         """Queue limits and pauses, after a change; a resumed queue may start tasks now."""
@@ -122,6 +143,7 @@ class Dispatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await asyncio.sleep(0)  # whatever woke us, everything else on the loop gets a turn
             try:
                 self.cycle()
             except TaskctlError as e:
@@ -139,21 +161,31 @@ class Dispatcher:
 
         `work` runs in the same transaction (a submit, say), so that a task submitted while a
         slot is free is inserted and claimed with one commit; its result is returned."""
+        if self._stale:
+            self._reload_after_rollback()
         now = self.clock()
         reports, self.reports = self.reports, []
+        # Time-driven work (cron fires, due scheduled tasks) only when something may be due:
+        # the timer fired, or a change could have made something due earlier.
+        timed = self._time_dirty
+        self._time_dirty = False
         result = None
         try:
             with self.store.transaction():
                 ended = self._apply(reports, now)
                 if work is not None:
                     result = work(now)
-                if self.scheduler is not None:
+                if timed and self.scheduler is not None:
                     self.scheduler.fire_due(now)
-                self.store.promote_due(now)
+                if timed and self.store.promote_due(now) >= PROMOTE_BATCH:
+                    self._time_dirty = True  # more are due than one turn promotes
+                    self._wake.set()
                 claimed = self._claim(now)
         except BaseException:
             self.reports[:0] = reports  # nothing was applied: keep them for the next turn
             self._ended.clear()
+            self._time_dirty = self._time_dirty or timed
+            self._reload_after_rollback()
             raise
         self.last_cycle_at = now
         self.runner.committed()
@@ -165,8 +197,14 @@ class Dispatcher:
             self.runner.forget(task_id, attempt)
         for task in claimed:
             self.runner.start(task, self.store.env_of(task.env_id))
-        self._arm_due_timer()
+        if timed:
+            self._arm_due_timer()
         return result
+
+    def times_changed(self) -> None:
+        """A schedule was added, paused or resumed: the next due time may be different."""
+        self._time_dirty = True
+        self._wake.set()
 
     def _apply(self, reports: list[Report], now: int) -> list[tuple[int, int]]:
         ended: list[tuple[int, int]] = []
@@ -184,7 +222,11 @@ class Dispatcher:
         end = report.end
         self.store.end_attempt(end)
         self._ended.append(end)
-        task = self.store.get_task(end.task_id)
+        # The row as claimed is still right for the policy (running tasks do not change but
+        # through here); the fenced move below refuses anything stale.
+        task = self._claimed.pop((end.task_id, end.attempt), None) or self.store.get_task(
+            end.task_id
+        )
         if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
             return
         decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
@@ -223,8 +265,8 @@ class Dispatcher:
         return policy.decide(rules, task.tries, outcome, exit_code, self.jitter())
 
     def _claim(self, now: int) -> list[TaskRow]:
-        if not self.accepting:
-            return []
+        if not self.accepting or not self.runner.ready():
+            return []  # no supervisor to hand attempts to: claim when one is back
         free = self.limits.concurrency - sum(self.running.values())
         if free <= 0 or not self.ready_queues:
             return []
@@ -236,6 +278,7 @@ class Dispatcher:
         self.ready_queues -= claim.exhausted
         for task in claim.tasks:
             self.running[task.queue] = self.running.get(task.queue, 0) + 1
+            self._claimed[(task.id, task.attempts)] = task
         return claim.tasks
 
     # -- scheduled tasks ------------------------------------------------------------------------
@@ -251,13 +294,14 @@ class Dispatcher:
         if self._due_timer is not None:
             self._due_timer.cancel()
         loop = asyncio.get_running_loop()
-        delay = max(0.0, (due - self.clock()) / 1000)
+        delay = min(max(0.0, (due - self.clock()) / 1000), WALL_CLOCK_CHECK)
         self._due_at = due
         self._due_timer = loop.call_later(delay, self._due)
 
     def _due(self) -> None:
         self._due_timer = None
         self._due_at = None
+        self._time_dirty = True
         self._wake.set()
 
     def running_count(self) -> int:

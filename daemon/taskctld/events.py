@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from taskctl.api import FINAL_STATES
+from taskctl.errors import Unavailable
 from taskctld.store import EventRow
 
 STREAM_QUEUE = 10_000
@@ -20,8 +21,11 @@ STREAM_QUEUE = 10_000
 
 @dataclass(eq=False)  # compared and hashed by identity: it lives in a set
 class Subscription:
-    queue: asyncio.Queue[EventRow] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
+    queue: asyncio.Queue[EventRow | None] = field(
+        default_factory=lambda: asyncio.Queue(STREAM_QUEUE)
+    )
     overflow: bool = False
+    closed: bool = False  # the daemon is stopping: end the stream (a None wakes it)
 
 
 class EventHub:
@@ -29,6 +33,22 @@ class EventHub:
         self.subscriptions: set[Subscription] = set()
         self.final_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.change_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        """The daemon is stopping: streams end and waiters get `Unavailable`, so that no client
+        holds the stop and each one goes on with the next daemon (`watch` and `wait` do)."""
+        self.closed = True
+        for sub in self.subscriptions:
+            sub.closed = True
+            with suppress(asyncio.QueueFull):  # if full, it sees `closed` after its next batch
+                sub.queue.put_nowait(None)
+        for waiters in (self.final_waiters, self.change_waiters):
+            for pending in waiters.values():
+                for fut in pending:
+                    if not fut.done():
+                        fut.set_exception(_stopping())
+            waiters.clear()
 
     def publish(self, events: list[EventRow]) -> None:
         for sub in self.subscriptions:
@@ -67,10 +87,11 @@ class EventHub:
         """Return at the task's next state change, or after `timeout` seconds."""
         await self._wait(self.change_waiters, task_id, timeout)
 
-    @staticmethod
     async def _wait(
-        waiters: dict[int, list[asyncio.Future[None]]], task_id: int, timeout: float | None
+        self, waiters: dict[int, list[asyncio.Future[None]]], task_id: int, timeout: float | None
     ) -> None:
+        if self.closed:
+            raise _stopping()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.setdefault(task_id, []).append(fut)
         try:
@@ -83,3 +104,7 @@ class EventHub:
                 pending.remove(fut)
                 if not pending:
                     del waiters[task_id]
+
+
+def _stopping() -> Unavailable:
+    return Unavailable("taskctld is stopping; ask again once it is back")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -45,7 +46,8 @@ from taskctld.supervisor import (
 
 log = logging.getLogger("taskctld.runner")
 
-HELLO_TIMEOUT = 5.0
+HELLO_TIMEOUT = 10.0  # well under the CLI's 30 s wait for a starting daemon
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # seconds between tries for a new supervisor
 Key = tuple[int, int]
 
 
@@ -123,6 +125,8 @@ class Runner:
         self.closing = False
         self.orphaned: dict[Key, dict[str, Any]] = {}  # journals of supervisors that died
         self.dead_journals: list[Path] = []  # to delete once their outcomes are committed
+        self.on_ready: Callable[[], None] = lambda: None  # a new supervisor takes attempts
+        self.problem: str | None = None  # why no supervisor takes attempts, when none does
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -131,24 +135,20 @@ class Runner:
         hellos (what they still run and what ended meanwhile)."""
         earlier = known_supervisors(self.paths.run)
         self._read_dead_journals({info.pid for info in earlier})
-        self.process, info = launch_supervisor(
-            self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
-        )
-        self.current = await self._connect(info)
-        await self.current.hello
+        try:
+            self.current = await self._start_own()
+        except (OSError, ConnectionError, TimeoutError) as e:
+            raise TaskctlError(f"cannot start the supervisor: {e or type(e).__name__}") from e
+        # All earlier supervisors are asked at once: one that hangs costs HELLO_TIMEOUT, not
+        # HELLO_TIMEOUT each.
+        answers = await asyncio.gather(*(self._hello_of(old) for old in earlier))
+        if any(answer is None for answer in answers):  # their journals settle what they ran
+            self._read_dead_journals({link.info.pid for link in self.links})
         hellos = []
-        for old in earlier:
-            try:
-                link = await self._connect(old)
-                hello = await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
-            except (OSError, ConnectionError, TimeoutError) as e:
-                # It exited meanwhile (idle supervisors do): its journal tells what it ran.
-                log.info("the supervisor of an earlier daemon (pid %d) is gone: %s", old.pid, e)
-                self._read_dead_journals(
-                    {info.pid for info in earlier if info is not old}
-                    | {link.info.pid for link in self.links}
-                )
+        for old, answer in zip(earlier, answers, strict=True):
+            if answer is None:
                 continue
+            link, hello = answer
             link.send({"op": "retire"})
             hellos.append(hello)
             for item in hello.get("running", []):
@@ -159,6 +159,42 @@ class Runner:
                 len(hello.get("running", [])),
             )
         return hellos
+
+    async def _hello_of(self, old: SupervisorInfo) -> tuple[Link, dict[str, Any]] | None:
+        """Connect to an earlier daemon's supervisor and take its hello. None when it exited
+        meanwhile (idle supervisors do) or does not answer: then it is treated as dead, so that
+        nothing it runs goes unsupervised or runs twice."""
+        try:
+            link = await self._connect(old)
+            return link, await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
+        except (OSError, ConnectionError, TimeoutError) as e:
+            log.info("the supervisor of an earlier daemon (pid %d) is gone: %r", old.pid, e)
+            self._abandon(old)
+            return None
+
+    async def _start_own(self) -> Link:
+        """Launch our supervisor and wait for its hello; one that does not answer in time is
+        killed."""
+        self.process, info = launch_supervisor(
+            self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
+        )
+        try:
+            link = await self._connect(info)
+            await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
+        except BaseException:
+            self._abandon(info)
+            raise
+        return link
+
+    def _abandon(self, info: SupervisorInfo) -> None:
+        """Drop a supervisor that did not say hello: close our link and kill it (if it is still
+        that process). Its journal then settles what it ran; its commands are killed there."""
+        for link in [link for link in self.links if link.info.pid == info.pid]:
+            self.links.remove(link)
+            link.close()
+        if ProcessId(info.pid, info.start, info.boot_id).state(read_boot_id()) == "alive":
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(info.pid, signal.SIGKILL)
 
     def _read_dead_journals(self, alive: set[int]) -> None:
         for path in self.paths.run.glob("supervisor.*.journal"):
@@ -236,6 +272,10 @@ class Runner:
         for task_id, attempt in list(self.owner):
             self.stop(task_id, attempt, "interrupt")
 
+    def ready(self) -> bool:
+        """Whether a supervisor takes new attempts now (ours said hello and is connected)."""
+        return self.current is not None and not self.current.lost
+
     def running_count(self) -> int:
         return len(self.owner)
 
@@ -268,23 +308,33 @@ class Runner:
         if link is self.current:
             log.error("our supervisor (pid %d) died; starting a new one", link.info.pid)
             self.current = None
+            self.problem = "the supervisor died; starting a new one"
             asyncio.get_running_loop().create_task(self._replace_supervisor())
         self._read_dead_journals({other.info.pid for other in self.links})
         for key in [k for k, owner in self.owner.items() if owner is link]:
             self.report(self.settle(key))
 
     async def _replace_supervisor(self) -> None:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            if self.process is not None:
-                self.process.wait(timeout=1)
-        try:
-            self.process, info = launch_supervisor(
-                self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
-            )
-            self.current = await self._connect(info)
-            await self.current.hello
-        except (OSError, ConnectionError, TaskctlError) as e:
-            log.error("cannot start a new supervisor: %s", e)
+        """Our supervisor died (the daemon reaps its process): start another, trying again with
+        a growing pause until one says hello, then tell the dispatcher. Meanwhile `ready()` is
+        false, so the dispatcher claims nothing, and health says why."""
+        for attempt in itertools.count():
+            if self.closing:
+                return
+            try:
+                link = await self._start_own()
+            except (OSError, ConnectionError, TimeoutError, TaskctlError) as e:
+                pause = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+                self.problem = f"cannot start a supervisor ({e or type(e).__name__}); retrying"
+                log.error("cannot start a new supervisor: %r; trying again in %.1fs", e, pause)
+                await asyncio.sleep(pause)
+                continue
+            if self.closing:
+                link.close()
+                return
+            self.current, self.problem = link, None
+            self.on_ready()
+            return
 
     # -- settling attempts nobody runs any more -------------------------------------------------
 

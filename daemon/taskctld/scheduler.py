@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from taskctl.errors import InvalidRequest
+from taskctl.errors import InvalidRequest, StorageFull, TaskctlError
 from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
 
 log = logging.getLogger("taskctld.scheduler")
@@ -194,7 +194,7 @@ class Scheduler:
                 now,
             )
             for due in p.fire:
-                if self.fire(schedule, due, now) is not None:
+                if self.fire_safely(schedule, due, now) is not None:
                     for observer in self.on_fire:
                         observer(now - due)
             if p.missed:
@@ -207,6 +207,24 @@ class Scheduler:
             self.store.update_schedule(
                 schedule.id, last_due=now, next_due=p.next_due, updated_at=now
             )
+
+    def fire_safely(
+        self, schedule: ScheduleRow, due: int, now: int, extra_env: dict[str, str] | None = None
+    ) -> int | None:
+        """`fire` in a savepoint: a schedule whose task cannot be created (its directory
+        vanished, say) records the failed fire and moves on; it never takes the dispatcher's
+        transaction, and so everything else, down with it."""
+        try:
+            with self.store.savepoint():
+                return self.fire(schedule, due, now, extra_env)
+        except StorageFull:
+            raise  # transient: the whole turn is retried, the fire with it
+        except (TaskctlError, ValueError, KeyError, TypeError) as e:
+            message = e.message if isinstance(e, TaskctlError) else str(e)
+            log.error("schedule %s: cannot create its task for %d: %s", schedule.name, due, message)
+            if not self.store.fire_exists(schedule.id, due):
+                self.store.record_fire(schedule.id, due, now, None, f"error: {message}"[:500])
+            return None
 
     def fire(
         self, schedule: ScheduleRow, due: int, now: int, extra_env: dict[str, str] | None = None
@@ -242,7 +260,7 @@ class Scheduler:
         self.changes_dir.mkdir(mode=0o700, exist_ok=True)
         listing = self.changes_dir / f"{schedule_id}-{now}.txt"
         listing.write_text("".join(f"{p}\n" for p in sorted(changed)))
-        return self.fire(schedule, now, now, {"TASKCTL_CHANGED_PATHS": str(listing)})
+        return self.fire_safely(schedule, now, now, {"TASKCTL_CHANGED_PATHS": str(listing)})
 
     def overdue(self, now: int) -> list[str]:
         """Names of active cron schedules more than a few seconds past their due time."""
@@ -312,7 +330,10 @@ class Triggers:
                 rust_timeout=0,
                 yield_on_timeout=False,
             ):
-                self.on_burst(schedule_id, sorted({path for _, path in changes}))
+                try:
+                    self.on_burst(schedule_id, sorted({path for _, path in changes}))
+                except Exception:  # one failed burst (a full disk, say) must not end the watch
+                    log.exception("trigger %d: cannot fire for a burst of changes", schedule_id)
         except asyncio.CancelledError:
             raise
         except Exception:

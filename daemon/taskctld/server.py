@@ -12,6 +12,7 @@ whatever the socket file's permissions say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from taskctl import API_VERSION, __version__
 from taskctl.api import (
+    FINAL_STATES,
     QUEUE_NAME_PATTERN,
     BatchSpec,
     ErrorBody,
@@ -48,7 +50,14 @@ from taskctl.api import (
     TaskSpec,
     TaskState,
 )
-from taskctl.errors import InvalidRequest, NotFound, PayloadTooLarge, TaskctlError, TooMany
+from taskctl.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    TaskctlError,
+    TooMany,
+    Unavailable,
+)
 from taskctld.service import Service
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
@@ -216,7 +225,7 @@ def create_app(service: Service) -> FastAPI:
         task = service.task(task_id)
         if follow and task.attempts == 0:
             task = await service.wait_started(task_id)
-        if task.attempts == 0 and task.state.value in ("succeeded", "failed", "cancelled"):
+        if task.attempts == 0 and task.state in FINAL_STATES:
             return Response(b"", media_type="application/octet-stream")  # ended without running
         number, path = service.log_path(task, attempt, stream)
         start = _tail_offset(path, tail) if tail is not None else 0
@@ -359,7 +368,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post(f"{v1}/prune", tags=["tasks"])
     async def prune(request: PruneRequest) -> Response:
         """Remove finished tasks, their logs and old events now (retention runs hourly too)."""
-        return json_response(service.prune(request.older_than))
+        return json_response(await service.prune(request.older_than))
 
     @app.post(f"{v1}/daemon/stop", tags=["daemon"])
     async def stop(request: StopRequest) -> Response:
@@ -446,7 +455,18 @@ async def _follow_log(
     """Stream one attempt's log as it grows; with `across`, move on to later attempts until the
     task is final."""
     offset = start
-    while True:
+    service.followers += 1
+    try:
+        async for chunk in _follow_attempts(service, task_id, number, stream, offset, across):
+            yield chunk
+    finally:
+        service.followers -= 1
+
+
+async def _follow_attempts(
+    service: Service, task_id: int, number: int, stream: str, offset: int, across: bool
+) -> AsyncIterator[bytes]:
+    while not service.hub.closed:  # stopping: the CLI finds the task not final and says so
         _, path = service.log_path(service.task(task_id), number, stream)
         async for chunk in _read_log(path, offset):
             offset += len(chunk)
@@ -459,10 +479,11 @@ async def _follow_log(
         task = service.task(task_id)
         if across and task.attempts > number:  # a later attempt (perhaps already over)
             number, offset = number + 1, 0
-        elif not across or task.state.value in ("succeeded", "failed", "cancelled"):
+        elif not across or task.state in FINAL_STATES:
             return
         else:
-            await service.hub.wait_change(task_id, 1.0)
+            with contextlib.suppress(Unavailable):  # stopping: the loop ends
+                await service.hub.wait_change(task_id, 1.0)
 
 
 async def _event_lines(
@@ -499,10 +520,11 @@ async def _event_chunks(
                 yield b"".join(_ndjson(event_view(e)) for e in chunk)
         if not follow:
             return
-        while True:
-            batch = [await sub.queue.get()]
+        while not sub.closed:  # until the daemon stops: then `watch` goes on with the next
+            taken = [await sub.queue.get()]
             while not sub.queue.empty():
-                batch.append(sub.queue.get_nowait())
+                taken.append(sub.queue.get_nowait())
+            batch = [e for e in taken if e is not None]
             if sub.overflow:
                 sub.overflow = False
                 batch = service.store.events_after(last, 100_000)

@@ -46,6 +46,7 @@ from taskctld.views import task_view
 log = logging.getLogger("taskctld.service")
 
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
+PRUNE_BATCH = 2000  # tasks per transaction when pruning
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Service:
     stop_mode: str = "leave"
     stop_timeout: float | None = None
     watchers: int = 0  # connected event streams
+    followers: int = 0  # connected `logs --follow` streams
+    pruning: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -142,38 +145,34 @@ class Service:
         return result
 
     def _insert_unless_known(self, tasks: list[NewTask], now: int) -> list[Submitted]:
+        """Insert the tasks whose key (if any) is new; a key seen before, in the store or
+        earlier in the same batch, gives back its task if the request is the same one."""
         since = now - int(self.config.key_retention * 1000)
-        known: dict[str, Submitted] = {}
+        holders: dict[str, tuple[str | None, int]] = {}  # key -> (fingerprint, id or -1-index)
         fresh: list[NewTask] = []
-        plan: list[Submitted | int] = []  # a known task, or an index into `fresh`
+        plan: list[tuple[int, bool]] = []  # (id, or -1-index into fresh; deduplicated)
         for task in tasks:
             key = task.key
-            if key is not None and key not in known:
+            if key is not None and key not in holders:
                 found = self.store.find_by_key(key, since)
                 if found is not None:
-                    if found.key_fingerprint != task.key_fingerprint:
-                        raise Conflict(
-                            f"idempotency key {key!r} belongs to task {found.id}, submitted with a "
-                            "different command or options"
-                        )
-                    known[key] = Submitted(found.id, deduplicated=True)
-            if key is not None and key in known:
-                plan.append(known[key])
+                    holders[key] = (found.key_fingerprint, found.id)
+            if key is not None and key in holders:
+                fingerprint, holder = holders[key]
+                if fingerprint != task.key_fingerprint:
+                    owner = f"task {holder}" if holder > 0 else "another task of this batch"
+                    raise Conflict(
+                        f"idempotency key {key!r} belongs to {owner}, submitted with a different "
+                        "command or options"
+                    )
+                plan.append((holder, True))
                 continue
-            plan.append(len(fresh))
-            fresh.append(task)
+            plan.append((-1 - len(fresh), False))
             if key is not None:
-                known[key] = Submitted(-len(fresh), deduplicated=True)  # resolved below
+                holders[key] = (task.key_fingerprint, -1 - len(fresh))
+            fresh.append(task)
         ids = self.store.submit(fresh, now) if fresh else []
-        out = []
-        for item in plan:
-            if isinstance(item, int):
-                out.append(Submitted(ids[item], deduplicated=False))
-            elif item.task_id < 0:
-                out.append(Submitted(ids[-item.task_id - 1], deduplicated=True))
-            else:
-                out.append(item)
-        return out
+        return [Submitted(ref if ref > 0 else ids[-1 - ref], dedup) for ref, dedup in plan]
 
     def resolve(self, spec: TaskSpec, now: int, *, check_cwd: bool = True) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
@@ -254,17 +253,33 @@ class Service:
         if task.state in FINAL_STATES:
             raise Conflict(f"task {task_id} is already {task.state.value}")
         if task.state is TaskState.RUNNING:
-            self.runner.stop(task.id, task.attempts, "cancel")
-            await self.wait_final(task_id, task.kill_grace + 10)
-            return self.task(task_id)
-        now = now_ms()
-        with self.store.transaction():
-            moved = self.store.move(
+            attempt, limit = task.attempts, task.kill_grace + 10
+            # Its supervisor ignores the cancel if the command has exited already (its end is
+            # on the way, and the retry policy may queue it again): either way, wait for this
+            # attempt to end, then cancel the task in whatever state it is in then.
+            self.runner.stop(task.id, attempt, "cancel")
+            if not await self._attempt_ended(task_id, attempt, limit):
+                raise Conflict(f"task {task_id} did not stop within {limit:.0f}s")
+            task = self.task(task_id)
+            return task if task.state in FINAL_STATES else await self.cancel(task_id)
+
+        def cancel_now(now: int) -> bool:
+            return self.store.move(
                 task_id, task.state, TaskState.CANCELLED, now, reason="cancelled", finished_at=now
             )
-        if not moved:  # it changed state meanwhile (claimed, say): try again with the new state
+
+        if not self.dispatcher.cycle(cancel_now):  # it changed state meanwhile: try again
             return await self.cancel(task_id)
         return self.task(task_id)
+
+    async def _attempt_ended(self, task_id: int, attempt: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while (t := self.task(task_id)).state is TaskState.RUNNING and t.attempts == attempt:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await self.hub.wait_change(task_id, left)
+        return True
 
     def retry(self, task_id: int) -> TaskRow:
         """Queue a finished task again as a new attempt. Its history stays; its retry policy
@@ -323,27 +338,28 @@ class Service:
 
     # -- retention ------------------------------------------------------------------------------
 
-    def prune(self, older_than: float | None = None) -> dict[str, int]:
+    async def prune(self, older_than: float | None = None) -> dict[str, int]:
         """Remove finished tasks (with their logs) ended more than `older_than` seconds ago
         (default: the configured retention) or beyond `keep_finished`, and older events. In
-        short transactions, so the daemon keeps serving meanwhile."""
-        now = now_ms()
-        cutoff = now - int((self.config.retention if older_than is None else older_than) * 1000)
-        removed = logs = 0
-        while batch := self.store.prunable(cutoff, self.config.keep_finished, 2000):
-            ids = [row[0] for row in batch]
-            self.dispatcher.cycle(lambda now, ids=ids: self.store.remove_tasks(ids))  # type: ignore[misc]
-            for task_id, queue, state, attempts in batch:
-                self.metrics.on_removed(queue, state, 1)
-                logs += _remove_logs(self.paths.logs, task_id, attempts)
-            removed += len(batch)
-        events = self.dispatcher.cycle(lambda now: self.store.prune_history(cutoff)) or 0
-        for listing in (self.paths.state / "changes").glob("*.txt"):
-            with contextlib.suppress(OSError):
-                if listing.stat().st_mtime * 1000 < cutoff:
-                    listing.unlink()
-        self.store.compact()
-        return {"tasks": removed, "log_files": logs, "events": events}
+        short transactions, yielding between them, so the daemon keeps serving meanwhile; one
+        prune at a time."""
+        async with self.pruning:
+            now = now_ms()
+            retention = self.config.retention if older_than is None else older_than
+            cutoff = now - int(retention * 1000)
+            removed = logs = 0
+            while batch := self.store.prunable(cutoff, self.config.keep_finished, PRUNE_BATCH):
+                ids = [row[0] for row in batch]
+                self.dispatcher.cycle(lambda now, ids=ids: self.store.remove_tasks(ids))  # type: ignore[misc]
+                for task_id, queue, state, attempts in batch:
+                    self.metrics.on_removed(queue, state, 1)
+                    logs += _remove_logs(self.paths.logs, task_id, attempts)
+                removed += len(batch)
+                await asyncio.sleep(0)
+            events = self.dispatcher.cycle(lambda now: self.store.prune_history(cutoff)) or 0
+            _remove_old_listings(self.paths.state / "changes", cutoff)
+            self.store.compact()
+            return {"tasks": removed, "log_files": logs, "events": events}
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -397,6 +413,12 @@ class Service:
         """Validate everything (expression, zone, paths, the task), then store it. Nothing is
         created when anything is wrong."""
         now = now_ms()
+        t = spec.task
+        if t.after or t.after_any or t.key or t.delay or t.run_at:
+            raise InvalidRequest(
+                "a schedule's task cannot have dependencies, an idempotency key, a delay or a "
+                "start time (the schedule decides when it runs)"
+            )
         self.resolve(spec.task, now)  # the task must be valid today
         template = spec.task.model_dump_json(exclude_none=True)
         if spec.kind == "cron":
@@ -426,6 +448,7 @@ class Service:
             )
         row = self.dispatcher.cycle(lambda now: self.store.add_schedule(new, now))
         assert row is not None
+        self.dispatcher.times_changed()
         if row.kind == "trigger":
             self.triggers.arm(row)
         return row
@@ -456,6 +479,7 @@ class Service:
             self.store.update_schedule(row.id, **fields)
 
         self.dispatcher.cycle(change)
+        self.dispatcher.times_changed()
         row = self.schedule(name)
         if row.kind == "trigger":
             if paused:
@@ -484,6 +508,7 @@ class Service:
             "command": template["command"],
             "shell": template.get("shell", False),
             "queue": template.get("queue", "default"),
+            "options": _template_options(template),
             "created_at": ms_to_rfc3339(row.created_at),
         }
         if row.kind == "cron":
@@ -522,6 +547,8 @@ class Service:
             problem = _probe_folder(folder)
             if problem:
                 reasons.append(problem)
+        if self.runner.problem:
+            reasons.append(self.runner.problem)
         late = self.scheduler.overdue(now_ms())
         if late:
             reasons.append(f"scheduler behind: {', '.join(late)} past due")
@@ -538,6 +565,7 @@ class Service:
             "queued": self.metrics.total("queued"),
             "concurrency": self.config.concurrency,
             "last_event_id": self.store.last_event_id(),
+            "streams": self.watchers + self.followers,
             "scheduler_heartbeat_age": round((now_ms() - tick) / 1000, 3) if tick else None,
             "database_size": _size(self.paths.database),
             "wal_size": _size(self.paths.database.with_name(self.paths.database.name + "-wal")),
@@ -557,6 +585,14 @@ class Service:
 def _first(*values: Any) -> Any:
     """The first of the values that is set (task, then queue, then daemon default)."""
     return next((v for v in values if v is not None), None)
+
+
+def _remove_old_listings(folder: Path, cutoff: int) -> None:
+    """File triggers' changed-path listings, by age."""
+    for listing in folder.glob("*.txt"):
+        with contextlib.suppress(OSError):
+            if listing.stat().st_mtime * 1000 < cutoff:
+                listing.unlink()
 
 
 def _remove_logs(folder: Path, task_id: int, attempts: int) -> int:
@@ -623,3 +659,18 @@ def _check_exec_size(command: list[str], env: dict[str, str] | None) -> None:
         raise InvalidRequest(
             f"command and environment take {total} bytes; execve accepts at most {limit} here"
         )
+
+
+_SHOWN_APART = {"command", "shell", "queue", "env"}  # env: it may hold secrets
+
+
+def _template_options(template: dict[str, Any]) -> dict[str, Any]:
+    """The submit options a schedule's tasks get, where they differ from the defaults."""
+    fields = TaskSpec.model_fields
+    return {
+        k: v
+        for k, v in template.items()
+        if k not in _SHOWN_APART
+        and k in fields
+        and v != fields[k].get_default(call_default_factory=True)
+    }

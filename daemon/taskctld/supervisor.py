@@ -9,8 +9,9 @@ loop over the daemon's connection, the output pipes, a signal wake-up pipe and t
 Why not one Python worker per task: forking an interpreter costs about 0.8-1 ms here, more than
 starting the command itself (`bench/fork_cost.py`); a shared supervisor pays only the vfork.
 
-It outlives the daemon. The daemon forks it at start-up, before importing its web stack or
-opening the database (so it is small and single-threaded), and talks to it over a Unix socket.
+It outlives the daemon. The daemon starts it as a fresh interpreter (`python -m
+taskctld.supervisor`, importing only this module and `procfs`, so it is small and
+single-threaded) and talks to it over a Unix socket.
 When the daemon dies, the supervisor keeps running its tasks and keeps their outcomes (in memory
 and in run files); the next daemon connects to it, receives a `hello` listing what runs and what
 ended, and tells it to retire: it takes no new work and exits once its last task has ended.
@@ -45,6 +46,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,7 @@ class Journal:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
+        self.compact_at = JOURNAL_COMPACT_AT
 
     def append(self, kind: str, record: dict[str, Any]) -> None:
         """Best effort: on a full disk the record is lost here, but the connected daemon gets
@@ -107,16 +110,37 @@ class Journal:
         self.size += len(line)
 
     def rewrite(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        """Replace the journal with just `records` (atomic: a new file renamed over it)."""
+        """Replace the journal with just `records` (atomic: a new file renamed over it). When
+        that fails (a full disk), the old journal stays in use and the next try waits until it
+        has grown by another JOURNAL_COMPACT_AT."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            for kind, record in records:
-                f.write(json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.path)
+        try:
+            with open(tmp, "wb") as f:
+                for kind, record in records:
+                    f.write(json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n")
+            os.chmod(tmp, 0o600)
+            tmp.replace(self.path)
+        except OSError as e:
+            print(f"taskctld supervisor: cannot compact {self.path}: {e.strerror}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.compact_at = self.size + JOURNAL_COMPACT_AT
+            return
+        try:  # never leave self.fd closed (a reused descriptor number would take our appends)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as e:
+            print(f"taskctld supervisor: cannot reopen {self.path}: {e.strerror}", file=sys.stderr)
+            self.compact_at = self.size + JOURNAL_COMPACT_AT
+            return
         os.close(self.fd)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.fd = fd
         self.size = os.fstat(self.fd).st_size
+        # Many long-running attempts can keep even the compacted journal big: compact again
+        # only once it has doubled, not on every record.
+        self.compact_at = max(JOURNAL_COMPACT_AT, 2 * self.size)
+
+    def wants_compacting(self) -> bool:
+        return self.size > self.compact_at
 
 
 def read_journal(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -594,22 +618,23 @@ class Supervisor:
     # -- reaping and finishing ------------------------------------------------------------------
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        """Collect every exited child: our commands, and orphans of their trees (reparented to
+        us, the subreaper). Then finish what can be finished: an orphan reaped just now may
+        have been the last member of an attempt's group (a killed shell's killed child, say)."""
+        exited = []
+        for pid, status, usage in _exited_children():
             running = self.by_pid.pop(pid, None)
             if running is None:
                 self.warned.discard(pid)
-                continue  # an orphan of some task's tree, reparented to us: reaped
+                continue
             running.status, running.usage = status, usage
             running.exited_at = time.monotonic()
             heapq.heappush(self.timers, (running.exited_at + LEFTOVER_GRACE, running.key))
+            exited.append(running)
+        for running in exited:
             if _group_alive(running.pid):
                 self._start_kill(running, None)  # it left processes behind in its group
+        for running in [r for r in self.running.values() if r.status is not None]:
             self._maybe_finish(running)
 
     def _maybe_finish(self, running: Running, force: bool = False) -> None:
@@ -686,7 +711,7 @@ class Supervisor:
 
     def _ack(self, key: tuple[int, int]) -> None:
         self.done.pop(key, None)
-        if self.journal.size > JOURNAL_COMPACT_AT:
+        if self.journal.wants_compacting():
             self._compact()
 
     def _compact(self) -> None:
@@ -841,11 +866,11 @@ def _spawn_fast(spec: AttemptSpec, out_w: int, err_w: int) -> int:
     """posix_spawn (vfork+exec): the cheapest way to start a process from Python. It cannot
     change directory, so we do (this process is single-threaded and uses absolute paths).
     Every descriptor of ours is close-on-exec (PEP 446), so the command gets only 0, 1, 2."""
-    program = _resolve(spec.argv[0], spec.env.get("PATH", os.defpath))
     try:
         os.chdir(spec.cwd)
     except OSError as e:
         raise OSError(e.errno, e.strerror, spec.cwd) from None
+    program = _resolve(spec.argv[0], spec.env.get("PATH", os.defpath))  # after chdir: ./x works
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, out_w, 1),
@@ -900,6 +925,17 @@ def _vm_hwm(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _exited_children() -> Iterator[tuple[int, int, resource.struct_rusage]]:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status, usage
 
 
 def _group_alive(pgid: int) -> bool:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from taskctl.client import Client
-from taskctl.errors import InvalidRequest
+from taskctl.errors import InvalidRequest, Unavailable, Unreachable
 from taskctl.units import parse_duration, parse_size
 
 JsonOption = Annotated[
@@ -121,20 +121,41 @@ def die(message: str, code: int) -> NoReturn:
 
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 _WAIT_SLICE = 30.0
+RECONNECT_AFTER = (0.2, 0.5, 1.0, 2.0)  # seconds between tries, then every 2 s
+
+
+def reconnect_pause(failures: int) -> float:
+    return RECONNECT_AFTER[min(failures, len(RECONNECT_AFTER) - 1)]
 
 
 def wait_final(c: Client, task_id: int, timeout: float | None = None) -> dict[str, Any]:
     """The task once final, or as it is at `timeout`. The daemon holds each request until the
-    task changes (no polling here); requests are sliced so a restarted daemon is picked up."""
+    task changes (no polling here). A daemon that stops or restarts meanwhile does not end the
+    wait: the task goes on under its supervisor, so we wait for the next daemon (never
+    starting one ourselves) and ask it."""
     import time
 
     from taskctl.client import path_for
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+    task: dict[str, Any] = c.call("GET", path_for("tasks", task_id))  # it exists, and we got in
+    c.autostart = False
+    failures = 0
+    while task["state"] not in FINAL_STATES:
         left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
-        task: dict[str, Any] = c.call(
-            "GET", path_for("tasks", task_id, "wait", timeout=max(0.0, left)), timeout=left + 30
-        )
-        if task["state"] in FINAL_STATES or (deadline is not None and time.monotonic() >= deadline):
-            return task
+        if left <= 0:
+            break
+        try:
+            task = c.call(
+                "GET", path_for("tasks", task_id, "wait", timeout=left), timeout=left + 30
+            )
+        except (Unreachable, Unavailable) as e:
+            if failures == 0:
+                note(f"taskctl: lost taskctld ({e.message}); waiting for it to come back...")
+            time.sleep(reconnect_pause(failures))
+            failures += 1
+            continue
+        if failures:
+            note("taskctl: reconnected to taskctld")
+            failures = 0
+    return task

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from taskctl import render
-from taskctl.cli.common import JsonOption, client, emit_json, ids
-from taskctl.client import path_for
+from taskctl.cli.common import FINAL_STATES, JsonOption, client, die, emit_json, ids
+from taskctl.client import Client, path_for
+from taskctl.errors import Unavailable, Unreachable
 
 
 def logs(
@@ -37,7 +38,8 @@ def logs(
     cannot rewrite your screen; in a pipe (or with --raw) the bytes pass through unchanged.
     With --json: one object with the output decoded as UTF-8 (NDJSON chunks with --follow)."""
     (number,) = ids([task_id])
-    response = client().open(
+    c = client()
+    response = c.open(
         "GET",
         path_for(
             "tasks", number, "logs",
@@ -46,21 +48,42 @@ def logs(
         ),
         timeout=None,
     )  # fmt: skip
-    out = sys.stdout.buffer
     stream = "stderr" if stderr else "stdout"
     if json_:
         _write_json(response.iter_chunks(), number, stream, follow)
-        return
-    if raw or not sys.stdout.isatty():
-        for chunk in response.iter_chunks():
+    else:
+        _write(response.iter_chunks(), raw or not sys.stdout.isatty())
+    if follow:
+        _check_followed_to_the_end(c, number)
+
+
+def _write(chunks: Iterator[bytes], raw: bool) -> None:
+    out = sys.stdout.buffer
+    if raw:
+        for chunk in chunks:
             out.write(chunk)
             out.flush()
         return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for chunk in response.iter_chunks():
+    for chunk in chunks:
         text = decoder.decode(chunk)
         out.write(render.escape_controls(text.encode()).encode())
         out.flush()
+
+
+def _check_followed_to_the_end(c: Client, task_id: int) -> None:
+    """A followed stream also ends when the daemon stops: then say so (exit 3) rather than
+    pass for a task that ended."""
+    try:
+        state = c.call("GET", path_for("tasks", task_id))["state"]
+    except (Unreachable, Unavailable):
+        state = None
+    if state not in FINAL_STATES:
+        die(
+            f"taskctld stopped while following task {task_id}, which goes on; "
+            f"`taskctl logs -f {task_id}` again once the daemon is back",
+            Unreachable.exit_code,
+        )
 
 
 def _write_json(chunks: Iterator[bytes], task_id: int, stream: str, follow: bool) -> None:

@@ -17,9 +17,9 @@ Command = Annotated[list[str], typer.Argument(help="The command and its argument
 Name = Annotated[
     str | None, typer.Option("-n", "--name", help="A name to show instead of the command.")
 ]
-Queue = Annotated[str, typer.Option("-q", "--queue", help="Queue to run in.")]
+Queue = Annotated[str, typer.Option("-q", "--queue", metavar="QUEUE", help="Queue to run in.")]
 Priority = Annotated[
-    int, typer.Option("-p", "--priority", help="Higher runs first within its queue.")
+    int, typer.Option("-p", "--priority", metavar="N", help="Higher runs first within its queue.")
 ]
 Shell = Annotated[
     bool, typer.Option("--shell", help="Run the command as one string through sh -c.")
@@ -27,13 +27,21 @@ Shell = Annotated[
 Cwd = Annotated[
     str | None,
     typer.Option(
-        "-C", "--cwd", help="Working directory (default: the current one).", rich_help_panel=EXEC
+        "-C",
+        "--cwd",
+        metavar="DIR",
+        help="Working directory (default: the current one).",
+        rich_help_panel=EXEC,
     ),
 ]
 Env = Annotated[
     list[str] | None,
     typer.Option(
-        "-e", "--env", help="Set K=V in the task's environment (repeatable).", rich_help_panel=EXEC
+        "-e",
+        "--env",
+        metavar="K=V",
+        help="Set K=V in the task's environment (repeatable).",
+        rich_help_panel=EXEC,
     ),
 ]
 NoEnv = Annotated[
@@ -45,12 +53,14 @@ NoEnv = Annotated[
     ),
 ]
 Label = Annotated[
-    list[str] | None, typer.Option("-l", "--label", help="Attach a K=V label (repeatable).")
+    list[str] | None,
+    typer.Option("-l", "--label", metavar="K=V", help="Attach a K=V label (repeatable)."),
 ]
 Retries = Annotated[
     int | None,
     typer.Option(
         "--retries",
+        metavar="N",
         min=0,
         max=1000,
         help="Attempts after the first when it fails.",
@@ -58,58 +68,100 @@ Retries = Annotated[
     ),
 ]
 Backoff = Annotated[
-    str | None, typer.Option("--backoff", help="fixed or exponential.", rich_help_panel=RETRY)
+    str | None,
+    typer.Option(
+        "--backoff",
+        metavar="fixed|exponential",
+        help="fixed or exponential.",
+        rich_help_panel=RETRY,
+    ),
 ]
 RetryDelay = Annotated[
     str | None,
-    typer.Option("--retry-delay", help="Delay before a retry (e.g. 5s).", rich_help_panel=RETRY),
+    typer.Option(
+        "--retry-delay",
+        metavar="DURATION",
+        help="Delay before a retry (e.g. 5s).",
+        rich_help_panel=RETRY,
+    ),
 ]
 MaxDelay = Annotated[
     str | None,
-    typer.Option("--max-delay", help="Cap on the exponential delay.", rich_help_panel=RETRY),
+    typer.Option(
+        "--max-delay",
+        metavar="DURATION",
+        help="Cap on the exponential delay.",
+        rich_help_panel=RETRY,
+    ),
 ]
 RetryOn = Annotated[
     str | None,
     typer.Option(
-        "--retry-on", help="Retry only these exit codes (e.g. 75,111).", rich_help_panel=RETRY
+        "--retry-on",
+        metavar="CODES",
+        help="Retry only these exit codes (e.g. 75,111).",
+        rich_help_panel=RETRY,
     ),
 ]
 NoRetryOn = Annotated[
     str | None,
-    typer.Option("--no-retry-on", help="Never retry these exit codes.", rich_help_panel=RETRY),
+    typer.Option(
+        "--no-retry-on",
+        metavar="CODES",
+        help="Never retry these exit codes.",
+        rich_help_panel=RETRY,
+    ),
 ]
 Timeout = Annotated[
     str | None,
     typer.Option(
-        "--timeout", help="Kill an attempt after this long (e.g. 30m).", rich_help_panel=EXEC
+        "--timeout",
+        metavar="DURATION",
+        help="Kill an attempt after this long (e.g. 30m).",
+        rich_help_panel=EXEC,
     ),
 ]
 KillGrace = Annotated[
     str | None,
     typer.Option(
         "--kill-grace",
+        metavar="DURATION",
         help="SIGTERM to SIGKILL grace on cancel/timeout (default 10s).",
         rich_help_panel=EXEC,
     ),
 ]
 MemoryLimit = Annotated[
     str | None,
-    typer.Option("--memory-limit", help="Address-space limit, e.g. 512M.", rich_help_panel=EXEC),
+    typer.Option(
+        "--memory-limit",
+        metavar="SIZE",
+        help="Address-space limit, e.g. 512M.",
+        rich_help_panel=EXEC,
+    ),
 ]
 Delay = Annotated[
     str | None,
-    typer.Option("--delay", help="Start after this long (e.g. 10m).", rich_help_panel=WHEN),
+    typer.Option(
+        "--delay",
+        metavar="DURATION",
+        help="Start after this long (e.g. 10m).",
+        rich_help_panel=WHEN,
+    ),
 ]
 At = Annotated[
     str | None,
     typer.Option(
-        "--at", help="Start at a time: RFC 3339, HH:MM, or a duration.", rich_help_panel=WHEN
+        "--at",
+        metavar="TIME",
+        help="Start at a time: RFC 3339, HH:MM, or a duration.",
+        rich_help_panel=WHEN,
     ),
 ]
 After = Annotated[
     list[str] | None,
     typer.Option(
         "--after",
+        metavar="ID",
         help="Start once these tasks succeeded (repeatable, or 1,2,3).",
         rich_help_panel=WHEN,
     ),
@@ -118,6 +170,7 @@ AfterAny = Annotated[
     list[str] | None,
     typer.Option(
         "--after-any",
+        metavar="ID",
         help="Start once these tasks are final, however they ended.",
         rich_help_panel=WHEN,
     ),

@@ -13,6 +13,7 @@ def prune(
         str | None,
         typer.Option(
             "--older-than",
+            metavar="DURATION",
             help="Finished more than this long ago (default: the daemon's retention, 7d).",
         ),
     ] = None,

@@ -107,7 +107,8 @@ def _each(task_ids: list[str], action: str, json_: bool) -> None:
         try:
             task = c.call("POST", path_for("tasks", task_id, action), timeout=None)
         except TaskctlError as e:
-            note(f"taskctl: task {task_id}: {e.message}")
+            named = str(task_id) in e.message.split()  # most messages name the task already
+            note(f"taskctl: {e.message}" if named else f"taskctl: task {task_id}: {e.message}")
             failure = failure or e
             continue
         results.append(task)

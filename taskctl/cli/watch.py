@@ -10,11 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import render
-from taskctl.cli.common import JsonOption, client, note
+from taskctl.cli.common import JsonOption, client, note, reconnect_pause
 from taskctl.client import Client, path_for
 from taskctl.errors import TaskctlError, Unreachable
-
-RECONNECT_AFTER = (0.2, 0.5, 1.0, 2.0)  # seconds between tries, then every 2 s
 
 
 def watch(
@@ -74,7 +72,8 @@ def events(
         except (Unreachable, OSError, ValueError) as e:
             if failures == 0:
                 note(f"taskctl: lost taskctld ({getattr(e, 'message', e)}); reconnecting...")
-        time.sleep(RECONNECT_AFTER[min(failures, len(RECONNECT_AFTER) - 1)])
+        c.autostart = False  # from now on: wait for a daemon, never start one
+        time.sleep(reconnect_pause(failures))
         failures += 1
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from taskctl.api import FINAL_STATES, Outcome, TaskState
 from taskctl.errors import Conflict, InvalidRequest, StorageFull, TaskctlError
 from taskctld import states
 from taskctld.store import (
+    FINAL_VALUES,
     AttemptEnd,
     AttemptRow,
     Claim,
@@ -239,6 +240,8 @@ class SqliteStore:
         self._subscribers: list[Callable[[list[EventRow]], None]] = []
         self._env_cache: dict[str, dict[str, str]] = {}
         self._update_sql: dict[tuple[str, ...], str] = {}
+        self._deps_seen: bool | None = None
+        self._to_release: list[int] = []
         self._configure(durability)
         self.migrate()
 
@@ -295,6 +298,7 @@ class SqliteStore:
                 if self.conn.in_transaction:  # SQLite may have rolled back itself (disk full)
                     self.conn.execute("ROLLBACK")
                 self._pending.clear()
+                self._to_release.clear()
                 raise
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
@@ -416,6 +420,7 @@ class SqliteStore:
         for task_id, row, t in zip(ids, rows, tasks, strict=True):
             self._append_event(now, task_id, None, TaskState(row[3]), None, None, None, row[1])
             if t.after or t.after_any:
+                self._deps_seen = True
                 self.conn.executemany(
                     "INSERT OR IGNORE INTO deps (task_id, dep_id, any_end) VALUES (?, ?, ?)",
                     [(task_id, d, 0) for d in t.after] + [(task_id, d, 1) for d in t.after_any],
@@ -424,6 +429,14 @@ class SqliteStore:
         for task_id in waiting:
             self._settle_waiting(task_id, now)
         return ids
+
+    def _any_deps(self) -> bool:
+        """Whether any dependency was ever recorded (most stores have none: skip the lookup)."""
+        if self._deps_seen is None:
+            self._deps_seen = (
+                self.conn.execute("SELECT EXISTS (SELECT 1 FROM deps)").fetchone()[0] == 1
+            )
+        return self._deps_seen
 
     def _check_deps_exist(self, tasks: Sequence[NewTask]) -> None:
         wanted = sorted({d for t in tasks for d in (*t.after, *t.after_any)})
@@ -450,7 +463,7 @@ class SqliteStore:
                 task_id, TaskState.WAITING, TaskState.FAILED, now, reason="dependency_failed",
                 finished_at=now,
             )  # fmt: skip
-        elif all(state in ("succeeded", "failed", "cancelled") for state, _ in rows):
+        elif all(state in FINAL_VALUES for state, _ in rows):
             run_at = self.conn.execute(
                 "SELECT run_at FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()[0]
@@ -460,14 +473,27 @@ class SqliteStore:
                 self.move(task_id, TaskState.WAITING, TaskState.QUEUED, now, run_at=now)
 
     def _release_dependents(self, task_id: int, now: int) -> None:
-        """`task_id` just became final: settle every task waiting on it (failures cascade,
-        because settling a dependent as failed releases its own dependents in turn)."""
-        for (dependent,) in self.conn.execute(
-            "SELECT d.task_id FROM deps d JOIN tasks t ON t.id = d.task_id "
-            "WHERE d.dep_id = ? AND t.state = 'waiting'",
-            (task_id,),
-        ).fetchall():
-            self._settle_waiting(dependent, now)
+        """`task_id` just became final: settle every task waiting on it. Failures cascade
+        (a dependent that fails releases its own dependents), worked through as a queue, not
+        by recursion, so a chain of any length is fine."""
+        if not self._any_deps():
+            return
+        self._to_release.append(task_id)
+        if len(self._to_release) > 1:
+            return  # an outer call is working through the queue
+        try:
+            while self._to_release:
+                final = self._to_release[0]
+                for (dependent,) in self.conn.execute(
+                    "SELECT d.task_id FROM deps d JOIN tasks t ON t.id = d.task_id "
+                    "WHERE d.dep_id = ? AND t.state = 'waiting'",
+                    (final,),
+                ).fetchall():
+                    self._settle_waiting(dependent, now)
+                self._to_release.pop(0)
+        except BaseException:
+            self._to_release.clear()  # a queue left behind would stop every later release
+            raise
 
     def schedule_names(self, ids: set[int]) -> dict[int, str]:
         if not ids:
@@ -501,18 +527,22 @@ class SqliteStore:
         if env is None:
             return None
         env_id, data = env_digest(env)
-        if env_id not in self._env_cache:
-            self.conn.execute("INSERT OR IGNORE INTO envs (id, data) VALUES (?, ?)", (env_id, data))
-            self._env_cache[env_id] = env
+        # Always written (cheap: the row is usually there): a cache of what was inserted could
+        # outlive a rolled-back transaction and leave tasks pointing at no environment.
+        self.conn.execute("INSERT OR IGNORE INTO envs (id, data) VALUES (?, ?)", (env_id, data))
         return env_id
 
     def env_of(self, env_id: str | None) -> dict[str, str] | None:
+        """A task's environment (cached: rows never change). None for no row, which the
+        runner turns into the minimal environment."""
         if env_id is None:
             return None
         env = self._env_cache.get(env_id)
         if env is None:
             row = self.conn.execute("SELECT data FROM envs WHERE id = ?", (env_id,)).fetchone()
-            env = json.loads(row[0]) if row else {}
+            if row is None:
+                return None
+            env = json.loads(row[0])
             if len(self._env_cache) > 256:
                 self._env_cache.clear()
             self._env_cache[env_id] = env
@@ -809,6 +839,27 @@ class SqliteStore:
         found = self.get_queue(name)
         assert found is not None
         return found
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: on an exception, what happened inside is undone (and its
+        events dropped), the outer transaction goes on."""
+        self._require_transaction()
+        mark = len(self._pending)
+        self.conn.execute("SAVEPOINT inner")
+        try:
+            yield
+        except BaseException as e:
+            del self._pending[mark:]
+            self._to_release.clear()
+            if self.conn.in_transaction:  # SQLite may have rolled back all of it (disk full)
+                with suppress(sqlite3.OperationalError):
+                    self.conn.execute("ROLLBACK TO inner")
+                    self.conn.execute("RELEASE inner")
+            if isinstance(e, sqlite3.OperationalError):
+                raise _storage_error(e) from e  # a full disk is StorageFull here too
+            raise
+        self.conn.execute("RELEASE inner")
 
     # -- schedules ------------------------------------------------------------------------------
 
