@@ -100,9 +100,12 @@ class Home:
         return pids
 
     def destroy(self) -> None:
-        """Stop the daemon and kill everything it started: tasks outlive a stopped daemon by
-        design, so they are found by the TASKCTL_HOME their environment carries."""
-        self.stop()
+        """Stop the daemon and everything it started. Tasks outlive a plain stop by design, so
+        `--kill` ends them; any left after that are found by the TASKCTL_HOME their environment
+        carries (those submitted through the CLI)."""
+        subprocess.run(
+            [TASKCTL, "daemon", "stop", "--kill"], env=self.env, check=False, capture_output=True
+        )
         needle = f"TASKCTL_HOME={self.path}".encode()
         for entry in os.listdir("/proc"):
             if entry.isdigit() and int(entry) != os.getpid():
