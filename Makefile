@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed
 TESTS  := $(VENV)/.installed-test
 
-.PHONY: install demo test lint format bench bench-quick completions man clean
+.PHONY: install demo test lint format bench bench-quick bench-profile completions man clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,8 @@ bench: $(BASE)
 
 bench-quick: $(BASE)
 	$(BIN)/python bench/run.py --quick
+
+# Where a drain's CPU goes, by function and line (py-spy samples the daemon and its supervisor).
+bench-profile: $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python bench/profile.py

@@ -263,12 +263,14 @@ class _TcpBridge:
         await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
 
     def close(self) -> None:
-        def stop() -> None:
-            for task in asyncio.all_tasks(self.loop):
+        async def end_pipes() -> None:  # cancelled and awaited, so none is destroyed pending
+            pipes = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pipes:
                 task.cancel()
-            self.loop.call_soon(self.loop.stop)
+            await asyncio.gather(*pipes, return_exceptions=True)
 
-        self.loop.call_soon_threadsafe(stop)
+        asyncio.run_coroutine_threadsafe(end_pipes(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 LONG_POLLS = {"/v1/tasks/{task_id}/wait", "/v1/tasks/{task_id}/logs", "/v1/events"}
