@@ -49,11 +49,17 @@ def option_lines(command: Any) -> list[str]:
 
 def synopsis(path: str, command: Any) -> str:
     args = " ".join(
-        f"\\fI{esc(p.human_readable_name)}\\fR" + ("..." if p.nargs == -1 else "")
+        _argument(p.human_readable_name, p.nargs == -1)
         for p in command.params
         if p.param_type_name == "argument"
     )
     return f"\\fBtaskctl {esc(path)}\\fR [\\fIOPTIONS\\fR] {args}".rstrip()
+
+
+def _argument(name: str, many: bool) -> str:
+    """`ID...`: the ellipsis once, whether or not the metavar already has it."""
+    dots = "..." if many or name.endswith("...") else ""
+    return f"\\fI{esc(name.removesuffix('...'))}\\fR{dots}"
 
 
 def command_section(path: str, command: Any) -> list[str]:

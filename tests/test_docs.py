@@ -125,3 +125,18 @@ def test_every_command_has_help() -> None:
         for word in path.split():
             command = command.get_command(None, word)  # type: ignore[attr-defined]
         assert command.help and len(command.help) > 10, path
+
+
+def test_every_option_and_argument_names_what_it_takes() -> None:
+    """Help and the man page show `--timeout DURATION`, `ID...`, never a bare type like `<str>`."""
+    root = typer.main.get_command(build_app())
+    missing = []
+    for path in _commands():
+        command = root
+        for word in path.split():
+            command = command.get_command(None, word)  # type: ignore[attr-defined]
+        for param in command.params:
+            is_flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+            if not is_flag and param.name != "help" and not param.metavar:
+                missing.append(f"{path} {param.opts[-1]}")
+    assert not missing, f"no metavar: {missing}"

@@ -18,6 +18,7 @@ Overlap = Annotated[
     str,
     typer.Option(
         "--overlap",
+        metavar="skip|queue|allow",
         help="When the previous run is unfinished: skip this one, queue it behind, or allow both.",
     ),
 ]
@@ -25,6 +26,7 @@ CatchUp = Annotated[
     str,
     typer.Option(
         "--catch-up",
+        metavar="none|latest|all",
         help="Times missed while the daemon was down: none, latest (run the newest once), all.",
     ),
 ]
@@ -35,15 +37,18 @@ def add(
     spec: Annotated[
         str,
         typer.Argument(
-            help="Five cron fields (quoted), or @hourly, @daily, @weekly, @monthly, @yearly."
+            metavar="SPEC",
+            help="Five cron fields (quoted), or @hourly, @daily, @weekly, @monthly, @yearly.",
         ),
     ],
     command: o.Command,
     name: Annotated[
-        str | None, typer.Option("-n", "--name", help="The schedule's name (default: cron-N).")
+        str | None,
+        typer.Option("-n", "--name", metavar="NAME", help="The schedule's name (default: cron-N)."),
     ] = None,
     tz: Annotated[
-        str | None, typer.Option("--tz", help="IANA time zone (default: the local one).")
+        str | None,
+        typer.Option("--tz", metavar="ZONE", help="IANA time zone (default: the local one)."),
     ] = None,
     overlap: Overlap = "skip",
     catch_up: CatchUp = "latest",
@@ -111,9 +116,10 @@ def list_(json_: JsonOption = False) -> None:
 
 @app.command()
 def show(
-    name: Annotated[str, typer.Argument(help="Schedule name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
     runs: Annotated[
-        int, typer.Option("--runs", min=0, max=1000, help="How many recent runs to show.")
+        int,
+        typer.Option("--runs", metavar="N", min=0, max=1000, help="How many recent runs to show."),
     ] = 20,
     json_: JsonOption = False,
 ) -> None:
@@ -127,7 +133,8 @@ def show(
 
 @app.command()
 def rm(
-    names: Annotated[list[str], typer.Argument(help="Schedule names.")], json_: JsonOption = False
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Schedule names.")],
+    json_: JsonOption = False,
 ) -> None:
     """Remove schedules (the tasks they created stay)."""
     c = client()
@@ -141,7 +148,8 @@ def rm(
 
 @app.command()
 def pause(
-    name: Annotated[str, typer.Argument(help="Schedule name.")], json_: JsonOption = False
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    json_: JsonOption = False,
 ) -> None:
     """Stop firing until resumed."""
     _show_one(client().call("POST", path_for("schedules", name, "pause")), json_, "paused")
@@ -149,7 +157,8 @@ def pause(
 
 @app.command()
 def resume(
-    name: Annotated[str, typer.Argument(help="Schedule name.")], json_: JsonOption = False
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    json_: JsonOption = False,
 ) -> None:
     """Fire again, from now on (the time spent paused is not caught up)."""
     _show_one(client().call("POST", path_for("schedules", name, "resume")), json_, "resumed")
@@ -157,10 +166,13 @@ def resume(
 
 @app.command("next")
 def next_(
-    name: Annotated[str, typer.Argument(help="Schedule name.")],
-    n: Annotated[int, typer.Option("-n", min=1, max=1000, help="How many fire times.")] = 5,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    n: Annotated[
+        int, typer.Option("-n", metavar="N", min=1, max=1000, help="How many fire times.")
+    ] = 5,
     from_: Annotated[
-        str | None, typer.Option("--from", help="From this moment (RFC 3339; default: now).")
+        str | None,
+        typer.Option("--from", metavar="TIME", help="From this moment (RFC 3339; default: now)."),
     ] = None,
     json_: JsonOption = False,
 ) -> None:

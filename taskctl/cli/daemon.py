@@ -57,7 +57,11 @@ def stop(
     ] = False,
     timeout: Annotated[
         str | None,
-        typer.Option("--timeout", help="With --drain or --kill: stop waiting after this long."),
+        typer.Option(
+            "--timeout",
+            metavar="DURATION",
+            help="With --drain or --kill: stop waiting after this long.",
+        ),
     ] = None,
     json_: JsonOption = False,
 ) -> None:

@@ -14,20 +14,22 @@ from taskctl.errors import Unavailable, Unreachable
 
 
 def logs(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="Task id.")],
     follow: Annotated[
         bool,
         typer.Option("-f", "--follow", help="Keep printing new output until the task is final."),
     ] = False,
     attempt: Annotated[
         int | None,
-        typer.Option("--attempt", min=1, help="Show this attempt (default: the latest)."),
+        typer.Option(
+            "--attempt", metavar="N", min=1, help="Show this attempt (default: the latest)."
+        ),
     ] = None,
     stderr: Annotated[
         bool, typer.Option("--stderr", help="Show standard error instead of standard output.")
     ] = False,
     tail: Annotated[
-        int | None, typer.Option("--tail", min=0, help="Only the last N lines.")
+        int | None, typer.Option("--tail", metavar="N", min=0, help="Only the last N lines.")
     ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Write the bytes as they are, even to a terminal.")

@@ -13,9 +13,13 @@ EXEC = "Execution"
 RETRY = "Retries"
 WHEN = "Scheduling"
 
-Command = Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")]
+Command = Annotated[
+    list[str],
+    typer.Argument(metavar="COMMAND...", help="The command and its arguments (after --)."),
+]
 Name = Annotated[
-    str | None, typer.Option("-n", "--name", help="A name to show instead of the command.")
+    str | None,
+    typer.Option("-n", "--name", metavar="NAME", help="A name to show instead of the command."),
 ]
 Queue = Annotated[str, typer.Option("-q", "--queue", metavar="QUEUE", help="Queue to run in.")]
 Priority = Annotated[

@@ -10,7 +10,7 @@ from taskctl.client import path_for
 
 app = typer.Typer(help="Queues: list, set, pause, resume.", no_args_is_help=True)
 
-NameArg = Annotated[str, typer.Argument(help="Queue name.")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Queue name.")]
 
 
 @app.command("list")
@@ -29,26 +29,38 @@ def set_(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            "--concurrency", "-c", min=0, help="At most this many at once (0: no limit of its own)."
+            "--concurrency",
+            "-c",
+            metavar="N",
+            min=0,
+            help="At most this many at once (0: no limit of its own).",
         ),
     ] = None,
     retries: Annotated[
-        int | None, typer.Option("--retries", min=0, help="Default retries of its tasks.")
+        int | None,
+        typer.Option("--retries", metavar="N", min=0, help="Default retries of its tasks."),
     ] = None,
     backoff: Annotated[
-        str | None, typer.Option("--backoff", help="Default backoff: fixed or exponential.")
+        str | None,
+        typer.Option(
+            "--backoff", metavar="fixed|exponential", help="Default backoff: fixed or exponential."
+        ),
     ] = None,
     retry_delay: Annotated[
-        str | None, typer.Option("--retry-delay", help="Default delay before a retry.")
+        str | None,
+        typer.Option("--retry-delay", metavar="DURATION", help="Default delay before a retry."),
     ] = None,
     max_delay: Annotated[
-        str | None, typer.Option("--max-delay", help="Default cap on exponential delays.")
+        str | None,
+        typer.Option("--max-delay", metavar="DURATION", help="Default cap on exponential delays."),
     ] = None,
     timeout: Annotated[
-        str | None, typer.Option("--timeout", help="Default timeout of its tasks.")
+        str | None,
+        typer.Option("--timeout", metavar="DURATION", help="Default timeout of its tasks."),
     ] = None,
     kill_grace: Annotated[
-        str | None, typer.Option("--kill-grace", help="Default SIGTERM to SIGKILL grace.")
+        str | None,
+        typer.Option("--kill-grace", metavar="DURATION", help="Default SIGTERM to SIGKILL grace."),
     ] = None,
     json_: JsonOption = False,
 ) -> None:

@@ -15,7 +15,8 @@ from taskctl.errors import InvalidRequest
 
 def submit(
     command: Annotated[
-        list[str] | None, typer.Argument(help="The command and its arguments (after --).")
+        list[str] | None,
+        typer.Argument(metavar="COMMAND...", help="The command and its arguments (after --)."),
     ] = None,
     name: o.Name = None,
     queue: o.Queue = "default",
@@ -41,7 +42,9 @@ def submit(
     key: Annotated[
         str | None,
         typer.Option(
-            "--key", help="Idempotency key: submitting it again gives back the same task."
+            "--key",
+            metavar="KEY",
+            help="Idempotency key: submitting it again gives back the same task.",
         ),
     ] = None,
     stdin: Annotated[

@@ -27,17 +27,22 @@ STATES = ("waiting", "scheduled", "queued", "running", "succeeded", "failed", "c
 def list_tasks(
     state: Annotated[
         list[str] | None,
-        typer.Option("-s", "--state", help="Only tasks in this state (repeatable)."),
+        typer.Option(
+            "-s", "--state", metavar="STATE", help="Only tasks in this state (repeatable)."
+        ),
     ] = None,
     queue: Annotated[
-        str | None, typer.Option("-q", "--queue", help="Only tasks of this queue.")
+        str | None, typer.Option("-q", "--queue", metavar="QUEUE", help="Only tasks of this queue.")
     ] = None,
     label: Annotated[
         list[str] | None,
-        typer.Option("-l", "--label", help="Only tasks with label K=V (repeatable)."),
+        typer.Option(
+            "-l", "--label", metavar="K=V", help="Only tasks with label K=V (repeatable)."
+        ),
     ] = None,
     limit: Annotated[
-        int, typer.Option("-n", "--limit", min=1, max=100_000, help="At most this many.")
+        int,
+        typer.Option("-n", "--limit", metavar="N", min=1, max=100_000, help="At most this many."),
     ] = 100,
     show_env: Annotated[
         bool, typer.Option("--show-env", help="Include environments in --json.")
@@ -64,7 +69,8 @@ def list_tasks(
 
 def status(
     task_ids: Annotated[
-        list[str] | None, typer.Argument(help="Task ids; none gives a summary.", show_default=False)
+        list[str] | None,
+        typer.Argument(metavar="ID...", help="Task ids; none gives a summary.", show_default=False),
     ] = None,
     show_env: Annotated[
         bool, typer.Option("--show-env", help="Show the captured environment (may hold secrets).")
@@ -91,7 +97,7 @@ def status(
 
 
 def retry(
-    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    task_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Task ids.")],
     json_: JsonOption = False,
 ) -> None:
     """Run finished tasks again, each as a new attempt; their history is kept."""
@@ -121,7 +127,7 @@ def _each(task_ids: list[str], action: str, json_: bool) -> None:
 
 
 def cancel(
-    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    task_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Task ids.")],
     json_: JsonOption = False,
 ) -> None:
     """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
@@ -130,9 +136,10 @@ def cancel(
 
 
 def wait(
-    task_ids: Annotated[list[str], typer.Argument(help="Task ids.")],
+    task_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Task ids.")],
     timeout: Annotated[
-        str | None, typer.Option("--timeout", help="Give up after this long (exit 125).")
+        str | None,
+        typer.Option("--timeout", metavar="DURATION", help="Give up after this long (exit 125)."),
     ] = None,
     json_: JsonOption = False,
 ) -> None:

@@ -22,22 +22,34 @@ def add(
         list[str], typer.Argument(help="PATH... -- COMMAND [ARG...]", metavar="PATH... -- CMD...")
     ],
     name: Annotated[
-        str | None, typer.Option("-n", "--name", help="The trigger's name (default: trigger-N).")
+        str | None,
+        typer.Option(
+            "-n", "--name", metavar="NAME", help="The trigger's name (default: trigger-N)."
+        ),
     ] = None,
     glob: Annotated[
         str | None,
-        typer.Option("--glob", help="Only changes to files matching this pattern (e.g. '*.md')."),
+        typer.Option(
+            "--glob",
+            metavar="PATTERN",
+            help="Only changes to files matching this pattern (e.g. '*.md').",
+        ),
     ] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Watch folders recursively.")
     ] = False,
     debounce: Annotated[
-        str, typer.Option("--debounce", help="A burst of changes ends after this much quiet.")
+        str,
+        typer.Option(
+            "--debounce", metavar="DURATION", help="A burst of changes ends after this much quiet."
+        ),
     ] = "500ms",
     overlap: Annotated[
         str,
         typer.Option(
-            "--overlap", help="While the previous run is unfinished: skip, queue or allow."
+            "--overlap",
+            metavar="skip|queue|allow",
+            help="While the previous run is unfinished: skip, queue or allow.",
         ),
     ] = "queue",
     queue: o.Queue = "default",
@@ -105,7 +117,8 @@ def list_(json_: JsonOption = False) -> None:
 
 @app.command()
 def rm(
-    names: Annotated[list[str], typer.Argument(help="Trigger names.")], json_: JsonOption = False
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Trigger names.")],
+    json_: JsonOption = False,
 ) -> None:
     """Remove triggers (the tasks they created stay)."""
     c = client()
@@ -119,7 +132,8 @@ def rm(
 
 @app.command()
 def pause(
-    name: Annotated[str, typer.Argument(help="Trigger name.")], json_: JsonOption = False
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    json_: JsonOption = False,
 ) -> None:
     """Stop watching until resumed."""
     found = client().call("POST", path_for("schedules", name, "pause"))
@@ -128,7 +142,8 @@ def pause(
 
 @app.command()
 def resume(
-    name: Annotated[str, typer.Argument(help="Trigger name.")], json_: JsonOption = False
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    json_: JsonOption = False,
 ) -> None:
     """Watch again (changes made while paused do not fire)."""
     found = client().call("POST", path_for("schedules", name, "resume"))

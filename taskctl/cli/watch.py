@@ -19,15 +19,21 @@ def watch(
     since: Annotated[
         int | None,
         typer.Option(
-            "--since", min=0, help="Resume after this event id (0: from the oldest kept)."
+            "--since",
+            metavar="EVENT_ID",
+            min=0,
+            help="Resume after this event id (0: from the oldest kept).",
         ),
     ] = None,
     queue: Annotated[
-        str | None, typer.Option("-q", "--queue", help="Only this queue's tasks.")
+        str | None, typer.Option("-q", "--queue", metavar="QUEUE", help="Only this queue's tasks.")
     ] = None,
-    task: Annotated[int | None, typer.Option("--task", min=1, help="Only this task.")] = None,
+    task: Annotated[
+        int | None, typer.Option("--task", metavar="ID", min=1, help="Only this task.")
+    ] = None,
     rows: Annotated[
-        int, typer.Option("--rows", min=1, max=500, help="Tasks shown in the live view.")
+        int,
+        typer.Option("--rows", metavar="N", min=1, max=500, help="Tasks shown in the live view."),
     ] = 20,
     json_: JsonOption = False,
 ) -> None:
