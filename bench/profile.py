@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-from run import BIN, Home, home  # bench/run.py: the same throwaway daemons as `make bench`
+# bench/run.py: the same throwaway daemons, drain and CPU reading as `make bench`
+from run import BIN, cpu_and_rss, drain_in, home
 
 PY_SPY = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
 
@@ -34,26 +34,13 @@ class Profile:
     inclusive_by_function: Counter[str]
 
 
-def drain(h: Home, n: int) -> float:
-    stream = h.events()
-    start = time.perf_counter()
-    h.wait_all(h.batch(n), stream)
-    stream.close()
-    return time.perf_counter() - start
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
 def cpu_per_task(n: int) -> dict[str, float]:
     """Milliseconds of CPU per task of the daemon and its supervisor, and the drain's rate."""
     with home(concurrency=2) as h:
         daemon, supervisor = h.daemon_pids()[:2]
-        before = cpu_seconds(daemon), cpu_seconds(supervisor)
-        seconds = drain(h, n)
-        after = cpu_seconds(daemon), cpu_seconds(supervisor)
+        before = cpu_and_rss([daemon])[0], cpu_and_rss([supervisor])[0]
+        seconds = drain_in(h, n)
+        after = cpu_and_rss([daemon])[0], cpu_and_rss([supervisor])[0]
     return {
         "tasks_per_s": n / seconds,
         "daemon_ms": (after[0] - before[0]) * 1000 / n,
@@ -74,7 +61,7 @@ def sampled(n: int, rate: int) -> dict[str, Profile]:
             for name, pid in pids.items()
         }  # fmt: skip
         time.sleep(1.0)  # py-spy attaches (nothing to wait on: it prints nothing until the end)
-        drain(h, n)
+        drain_in(h, n)
         for spy in spies.values():
             spy.send_signal(signal.SIGINT)
         for name, spy in spies.items():

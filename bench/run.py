@@ -321,15 +321,19 @@ def spawn_floor(n: int, parallel: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def drain_in(h: Home, n: int) -> float:
+    """Seconds from submitting `n` `true` tasks as one batch to the last one final."""
+    stream = h.events()
+    start = time.perf_counter()
+    h.wait_all(h.batch(n), stream)
+    took = time.perf_counter() - start
+    stream.close()
+    return took
+
+
 def drain_ours(n: int, parallel: int) -> float:
     with home(concurrency=parallel) as h:
-        stream = h.events()
-        start = time.perf_counter()
-        ids = h.batch(n)
-        h.wait_all(ids, stream)
-        rate = n / (time.perf_counter() - start)
-        stream.close()
-    return rate
+        return n / drain_in(h, n)
 
 
 def drain_tsp(n: int, parallel: int) -> float:
@@ -572,7 +576,7 @@ def bench_cron_lateness(schedules: int, minutes: int) -> list[Row]:
     ]  # fmt: skip
 
 
-def _cpu_and_rss(pids: list[int]) -> tuple[float, float]:
+def cpu_and_rss(pids: list[int]) -> tuple[float, float]:
     cpu = rss = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
@@ -587,9 +591,9 @@ def _cpu_and_rss(pids: list[int]) -> tuple[float, float]:
 
 def _watch(pids: list[int], seconds: float) -> tuple[float, float]:
     """CPU milliseconds used over `seconds` and the RSS (MiB) at the end."""
-    cpu0, _ = _cpu_and_rss(pids)
+    cpu0, _ = cpu_and_rss(pids)
     time.sleep(seconds)
-    cpu1, rss = _cpu_and_rss(pids)
+    cpu1, rss = cpu_and_rss(pids)
     return (cpu1 - cpu0) * 1000, rss
 
 
@@ -598,7 +602,7 @@ def bench_footprint(seconds: float, queued: int, tsp_missing: str | None) -> lis
         time.sleep(1)  # let start-up settle
         pids = h.daemon_pids()
         idle_cpu, idle_rss = _watch(pids, seconds)
-        _, daemon_rss = _cpu_and_rss(pids[:1])
+        _, daemon_rss = cpu_and_rss(pids[:1])
         h.batch(1, ["sleep", "3600"])
         h.batch(queued)
         busy_cpu, busy_rss = _watch(pids, seconds)

@@ -298,7 +298,6 @@ class SqliteStore:
                 if self.conn.in_transaction:  # SQLite may have rolled back itself (disk full)
                     self.conn.execute("ROLLBACK")
                 self._pending.clear()
-                self._to_release.clear()
                 raise
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
@@ -851,7 +850,6 @@ class SqliteStore:
             yield
         except BaseException as e:
             del self._pending[mark:]
-            self._to_release.clear()
             if self.conn.in_transaction:  # SQLite may have rolled back all of it (disk full)
                 with suppress(sqlite3.OperationalError):
                     self.conn.execute("ROLLBACK TO inner")
