@@ -217,9 +217,15 @@ def test_chaos_kill_the_daemon_at_random_moments(home: Home) -> None:
         retries = 1 if n % 5 == 0 else 0
         code = 0 if retries else n % 3
         sleep = rng.choice(["0", "0.05", "0.2", "0.5", "1"])
-        # A task with a retry fails its first attempt; the others exit with their own code.
-        fail_first = '[ "$TASKCTL_ATTEMPT" = 1 ] && exit 9; ' if retries else ""
-        script = f'echo "start $TASKCTL_TASK_ID $TASKCTL_ATTEMPT" >> {ledger}; sleep {sleep}; {fail_first}exit {code}'
+        # A task with a retry fails its first run (which need not be attempt 1: an attempt
+        # that a kill stopped before it started is `interrupted`, and the next one is its
+        # first run); the others exit with their own code.
+        fail_first = '[ "$runs" = 1 ] && exit 9; ' if retries else ""
+        script = (
+            f'echo "start $TASKCTL_TASK_ID $TASKCTL_ATTEMPT" >> {ledger}; '
+            f'runs=$(grep -c "^start $TASKCTL_TASK_ID " {ledger}); '
+            f"sleep {sleep}; {fail_first}exit {code}"
+        )
         specs.append({"command": [script], "shell": True, "retries": retries, "retry_delay": 0.1})
         expected[n] = (retries, code)
     acked: list[int] = []
