@@ -335,6 +335,7 @@ class Health(Response):
     store_writable: bool
     running: int
     queued: int
+    held: int = 0  # queued tasks handed ahead to the supervisor, to start as slots free up
     concurrency: int
     last_event_id: int | None = None
     streams: int = 0  # connected `watch` and `logs --follow` streams

@@ -359,7 +359,8 @@ def health_text(h: dict[str, Any]) -> str:
         f"uptime        {format_duration(h['uptime'])}",
         f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
         f"running       {h['running']} of {h['concurrency']}",
-        f"queued        {h['queued']}",
+        f"queued        {h['queued']}"
+        + (f" ({h['held']} held by the supervisor, to start next)" if h.get("held") else ""),
         f"streams       {h.get('streams', 0)} connected (watch, logs --follow)",
     ]
     if h.get("database_size") is not None:

@@ -8,11 +8,23 @@ and then, after the commit, hands the claimed attempts to the runner. Batching a
 commit is what keeps `synchronous=FULL` from capping throughput at a commit per state change.
 The loop sleeps until something wakes it: a report, a commit that queued a task, or the timer of
 the next scheduled task. It never polls.
+
+Holding ahead: when every slot of a queue is taken, more of its tasks wait, and its tasks have
+been short lately (HOLD_BELOW), the next ones are handed to the supervisor *held*, each to start
+in the slot of a running attempt of the same queue the moment that ends (up to HOLD_AHEAD per
+slot). The supervisor then starts the next task without waiting for this loop and its commit,
+which is what short tasks are limited by, and ends whose slot passed on need no commit at once:
+they are applied in batches (PASSED_LATENCY). A held task stays `queued` in the store (so `list`
+tells the truth) until the supervisor reports its start; the start report claims it, fenced on
+its attempt number. Cancelling it, pausing or changing its queue, or stopping the daemon takes
+held tasks back. Only short tasks are held, so a task submitted later with a higher priority
+waits at most HOLD_AHEAD short tasks per slot more than it would otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections.abc import Callable
@@ -23,7 +35,7 @@ from taskctl.api import Backoff, Outcome, TaskState
 from taskctl.errors import TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
-from taskctld.runner import Ended, Report, Runner, Started
+from taskctld.runner import Ended, Key, Released, Report, Runner, Started
 from taskctld.store import AttemptEnd, EventRow, Store, TaskRow
 
 if TYPE_CHECKING:
@@ -38,6 +50,23 @@ PROMOTE_BATCH = 1000  # scheduled tasks made queued per turn at most (see store.
 # the wall clock at least this often (seconds), so a schedule is not late by the time asleep.
 WALL_CLOCK_CHECK = 60.0
 STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
+HOLD_AHEAD = 8  # tasks held per running slot at most (each waits for the one before it)
+HOLD_BELOW = 50  # ms: hold ahead in a queue only while its attempts take less than this
+PASSED_LATENCY = 0.005  # seconds: how late an end whose slot passed on may be applied
+
+
+@dataclass
+class Held:
+    """A queued task handed to the supervisor to start when attempt `after` ends."""
+
+    task: TaskRow
+    attempt: int
+    after: Key
+    token: int  # names this hold: a late answer about an earlier one is not about it
+
+    @property
+    def key(self) -> Key:
+        return (self.task.id, self.attempt)
 
 
 @dataclass
@@ -76,29 +105,51 @@ class Dispatcher:
         self._due_at: int | None = None
         self._time_dirty = True  # look for due work on the first turn
         self._claimed: dict[tuple[int, int], TaskRow] = {}  # running attempts, as claimed
+        self._held: dict[int, Held] = {}  # by task id
+        self._next_of: dict[Key, Key] = {}  # attempt -> the held attempt that follows it
+        self._inherited: dict[Key, str] = {}  # started in a passed-on slot (queue), unclaimed
+        self._took: dict[str, float] = {}  # queue -> how long its attempts take lately (ms)
+        self._refused: dict[Key, str] = {}  # started once taken back: keeps its slot to its end
+        self._no_hold_after: set[Key] = set()  # attempts the supervisor would not hold after
+        self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
         store.on_commit(self.note_events)
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def report(self, report: Report) -> None:
-        """A supervisor's news. An end wakes the loop now (a slot is free); a start only
-        within STARTED_LATENCY, so that its pid reaches the store without costing a commit of
-        its own when tasks are short."""
+        """A supervisor's news. An end that frees a slot wakes the loop now; one whose slot
+        passed on to a held task only within PASSED_LATENCY, and a start within
+        STARTED_LATENCY, so that short tasks do not cost a commit each."""
         self.reports.append(report)
-        if isinstance(report, Ended):
+        if isinstance(report, Released) or (isinstance(report, Ended) and report.next is None):
             self._wake.set()
-        elif self._started_timer is None:
-            loop = asyncio.get_running_loop()
-            self._started_timer = loop.call_later(STARTED_LATENCY, self._started_due)
+        else:
+            self._apply_within(PASSED_LATENCY if isinstance(report, Ended) else STARTED_LATENCY)
+
+    def _apply_within(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        timer = self._started_timer
+        if timer is not None and timer.when() <= loop.time() + seconds:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._started_timer = loop.call_later(seconds, self._started_due)
 
     def _started_due(self) -> None:
         self._started_timer = None
         self._wake.set()
 
     def note_events(self, events: list[EventRow]) -> None:
-        """After any commit: queued tasks wake the loop; scheduled ones may need an earlier timer."""
+        """After any commit: queued tasks wake the loop; scheduled ones may need an earlier timer;
+        a held task that left `queued` other than by starting (cancelled) is taken back."""
+        holding = {held.task.queue for held in self._held.values()}
         for event in events:
+            if holding and event.to_state not in (TaskState.QUEUED, TaskState.RUNNING):
+                self._unhold(event.task_id)
+            elif holding and event.to_state is TaskState.QUEUED and event.queue not in holding:
+                self.unhold_all()  # another queue wants slots: they go by priority again
+                holding = set()
             if event.to_state is TaskState.QUEUED:
                 self.ready_queues.add(event.queue)
                 self._wake.set()
@@ -119,6 +170,9 @@ class Dispatcher:
         """In-memory counts changed inside a transaction that rolled back: take them from the
         store again (reads work even when writes fail, on a full disk say)."""
         self._claimed.clear()
+        self.unhold_all()
+        self._inherited.clear()
+        self._refused.clear()
         try:
             self.running = self.store.running_by_queue()
             self.ready_queues = self.store.ready_queues()
@@ -135,7 +189,37 @@ class Dispatcher:
             q.name: q.concurrency for q in queues if q.concurrency is not None
         }
         self.limits.paused = {q.name for q in queues if q.paused}
+        self.unhold_all()  # held tasks were chosen under the old limits
         self._wake.set()
+
+    def stop_accepting(self) -> None:
+        """Start nothing new (the daemon is stopping): held tasks are taken back too."""
+        self.accepting = False
+        self.unhold_all()
+
+    def unhold_all(self) -> None:
+        for task_id in list(self._held):
+            self._unhold(task_id)
+        self._next_of.clear()
+
+    def _unhold(self, task_id: int) -> None:
+        """Take a held task back. The supervisor gives back what was held after it; if it
+        started meanwhile, its start report says so and claims it (or stops it)."""
+        held = self._drop_held(task_id)
+        if held is not None:
+            self.runner.unhold(held.key)
+
+    def _drop_held(self, task_id: int, attempt: int | None = None) -> Held | None:
+        """Forget a held task (of that attempt, when given): it started, or came back."""
+        held = self._held.get(task_id)
+        if held is None or attempt not in (None, held.attempt):
+            return None
+        del self._held[task_id]
+        if self._next_of.get(held.after) == held.key:
+            del self._next_of[held.after]
+        self.ready_queues.add(held.task.queue)
+        self._wake.set()
+        return held
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -181,6 +265,7 @@ class Dispatcher:
                     self._time_dirty = True  # more are due than one turn promotes
                     self._wake.set()
                 claimed = self._claim(now)
+                held = self._hold_ahead()
         except BaseException:
             self.reports[:0] = reports  # nothing was applied: keep them for the next turn
             self._ended.clear()
@@ -197,6 +282,12 @@ class Dispatcher:
             self.runner.forget(task_id, attempt)
         for task in claimed:
             self.runner.start(task, self.store.env_of(task.env_id))
+        for item in held:
+            if self._held.get(item.task.id) is not item:
+                continue  # taken back by this very commit (another queue's task came, say)
+            env = self.store.env_of(item.task.env_id)
+            if not self.runner.hold(item.task, env, item.after, item.token):
+                self._drop_held(item.task.id)
         if timed:
             self._arm_due_timer()
         return result
@@ -210,23 +301,76 @@ class Dispatcher:
         ended: list[tuple[int, int]] = []
         for report in reports:
             if isinstance(report, Started):
-                self.store.mark_started(
-                    report.task_id, report.attempt, pid=report.pid, started_at=report.started_at
-                )
+                self._apply_started(report, now)
+            elif isinstance(report, Released):
+                self._apply_released(report)
             else:
                 self._apply_end(report, now)
                 ended.append((report.end.task_id, report.end.attempt))
         return ended
 
+    def _apply_released(self, report: Released) -> None:
+        held = self._held.get(report.task_id)
+        if held is None or held.attempt != report.attempt or report.token not in (None, held.token):
+            return  # about a hold taken back already (and maybe made again since)
+        self._drop_held(report.task_id)
+        if report.token is not None:
+            self._no_hold_after.add(held.after)  # the supervisor would only refuse again
+        queue = self._inherited.pop(held.key, None)
+        if queue is not None:  # it was to take a slot passed on: that slot is free
+            self.running[queue] = max(0, self.running.get(queue, 0) - 1)
+
+    def _apply_started(self, report: Started, now: int) -> None:
+        key = (report.task_id, report.attempt)
+        if key not in self._claimed and self._adopt(key, now, report.started_at) is None:
+            task = self.store.get_task(report.task_id)
+            if task is None or task.state is not TaskState.RUNNING or task.attempts != key[1]:
+                # A held task cancelled while it started: nothing may run that the store
+                # does not show as running.
+                log.warning("task %d started after it was taken back; stopping it", key[0])
+                self.runner.stop(*key, "cancel")
+                return
+        self.store.mark_started(*key, pid=report.pid, started_at=report.started_at)
+
+    def _adopt(self, key: Key, now: int, started_at: int) -> TaskRow | None:
+        """Claim an attempt the supervisor started (or tried to) without a claim of ours: a
+        held one, or one that started while no daemon listened. Its slot is counted unless
+        it was passed on from the attempt before it."""
+        self._drop_held(*key)
+        inherited = self._inherited.pop(key, None)
+        task = self.store.claim_attempt(*key, now, started_at)
+        if task is None:
+            if inherited is not None:  # it is being stopped: its slot is taken until it ends
+                self._refused[key] = inherited
+            return None
+        if inherited is None:
+            self.running[task.queue] = self.running.get(task.queue, 0) + 1
+        self._claimed[key] = task
+        return task
+
     def _apply_end(self, report: Ended, now: int) -> None:
         end = report.end
-        self.store.end_attempt(end)
-        self._ended.append(end)
+        key = (end.task_id, end.attempt)
+        self._no_hold_after.discard(key)
+        refused = self._refused.pop(key, None)
+        if refused is not None:  # a held start that was refused: only its slot to settle
+            self._next_of.pop(key, None)
+            self._pass_or_free(refused, report.next)
+            return
         # The row as claimed is still right for the policy (running tasks do not change but
         # through here); the fenced move below refuses anything stale.
-        task = self._claimed.pop((end.task_id, end.attempt), None) or self.store.get_task(
-            end.task_id
-        )
+        task = self._claimed.pop(key, None) or self._adopt(key, now, end.started_at or end.ended_at)
+        if task is not None:
+            self._claimed.pop(key, None)
+        news = self.store.end_attempt(end)  # a repeated or stale report is not
+        if news:
+            self._ended.append(end)
+        self._next_of.pop(key, None)
+        task = task or self.store.get_task(end.task_id)
+        if news and task is not None and end.started_at is not None:
+            took = max(0, end.ended_at - end.started_at)
+            before = self._took.get(task.queue)
+            self._took[task.queue] = took if before is None else 0.8 * before + 0.2 * took
         if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
             return
         decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
@@ -247,7 +391,14 @@ class Dispatcher:
             attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt, queue=task.queue,
             **fields,
         ):  # fmt: skip
-            self.running[task.queue] = max(0, self.running.get(task.queue, 0) - 1)
+            self._pass_or_free(task.queue, report.next)
+
+    def _pass_or_free(self, queue: str, following: Key | None) -> None:
+        """An attempt of `queue` ended: its slot is free, or passed on to `following`."""
+        if following is None:
+            self.running[queue] = max(0, self.running.get(queue, 0) - 1)
+        else:
+            self._inherited[following] = queue  # the count stays
 
     def decide(
         self, task: TaskRow, outcome: Outcome, exit_code: int | None, *, counts: bool
@@ -274,12 +425,49 @@ class Dispatcher:
         for queue in self.ready_queues - self.limits.paused:
             limit = self.limits.queue_limits.get(queue)
             slots[queue] = free if limit is None else min(free, limit - self.running.get(queue, 0))
-        claim = self.store.claim(slots, free, now)
+        claim = self.store.claim(slots, free, now, held=self._held)
         self.ready_queues -= claim.exhausted
         for task in claim.tasks:
             self.running[task.queue] = self.running.get(task.queue, 0) + 1
             self._claimed[(task.id, task.attempts)] = task
         return claim.tasks
+
+    def _hold_ahead(self) -> list[Held]:
+        """Hand the next queued tasks of a full queue to the supervisor, each after the last
+        attempt in line for one of its running slots (see the module's docstring). Only when
+        that queue is the only one with work (else slots go to claims, by priority), its
+        tasks are short, and it runs within its limits."""
+        queues = self.ready_queues - self.limits.paused
+        if not self.accepting or not self.runner.ready() or len(queues) != 1:
+            return []
+        (queue,) = queues
+        allowed = min(
+            self.limits.queue_limits.get(queue, self.limits.concurrency), self.limits.concurrency
+        )
+        if self._took.get(queue, HOLD_BELOW) >= HOLD_BELOW or self.running.get(queue, 0) > allowed:
+            return []
+        slots: list[tuple[int, Key]] = []  # (held so far, last key) per running slot
+        for key, task in self._claimed.items():
+            if task.queue != queue or not self.runner.runs_on_current(key):
+                continue
+            depth, last = 0, key
+            while (following := self._next_of.get(last)) is not None:
+                depth, last = depth + 1, following
+            if depth < HOLD_AHEAD and last not in self._no_hold_after:
+                slots.append((depth, last))
+        slots = slots[:allowed]
+        want = sum(HOLD_AHEAD - depth for depth, _ in slots)
+        held = []
+        for task in self.store.peek_ready(queue, want, self._held) if slots else []:
+            depth, after = min(slots)
+            slots.remove((depth, after))
+            item = Held(task, task.attempts + 1, after, next(self._tokens))
+            self._held[task.id] = item
+            self._next_of[after] = item.key
+            held.append(item)
+            if depth + 1 < HOLD_AHEAD:
+                slots.append((depth + 1, item.key))
+        return held
 
     # -- scheduled tasks ------------------------------------------------------------------------
 
@@ -303,6 +491,9 @@ class Dispatcher:
         self._due_at = None
         self._time_dirty = True
         self._wake.set()
+
+    def held_count(self) -> int:
+        return len(self._held)
 
     def running_count(self) -> int:
         return sum(self.running.values())

@@ -63,9 +63,19 @@ class Started:
 class Ended:
     end: AttemptEnd
     counts: bool = True  # False: the attempt never ran (not started, interrupted)
+    next: Key | None = None  # the held attempt the supervisor started in its slot
 
 
-Report = Started | Ended
+@dataclass
+class Released:
+    """A held attempt given back unstarted (by its supervisor, or because that is gone)."""
+
+    task_id: int
+    attempt: int
+    token: int | None = None  # the hold it answers; None: whichever hold it is
+
+
+Report = Started | Ended | Released
 
 
 @dataclass
@@ -121,6 +131,7 @@ class Runner:
         self.current: Link | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.owner: dict[Key, Link] = {}  # attempts that have not ended, by supervisor
+        self.held: dict[Key, Link] = {}  # held attempts not yet reported started or released
         self.links: list[Link] = []
         self.closing = False
         self.orphaned: dict[Key, dict[str, Any]] = {}  # journals of supervisors that died
@@ -238,8 +249,30 @@ class Runner:
             return
         self.owner[key] = link
 
-    def spec_for(self, task: TaskRow, env: dict[str, str] | None) -> AttemptSpec:
-        number = task.attempts
+    def hold(self, task: TaskRow, env: dict[str, str] | None, after: Key, token: int) -> bool:
+        """Hand a queued task (as its next attempt) to our supervisor, to start in the slot of
+        `after` when that ends. It stays queued in the store until its start is reported."""
+        spec = self.spec_for(task, env, number=task.attempts + 1)
+        link = self.current
+        message = {"op": "spawn", "spec": spec.__dict__, "after": after, "hold": token}
+        if link is None or not link.send(message):
+            return False
+        self.held[(task.id, spec.attempt)] = link
+        return True
+
+    def runs_on_current(self, key: Key) -> bool:
+        """Whether the attempt runs under our current supervisor (holds go only there)."""
+        return self.current is not None and self.owner.get(key) is self.current
+
+    def unhold(self, key: Key) -> None:
+        """Take a held attempt back (it may have started meanwhile: its report says so)."""
+        if self.current is not None:
+            self.current.send({"op": "unhold", "task_id": key[0], "attempt": key[1]})
+
+    def spec_for(
+        self, task: TaskRow, env: dict[str, str] | None, number: int | None = None
+    ) -> AttemptSpec:
+        number = task.attempts if number is None else number
         argv = ["/bin/sh", "-c", task.command[0]] if task.shell else list(task.command)
         full_env = dict(env) if env is not None else minimal_env()
         full_env["TASKCTL_TASK_ID"] = str(task.id)
@@ -294,10 +327,16 @@ class Runner:
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring a malformed supervisor message: %r", frame)
             return
+        if op in ("started", "done", "released"):
+            self.held.pop(key, None)
         if op == "started":
+            self.owner.setdefault(key, link)  # a held attempt becomes this link's to stop
             self.report(Started(*key, pid=int(frame["pid"]), started_at=int(frame["started_at"])))
         elif op == "done":
             self.report(ended_from_record(*key, frame))
+        elif op == "released":
+            token = frame.get("hold")
+            self.report(Released(*key, token=int(token) if token is not None else None))
 
     def on_link_lost(self, link: Link) -> None:
         """A supervisor is gone. If we were not closing, what it ran is settled from run files."""
@@ -313,6 +352,11 @@ class Runner:
         self._read_dead_journals({other.info.pid for other in self.links})
         for key in [k for k, owner in self.owner.items() if owner is link]:
             self.report(self.settle(key))
+        # Held attempts it may have started without our hearing of it: its journal says;
+        # the others come back to the queue.
+        for key in [k for k, holder in self.held.items() if holder is link]:
+            del self.held[key]
+            self.report(self.settle(key) if key in self.orphaned else Released(*key))
 
     async def _replace_supervisor(self) -> None:
         """Our supervisor died (the daemon reaps its process): start another, trying again with
@@ -345,13 +389,31 @@ class Runner:
             for hello in hellos
             for d in hello.get("done", [])
         }
+        open_keys = set()
         for attempt in attempts:
             key = (attempt.task_id, attempt.number)
+            open_keys.add(key)
             if key in self.owner:
                 continue  # still running under an adopted supervisor
             if key in done:
                 self.report(ended_from_record(*key, done[key]))
             else:
+                self.report(self.settle(key))
+        # What supervisors ran that the store never saw start (held attempts that started
+        # while no daemon recorded it): reported as news, so the dispatcher claims them for
+        # the attempt they are, or stops them. Ends already recorded are acknowledged there.
+        for hello in hellos:
+            for item in hello.get("running", []):
+                key = (int(item["task_id"]), int(item["attempt"]))
+                if key not in open_keys:
+                    self.report(Started(*key, int(item["pid"]), int(item["started_at"])))
+        for key, record in done.items():
+            if key not in open_keys:
+                self.report(ended_from_record(*key, record))
+        # And what dead supervisors' journals say about such attempts (they exit once idle
+        # without a daemon, keeping the journal while an outcome is unacknowledged).
+        for key in [k for k in self.orphaned if k not in open_keys | done.keys()]:
+            if key not in self.owner:
                 self.report(self.settle(key))
 
     def settle(self, key: Key) -> Ended:
@@ -401,6 +463,7 @@ def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ende
     if raw == "not_started":
         return _interrupted((task_id, attempt), str(final.get("error") or "never started"))
     outcome = Outcome(raw)
+    following = final.get("next")
     return Ended(
         AttemptEnd(
             task_id,
@@ -417,4 +480,5 @@ def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ende
             started_at=final.get("started_at"),
         ),
         counts=outcome is not Outcome.INTERRUPTED,
+        next=(int(following[0]), int(following[1])) if following else None,
     )

@@ -108,7 +108,7 @@ class Service:
         """What a stop does before the daemon exits, by mode: `leave` nothing (tasks go on
         under their supervisor), `drain` wait for running tasks, `kill` interrupt them (they
         are queued again) and wait for that. Nothing new starts meanwhile."""
-        self.dispatcher.accepting = False
+        self.dispatcher.stop_accepting()
         if self.stop_mode == "leave":
             return
         if self.stop_mode == "kill":
@@ -563,6 +563,7 @@ class Service:
             "store_writable": writable,
             "running": self.dispatcher.running_count(),
             "queued": self.metrics.total("queued"),
+            "held": self.dispatcher.held_count(),
             "concurrency": self.config.concurrency,
             "last_event_id": self.store.last_event_id(),
             "streams": self.watchers + self.followers,

@@ -26,8 +26,15 @@ A daemon reads the journal only when the supervisor is dead; what a live one kno
 boot id, socket) is in `run/supervisor.PID.json`.
 
 Wire: 4-byte big-endian length, then a JSON object with an "op".
-  daemon -> supervisor: spawn {spec}, signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
-  supervisor -> daemon: hello {pid, running, done}, started {...}, done {...}
+  daemon -> supervisor: spawn {spec, after?}, unhold {task_id, attempt},
+                        signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
+  supervisor -> daemon: hello {pid, running, done}, started {...}, done {..., next},
+                        released {task_id, attempt, hold}
+
+A spawn with `after` (and a `hold` token) is held: it starts the moment attempt `after` ends (its slot passes on
+without a round trip through the daemon), and `done` of `after` names it in `next`. A held spec
+belongs to the connection that sent it: it is dropped when that daemon goes away or retires us,
+and given back (`released`) when `after` is not running when it arrives.
 """
 
 from __future__ import annotations
@@ -277,9 +284,13 @@ class Supervisor:
         self.conn: socket.socket | None = None
         self.reader = FrameReader()
         self.outbox = bytearray()
+        self.conn_events = selectors.EVENT_READ
         self.running: dict[tuple[int, int], Running] = {}
         self.by_pid: dict[int, Running] = {}
         self.done: dict[tuple[int, int], dict[str, Any]] = {}
+        self.held: dict[tuple[int, int], AttemptSpec] = {}  # by the attempt it follows
+        self.held_keys: set[tuple[int, int]] = set()  # the attempts in self.held
+        self.hold_tokens: dict[tuple[int, int], Any] = {}  # what the daemon calls each hold
         self.timers: list[tuple[float, tuple[int, int] | None]] = []
         self.sweep_at: float | None = None  # next look for leftovers of finished tasks
         self.sample_at: float | None = None  # next sample of peak RSS of running tasks
@@ -304,6 +315,8 @@ class Supervisor:
                 self._dispatch(key, mask)
             self._reap()
             self._run_timers()
+            if self.outbox and self.conn is not None and self.conn_events == selectors.EVENT_READ:
+                self._flush()  # (when the socket is full, the selector says when to go on)
         return 0
 
     def _finished(self) -> bool:
@@ -352,6 +365,7 @@ class Supervisor:
         self.reader = FrameReader()
         self.outbox = bytearray()
         self.sel.register(conn, selectors.EVENT_READ, "conn")
+        self.conn_events = selectors.EVENT_READ
         running = [
             {
                 "task_id": r.spec.task_id,
@@ -370,6 +384,9 @@ class Supervisor:
             self.conn.close()
             self.conn = None
             self.outbox = bytearray()
+            self.held.clear()
+            self.held_keys.clear()
+            self.hold_tokens.clear()  # held specs are that daemon's; the next one decides again
 
     def _read_conn(self) -> None:
         assert self.conn is not None
@@ -388,19 +405,30 @@ class Supervisor:
     def _handle(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")
         if op == "spawn":
-            self._spawn(AttemptSpec(**frame["spec"]))
+            spec = AttemptSpec(**frame["spec"])
+            if frame.get("after"):
+                after = (int(frame["after"][0]), int(frame["after"][1]))
+                self._hold(spec, after, frame.get("hold"))
+            else:
+                self._spawn(spec)
+        elif op == "unhold":
+            self._unhold((int(frame["task_id"]), int(frame["attempt"])))
         elif op == "signal":
             self._signal_request((int(frame["task_id"]), int(frame["attempt"])), str(frame["kind"]))
         elif op == "ack":
             self._ack((int(frame["task_id"]), int(frame["attempt"])))
         elif op == "retire":
             self.retired = True
+            self.held.clear()
+            self.held_keys.clear()
+            self.hold_tokens.clear()
 
     def _send(self, message: dict[str, Any]) -> None:
+        """Queue a message; the loop sends what is queued once per turn (one write for an
+        end and the start that followed it)."""
         if self.conn is None:
             return  # no daemon: the run file has it, and `hello` repeats it to the next one
         self.outbox += encode_frame(message)
-        self._flush()
 
     def _flush(self) -> None:
         assert self.conn is not None
@@ -413,9 +441,48 @@ class Supervisor:
             return
         del self.outbox[:sent]
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
-        self.sel.modify(self.conn, events, "conn")
+        if events != self.conn_events:  # a syscall: only when it changes
+            self.sel.modify(self.conn, events, "conn")
+            self.conn_events = events
 
     # -- starting -------------------------------------------------------------------------------
+
+    def _hold(self, spec: AttemptSpec, after: tuple[int, int], token: Any) -> None:
+        """Keep `spec` to start when `after` ends, if `after` is running or itself held;
+        otherwise give it back (the daemon's view was behind ours). `token` names this hold
+        in `released`, so that a late answer is not taken for a newer hold of the same task."""
+        key = (spec.task_id, spec.attempt)
+        waiting = after in self.running or after in self.held_keys
+        known = key in self.running or key in self.done or key in self.held_keys
+        if self.retired or not waiting or after in self.held or known:
+            self._send({"op": "released", "task_id": key[0], "attempt": key[1], "hold": token})
+            return
+        self.held[after] = spec
+        self.held_keys.add(key)
+        self.hold_tokens[key] = token
+
+    def _unhold(self, key: tuple[int, int]) -> None:
+        """The daemon takes a held spec back (cancelled, its queue paused): drop it, and give
+        back what was held after it."""
+        if key not in self.held_keys:
+            return
+        for after, spec in list(self.held.items()):
+            if (spec.task_id, spec.attempt) == key:
+                self._take_held(after)
+                self.hold_tokens.pop(key, None)
+                self._release_after(key)
+
+    def _take_held(self, after: tuple[int, int]) -> AttemptSpec | None:
+        spec = self.held.pop(after, None)
+        if spec is not None:
+            self.held_keys.discard((spec.task_id, spec.attempt))
+        return spec
+
+    def _release_after(self, key: tuple[int, int]) -> None:
+        while (spec := self._take_held(key)) is not None:
+            key = (spec.task_id, spec.attempt)
+            token = self.hold_tokens.pop(key, None)
+            self._send({"op": "released", "task_id": key[0], "attempt": key[1], "hold": token})
 
     def _spawn(self, spec: AttemptSpec) -> None:
         key = (spec.task_id, spec.attempt)
@@ -704,10 +771,20 @@ class Supervisor:
         self._record_final(spec, final)
 
     def _record_final(self, spec: AttemptSpec, final: dict[str, Any]) -> None:
+        """Record and report an attempt's end; then start what was held to follow it (its
+        slot is free now), saying so in the same `done`."""
         key = (spec.task_id, spec.attempt)
         self.journal.append("final", {"task_id": key[0], "attempt": key[1], **final})
         self.done[key] = final
-        self._send({"op": "done", "task_id": spec.task_id, "attempt": spec.attempt, **final})
+        following = self._take_held(key)
+        if following is not None:
+            self.hold_tokens.pop((following.task_id, following.attempt), None)
+        after = None if following is None else [following.task_id, following.attempt]
+        self._send(
+            {"op": "done", "task_id": spec.task_id, "attempt": spec.attempt, **final, "next": after}
+        )
+        if following is not None:
+            self._spawn(following)
 
     def _ack(self, key: tuple[int, int]) -> None:
         self.done.pop(key, None)

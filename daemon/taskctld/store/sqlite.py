@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -549,9 +549,12 @@ class SqliteStore:
 
     # -- the dispatcher's hot path ----------------------------------------------------------------
 
-    def claim(self, slots: dict[str, int], limit: int, now: int) -> Claim:
+    def claim(
+        self, slots: dict[str, int], limit: int, now: int, held: Collection[int] = ()
+    ) -> Claim:
         """Move up to `limit` queued tasks to running, at most `slots[q]` from queue q, highest
-        priority first (FIFO within a priority); starts an attempt row for each. Also says which
+        priority first (FIFO within a priority); starts an attempt row for each. Tasks in
+        `held` (handed to a supervisor ahead, still queued) are passed over. Also says which
         queues have nothing more queued."""
         self._require_transaction()
         candidates: list[tuple[int, int, int]] = []
@@ -559,12 +562,8 @@ class SqliteStore:
         for queue, free in slots.items():
             want = min(free, limit)
             if want > 0:
-                found = self.conn.execute(
-                    "SELECT id, priority, run_at FROM tasks WHERE state = 'queued' AND queue = ? "
-                    "ORDER BY priority DESC, run_at, id LIMIT ?",
-                    (queue, want + 1),
-                ).fetchall()
-                if len(found) <= want:
+                found, complete = self._ready(queue, want, held)
+                if complete:
                     last_of[queue] = found[-1][0] if found else 0
                 candidates += found[:want]
         if len(slots) > 1:
@@ -576,18 +575,60 @@ class SqliteStore:
         exhausted = {q for q, last in last_of.items() if last == 0 or last in taken}
         claimed = []
         for task in self.get_tasks(chosen):
-            number = task.attempts + 1
-            if self.move(
-                task.id, TaskState.QUEUED, TaskState.RUNNING, now, attempt=number, queue=task.queue,
-                attempts=number, tries=task.tries + 1, started_at=task.started_at or now,
-            ):  # fmt: skip
-                self.conn.execute(
-                    "INSERT INTO attempts (task_id, number, started_at) VALUES (?, ?, ?)",
-                    (task.id, number, now),
-                )
-                task.attempts, task.tries, task.state = number, task.tries + 1, TaskState.RUNNING
+            if self._claim_one(task, task.attempts + 1, now):
                 claimed.append(task)
         return Claim(claimed, exhausted)
+
+    def _ready(
+        self, queue: str, want: int, held: Collection[int]
+    ) -> tuple[list[tuple[int, int, int]], bool]:
+        """Up to `want` + 1 queued tasks of `queue` in claim order, not counting held ones
+        (id, priority, run_at); and whether that is all the queue has."""
+        rows = self.conn.execute(
+            "SELECT id, priority, run_at FROM tasks WHERE state = 'queued' AND queue = ? "
+            "ORDER BY priority DESC, run_at, id LIMIT ?",
+            (queue, want + 1 + len(held)),
+        ).fetchall()
+        complete = len(rows) <= want + len(held)
+        return [r for r in rows if r[0] not in held][: want + 1], complete
+
+    def _claim_one(self, task: TaskRow, number: int, now: int) -> bool:
+        """queued -> running as attempt `number` (fenced on the attempt before it)."""
+        if not self.move(
+            task.id, TaskState.QUEUED, TaskState.RUNNING, now, attempt=number, queue=task.queue,
+            fence=number - 1, attempts=number, tries=task.tries + 1,
+            started_at=task.started_at or now,
+        ):  # fmt: skip
+            return False
+        self.conn.execute(
+            "INSERT INTO attempts (task_id, number, started_at) VALUES (?, ?, ?)",
+            (task.id, number, now),
+        )
+        task.attempts, task.tries, task.state = number, task.tries + 1, TaskState.RUNNING
+        return True
+
+    def claim_attempt(
+        self, task_id: int, attempt: int, now: int, started_at: int
+    ) -> TaskRow | None:
+        """Claim one queued task as attempt `attempt`: a held attempt its supervisor started
+        at `started_at`. None when the task is not queued at the attempt before (cancelled
+        meanwhile, say), or was queued after that start (an old run that a journal kept is not
+        this queueing's)."""
+        self._require_transaction()
+        row = self.conn.execute(
+            "SELECT updated_at FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)
+        ).fetchone()
+        if row is None or row[0] > started_at:
+            return None
+        task = self.get_task(task_id)
+        if task is None or not self._claim_one(task, attempt, now):
+            return None
+        return task
+
+    def peek_ready(self, queue: str, limit: int, held: Collection[int]) -> list[TaskRow]:
+        """The next `limit` queued tasks of `queue` in claim order, held ones passed over."""
+        found, _ = self._ready(queue, limit, held)
+        return self.get_tasks([row[0] for row in found[:limit]])
 
     def mark_started(self, task_id: int, attempt: int, **fields: object) -> None:
         """Record what the supervisor reported at start (pid, exact start time)."""
@@ -599,10 +640,11 @@ class SqliteStore:
             [*(fields[n] for n in names), task_id, attempt],
         )
 
-    def end_attempt(self, end: AttemptEnd) -> None:
-        """Write how the attempt ended (only the first report of an attempt counts)."""
+    def end_attempt(self, end: AttemptEnd) -> bool:
+        """Write how the attempt ended (only the first report of an attempt counts); False when
+        there is no such open attempt (already ended, or never claimed)."""
         self._require_transaction()
-        self.conn.execute(
+        return self.conn.execute(
             "UPDATE attempts SET outcome = ?, exit_code = ?, signal = ?, error = ?, ended_at = ?, "
             "max_rss = ?, cpu_user = ?, cpu_system = ? "
             "WHERE task_id = ? AND number = ? AND outcome IS NULL",
@@ -610,7 +652,7 @@ class SqliteStore:
                 end.outcome.value, end.exit_code, end.signal, end.error, end.ended_at,
                 end.max_rss, end.cpu_user, end.cpu_system, end.task_id, end.attempt,
             ),
-        )  # fmt: skip
+        ).rowcount == 1  # fmt: skip
 
     def promote_due(self, now: int) -> int:
         """Scheduled tasks whose time has come become queued; returns how many."""
