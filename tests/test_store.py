@@ -179,3 +179,36 @@ def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) 
             seen.append(type(e))
             raise
     assert seen == [StorageFull]
+
+
+def test_a_held_start_is_claimed_only_for_the_queueing_it_was_held_from(
+    store: SqliteStore,
+) -> None:
+    """A supervisor's report of a held attempt claims the task when it is queued at the
+    attempt before and was queued before that start; an old run (a journal's record from
+    before the task was queued again) or a repeated report claims nothing."""
+    held, retried = _submit(store, 2)  # queued at 1000
+    with store.transaction():
+        assert store.claim_attempt(held, 2, now=1500, started_at=1400) is None  # not attempt 1
+        claimed = store.claim_attempt(held, 1, now=1500, started_at=1400)
+        assert store.claim_attempt(held, 1, now=1600, started_at=1400) is None  # already ran
+        assert store.move(retried, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+        assert store.move(retried, TaskState.CANCELLED, TaskState.QUEUED, 3000)  # retried
+        assert store.claim_attempt(retried, 1, now=3100, started_at=2500) is None  # old run
+        fresh = store.claim_attempt(retried, 1, now=3100, started_at=3050)
+        # an end is written once: a repeated report is not news
+        assert store.end_attempt(AttemptEnd(held, 1, Outcome.EXITED, 1700, exit_code=0))
+        assert not store.end_attempt(AttemptEnd(held, 1, Outcome.EXITED, 1800, exit_code=0))
+    assert claimed is not None and claimed.state is TaskState.RUNNING and claimed.attempts == 1
+    assert fresh is not None and fresh.attempts == 1
+
+
+def test_claim_passes_over_held_tasks(store: SqliteStore) -> None:
+    first, second, third = _submit(store, 3)
+    with store.transaction():
+        ahead = store.peek_ready("default", 1, held=())
+        claim = store.claim({"default": 10}, 10, now=3000, held={first})
+    assert [t.id for t in ahead] == [first] and ahead[0].state is TaskState.QUEUED
+    assert [t.id for t in claim.tasks] == [second, third] and claim.exhausted == {"default"}
+    with store.transaction():  # the held one is still queued: claimable once taken back
+        assert [t.id for t in store.peek_ready("default", 5, held=())] == [first]
