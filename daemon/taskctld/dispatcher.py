@@ -59,10 +59,13 @@ PASSED_LATENCY = 0.005  # seconds: how late an end whose slot passed on may be a
 class Held:
     """A queued task handed to the supervisor to start when attempt `after` ends."""
 
-    task: TaskRow
-    attempt: int
+    task: TaskRow  # as it was queued: the attempt held is its next one
     after: Key
     token: int  # names this hold: a late answer about an earlier one is not about it
+
+    @property
+    def attempt(self) -> int:
+        return self.task.attempts + 1
 
     @property
     def key(self) -> Key:
@@ -100,7 +103,7 @@ class Dispatcher:
         self.last_cycle_at = 0
         self._wake = asyncio.Event()
         self._due_timer: asyncio.TimerHandle | None = None
-        self._started_timer: asyncio.TimerHandle | None = None
+        self._apply_timer: asyncio.TimerHandle | None = None
         self._ended: list[AttemptEnd] = []
         self._due_at: int | None = None
         self._time_dirty = True  # look for due work on the first turn
@@ -129,15 +132,15 @@ class Dispatcher:
 
     def _apply_within(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        timer = self._started_timer
+        timer = self._apply_timer
         if timer is not None and timer.when() <= loop.time() + seconds:
             return
         if timer is not None:
             timer.cancel()
-        self._started_timer = loop.call_later(seconds, self._started_due)
+        self._apply_timer = loop.call_later(seconds, self._apply_due)
 
-    def _started_due(self) -> None:
-        self._started_timer = None
+    def _apply_due(self) -> None:
+        self._apply_timer = None
         self._wake.set()
 
     def note_events(self, events: list[EventRow]) -> None:
@@ -322,20 +325,23 @@ class Dispatcher:
 
     def _apply_started(self, report: Started, now: int) -> None:
         key = (report.task_id, report.attempt)
-        if key not in self._claimed and self._adopt(key, now, report.started_at) is None:
-            task = self.store.get_task(report.task_id)
+        if key not in self._claimed:
+            adopted = self._adopt(key, now, report.started_at)
+            task = adopted or self.store.get_task(report.task_id)
             if task is None or task.state is not TaskState.RUNNING or task.attempts != key[1]:
                 # A held task cancelled while it started: nothing may run that the store
                 # does not show as running.
                 log.warning("task %d started after it was taken back; stopping it", key[0])
                 self.runner.stop(*key, "cancel")
                 return
+            if adopted is not None:
+                self._claimed[key] = adopted
         self.store.mark_started(*key, pid=report.pid, started_at=report.started_at)
 
     def _adopt(self, key: Key, now: int, started_at: int) -> TaskRow | None:
         """Claim an attempt the supervisor started (or tried to) without a claim of ours: a
         held one, or one that started while no daemon listened. Its slot is counted unless
-        it was passed on from the attempt before it."""
+        it was passed on from the attempt before it. The caller keeps the row if it runs."""
         self._drop_held(*key)
         inherited = self._inherited.pop(key, None)
         task = self.store.claim_attempt(*key, now, started_at)
@@ -345,7 +351,6 @@ class Dispatcher:
             return None
         if inherited is None:
             self.running[task.queue] = self.running.get(task.queue, 0) + 1
-        self._claimed[key] = task
         return task
 
     def _apply_end(self, report: Ended, now: int) -> None:
@@ -360,8 +365,6 @@ class Dispatcher:
         # The row as claimed is still right for the policy (running tasks do not change but
         # through here); the fenced move below refuses anything stale.
         task = self._claimed.pop(key, None) or self._adopt(key, now, end.started_at or end.ended_at)
-        if task is not None:
-            self._claimed.pop(key, None)
         news = self.store.end_attempt(end)  # a repeated or stale report is not
         if news:
             self._ended.append(end)
@@ -461,7 +464,7 @@ class Dispatcher:
         for task in self.store.peek_ready(queue, want, self._held) if slots else []:
             depth, after = min(slots)
             slots.remove((depth, after))
-            item = Held(task, task.attempts + 1, after, next(self._tokens))
+            item = Held(task, after, next(self._tokens))
             self._held[task.id] = item
             self._next_of[after] = item.key
             held.append(item)

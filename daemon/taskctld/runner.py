@@ -266,8 +266,9 @@ class Runner:
 
     def unhold(self, key: Key) -> None:
         """Take a held attempt back (it may have started meanwhile: its report says so)."""
-        if self.current is not None:
-            self.current.send({"op": "unhold", "task_id": key[0], "attempt": key[1]})
+        link = self.held.pop(key, None)
+        if link is not None:
+            link.send({"op": "unhold", "task_id": key[0], "attempt": key[1]})
 
     def spec_for(
         self, task: TaskRow, env: dict[str, str] | None, number: int | None = None
@@ -412,9 +413,9 @@ class Runner:
                 self.report(ended_from_record(*key, record))
         # And what dead supervisors' journals say about such attempts (they exit once idle
         # without a daemon, keeping the journal while an outcome is unacknowledged).
-        for key in [k for k in self.orphaned if k not in open_keys | done.keys()]:
-            if key not in self.owner:
-                self.report(self.settle(key))
+        known = open_keys | done.keys() | self.owner.keys()
+        for key in [k for k in self.orphaned if k not in known]:
+            self.report(self.settle(key))
 
     def settle(self, key: Key) -> Ended:
         """The end of an attempt whose supervisor is gone, from that supervisor's journal."""

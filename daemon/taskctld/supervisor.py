@@ -455,7 +455,7 @@ class Supervisor:
         waiting = after in self.running or after in self.held_keys
         known = key in self.running or key in self.done or key in self.held_keys
         if self.retired or not waiting or after in self.held or known:
-            self._send({"op": "released", "task_id": key[0], "attempt": key[1], "hold": token})
+            self._release(key, token)
             return
         self.held[after] = spec
         self.held_keys.add(key)
@@ -481,8 +481,10 @@ class Supervisor:
     def _release_after(self, key: tuple[int, int]) -> None:
         while (spec := self._take_held(key)) is not None:
             key = (spec.task_id, spec.attempt)
-            token = self.hold_tokens.pop(key, None)
-            self._send({"op": "released", "task_id": key[0], "attempt": key[1], "hold": token})
+            self._release(key, self.hold_tokens.pop(key, None))
+
+    def _release(self, key: tuple[int, int], token: Any) -> None:
+        self._send({"op": "released", "task_id": key[0], "attempt": key[1], "hold": token})
 
     def _spawn(self, spec: AttemptSpec) -> None:
         key = (spec.task_id, spec.attempt)
