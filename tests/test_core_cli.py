@@ -39,6 +39,23 @@ def test_submit_wait_json_prints_the_final_task(daemon: Home) -> None:
     assert task["state"] == "failed" and task["exit_code"] == 4
 
 
+def test_a_submit_to_a_free_slot_is_claimed_by_its_own_commit(daemon: Home) -> None:
+    """With a slot free, the submit's transaction also claims the task: one commit between a
+    submit and its start, not one for the submit and another for the claim. Its answer shows
+    it already running; once the slots are taken, a submit stays queued."""
+    daemon.ok("queue", "set", "default", "--concurrency", "1")
+    first = daemon.json("submit", "--", "sleep", "30")
+    assert first["state"] == "running"
+    second = daemon.json("submit", "--", "sleep", "30")
+    assert second["state"] == "queued"
+    daemon.ok("queue", "set", "fast")
+    daemon.ok("queue", "pause", "fast")
+    paused = daemon.json("submit", "--queue", "fast", "--", "true")
+    assert paused["state"] == "queued"
+    for task in (first, second, paused):
+        daemon.ok("cancel", str(task["id"]))
+
+
 def test_300_tasks_from_a_shell_loop_all_finish_once(daemon: Home) -> None:
     script = f'for i in $(seq 300); do "{TASKCTL}" submit -- true || exit 1; done'
     loop = subprocess.run(

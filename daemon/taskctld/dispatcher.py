@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -160,6 +160,11 @@ class Dispatcher:
                 self._time_dirty = True
                 self._wake.set()
 
+    def _note_queued(self, events: Sequence[EventRow]) -> None:
+        """Queues that `work` gave tasks in this very transaction: claim for them in it too,
+        instead of one commit for the submit and one more for the claim."""
+        self.ready_queues.update(e.queue for e in events if e.to_state is TaskState.QUEUED)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -262,6 +267,7 @@ class Dispatcher:
                 ended = self._apply(reports, now)
                 if work is not None:
                     result = work(now)
+                    self._note_queued(self.store.uncommitted_events())
                 if timed and self.scheduler is not None:
                     self.scheduler.fire_due(now)
                 if timed and self.store.promote_due(now) >= PROMOTE_BATCH:

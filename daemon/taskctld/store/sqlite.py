@@ -315,6 +315,10 @@ class SqliteStore:
     def on_commit(self, callback: Callable[[list[EventRow]], None]) -> None:
         self._subscribers.append(callback)
 
+    def uncommitted_events(self) -> Sequence[EventRow]:
+        """What the open transaction has appended so far (published only once it commits)."""
+        return tuple(self._pending)
+
     def _require_transaction(self) -> None:
         if not self._in_transaction:
             raise RuntimeError("store writes must run inside transaction()")
