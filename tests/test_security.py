@@ -464,3 +464,44 @@ def test_ten_thousand_malformed_requests_do_not_hurt_the_daemon(home: Home) -> N
         ).returncode
         == 0
     )
+
+
+def _until_closed(s: socket.socket) -> tuple[bytes, float]:
+    """Everything the daemon sends until it closes the connection, and how long that took."""
+    began, reply = time.monotonic(), b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply, time.monotonic() - began
+
+
+def test_the_request_deadline_cuts_slow_requests_not_slow_answers(home: Home) -> None:
+    """`request_timeout` bounds how long a request may take to arrive (a half-sent body, an
+    idle kept-alive connection), never how long its answer takes; headers over the limit get
+    431 at once."""
+    home.config(request_timeout="1s")
+    home.start()
+    sock = str(home.path / "taskctld.sock")
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(15)
+        s.connect(sock)
+        return s
+
+    with connect() as s:  # the head arrived, the body never does
+        s.sendall(b'POST /v1/tasks HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"comm')
+        reply, took = _until_closed(s)
+        assert reply == b"" and took < 1 + 1.5, (reply, took)
+
+    task_id = home.submit("sleep", "2")
+    with connect() as s:  # answered after twice the deadline, then idle until cut
+        s.sendall(f"GET /v1/tasks/{task_id}/wait?timeout=10 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        reply, took = _until_closed(s)
+        assert reply.startswith(b"HTTP/1.1 200 ") and b'"succeeded"' in reply, reply
+        assert took > 1.5, took
+
+    with connect() as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n")
+        reply, _ = _until_closed(s)
+        assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]

@@ -92,7 +92,6 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
             timeout_keep_alive=5,
             timeout_graceful_shutdown=STREAMS_CUT_AFTER,
             limit_concurrency=config.max_connections,
-            h11_max_incomplete_event_size=64 * 1024,
         )
     )
     server.config.load()
