@@ -50,9 +50,10 @@ PROMOTE_BATCH = 1000  # scheduled tasks made queued per turn at most (see store.
 # the wall clock at least this often (seconds), so a schedule is not late by the time asleep.
 WALL_CLOCK_CHECK = 60.0
 STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
-HOLD_AHEAD = 8  # tasks held per running slot at most (each waits for the one before it)
+HOLD_AHEAD = 16  # tasks held per running slot at most (each waits for the one before it)
 HOLD_BELOW = 50  # ms: hold ahead in a queue only while its attempts take less than this
 PASSED_LATENCY = 0.005  # seconds: how late an end whose slot passed on may be applied
+REFILL_BELOW = HOLD_AHEAD // 2  # held after a passed-on start: fewer, and its line is topped up now
 
 
 @dataclass
@@ -122,13 +123,23 @@ class Dispatcher:
 
     def report(self, report: Report) -> None:
         """A supervisor's news. An end that frees a slot wakes the loop now; one whose slot
-        passed on to a held task only within PASSED_LATENCY, and a start within
+        passed on to a held task only within PASSED_LATENCY (unless fewer than REFILL_BELOW
+        wait in that slot's line: then now, so the line never runs dry), and a start within
         STARTED_LATENCY, so that short tasks do not cost a commit each."""
         self.reports.append(report)
         if isinstance(report, Released) or (isinstance(report, Ended) and report.next is None):
             self._wake.set()
+        elif isinstance(report, Ended) and self._held_after(report.next) < REFILL_BELOW:
+            self._wake.set()  # the supervisor's line for this slot runs short: top it up now
         else:
             self._apply_within(PASSED_LATENCY if isinstance(report, Ended) else STARTED_LATENCY)
+
+    def _held_after(self, key: Key | None) -> int:
+        """How many held attempts wait in line after `key`."""
+        depth = 0
+        while key is not None and (key := self._next_of.get(key)) is not None:
+            depth += 1
+        return depth
 
     def _apply_within(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
