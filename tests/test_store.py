@@ -203,6 +203,19 @@ def test_a_held_start_is_claimed_only_for_the_queueing_it_was_held_from(
     assert fresh is not None and fresh.attempts == 1
 
 
+def test_a_held_start_claims_the_row_it_was_held_with(store: SqliteStore) -> None:
+    """The dispatcher passes the row it held (unchanged since: any change takes the hold back);
+    it is claimed as given, behind the same fences, without being read again."""
+    (task_id,) = _submit(store, 1)  # queued at 1000
+    with store.transaction():
+        (row,) = store.peek_ready("default", 1, held=())
+        assert store.claim_attempt(task_id, 1, now=1500, started_at=999, known=row) is None
+        claimed = store.claim_attempt(task_id, 1, now=1500, started_at=1400, known=row)
+    assert claimed is row and row.state is TaskState.RUNNING and (row.attempts, row.tries) == (1, 1)
+    stored = store.get_task(task_id)
+    assert stored is not None and stored.state is TaskState.RUNNING and stored.attempts == 1
+
+
 def test_claim_passes_over_held_tasks(store: SqliteStore) -> None:
     first, second, third = _submit(store, 3)
     with store.transaction():

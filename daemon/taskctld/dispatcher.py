@@ -228,16 +228,20 @@ class Dispatcher:
         if held is not None:
             self.runner.unhold(held.key)
 
-    def _drop_held(self, task_id: int, attempt: int | None = None) -> Held | None:
-        """Forget a held task (of that attempt, when given): it started, or came back."""
+    def _drop_held(
+        self, task_id: int, attempt: int | None = None, *, started: bool = False
+    ) -> Held | None:
+        """Forget a held task (of that attempt, when given): it started, or it came back and
+        its queue has work again."""
         held = self._held.get(task_id)
         if held is None or attempt not in (None, held.attempt):
             return None
         del self._held[task_id]
         if self._next_of.get(held.after) == held.key:
             del self._next_of[held.after]
-        self.ready_queues.add(held.task.queue)
-        self._wake.set()
+        if not started:
+            self.ready_queues.add(held.task.queue)
+            self._wake.set()
         return held
 
     # -- the loop -------------------------------------------------------------------------------
@@ -359,9 +363,10 @@ class Dispatcher:
         """Claim an attempt the supervisor started (or tried to) without a claim of ours: a
         held one, or one that started while no daemon listened. Its slot is counted unless
         it was passed on from the attempt before it. The caller keeps the row if it runs."""
-        self._drop_held(*key)
+        # Still held, it is as it was queued: any change to it since would have taken it back.
+        held = self._drop_held(*key, started=True)
         inherited = self._inherited.pop(key, None)
-        task = self.store.claim_attempt(*key, now, started_at)
+        task = self.store.claim_attempt(*key, now, started_at, None if held is None else held.task)
         if task is None:
             if inherited is not None:  # it is being stopped: its slot is taken until it ends
                 self._refused[key] = inherited

@@ -612,19 +612,19 @@ class SqliteStore:
         return True
 
     def claim_attempt(
-        self, task_id: int, attempt: int, now: int, started_at: int
+        self, task_id: int, attempt: int, now: int, started_at: int, known: TaskRow | None = None
     ) -> TaskRow | None:
         """Claim one queued task as attempt `attempt`: a held attempt its supervisor started
         at `started_at`. None when the task is not queued at the attempt before (cancelled
         meanwhile, say), or was queued after that start (an old run that a journal kept is not
-        this queueing's)."""
+        this queueing's). `known`: the task as the caller knows it unchanged (else it is read)."""
         self._require_transaction()
         row = self.conn.execute(
             "SELECT updated_at FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)
         ).fetchone()
         if row is None or row[0] > started_at:
             return None
-        task = self.get_task(task_id)
+        task = known if known is not None else self.get_task(task_id)
         if task is None or not self._claim_one(task, attempt, now):
             return None
         return task
