@@ -267,14 +267,16 @@ def test_a_higher_priority_task_of_another_queue_does_not_wait_for_a_held_backlo
 ) -> None:
     home.config(concurrency=2)
     home.start()
-    backlog = [int(x) for x in home.ok("submit", "--stdin", input="true\n" * 600).split()]
+    # Each takes ~10 ms: short enough to be held, long enough that 600 take seconds to drain.
+    lines = "sleep 0.01\n" * 600
+    backlog = [int(x) for x in home.ok("submit", "-q", "bulk", "--stdin", input=lines).split()]
     wait_until(lambda: home.json("health")["held"] > 0, timeout=30)
     urgent = home.submit("true", options=("-q", "urgent", "-p", "10"))
     began = rfc3339_to_ms(home.wait_final(urgent)["attempts"][0]["started_at"])
     assert home.run("wait", *map(str, backlog), timeout=120).returncode == 0
-    later = [
-        t for t in map(home.task, backlog) if rfc3339_to_ms(t["attempts"][0]["started_at"]) > began
-    ]
+    tasks = home.json("list", "-q", "bulk", "-n", "1000")
+    assert sorted(t["id"] for t in tasks) == backlog
+    later = [t for t in tasks if rfc3339_to_ms(t["started_at"]) > began]
     assert len(later) > 100, (began, len(backlog), home.json("health"))  # not after all of it
 
 
