@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from conftest import FINAL, TASKCTL, Home, wait_until
 
 
@@ -56,6 +58,8 @@ def test_a_submit_to_a_free_slot_is_claimed_by_its_own_commit(daemon: Home) -> N
         daemon.ok("cancel", str(task["id"]))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # hundreds of processes: minutes on a loaded 2-core machine
 def test_300_tasks_from_a_shell_loop_all_finish_once(daemon: Home) -> None:
     script = f'for i in $(seq 300); do "{TASKCTL}" submit -- true || exit 1; done'
     loop = subprocess.run(
@@ -147,13 +151,12 @@ def test_fifty_queued_tasks_survive_sigkill_of_the_daemon(home: Home) -> None:
     home.start()
     gate = home.path / "go"
     blocker = home.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    queued = [home.submit("true") for _ in range(50)]
-    assert {home.task(i)["state"] for i in queued} == {"queued"}
+    queued = [int(x) for x in home.ok("submit", "--stdin", input="true\n" * 50).split()]
+    assert {t["state"] for t in home.tasks(queued)} == {"queued"}
     home.kill9()
     home.start()
     gate.touch()
-    for task_id in [blocker, *queued]:
-        task = home.wait_final(task_id, timeout=60)
+    for task in home.wait_all_final([blocker, *queued]):
         assert task["state"] == "succeeded", task
         assert len(task["attempts"]) == 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TASKCTL, Home, figure, wait_until
+from conftest import TASKCTL, Home, _alive, figure, wait_until
 
 
 def _gated(home: Home, code: int) -> int:
@@ -40,14 +40,26 @@ def test_restart_replaces_the_daemon_and_running_tasks_finish_with_their_codes(
 
 
 def test_stop_drain_returns_only_after_running_tasks_finished(daemon: Home) -> None:
-    ids = [daemon.submit("sleep", "1"), daemon.submit("sh", "-c", "sleep 1.5; exit 7")]
-    wait_until(lambda: all(daemon.task(i)["state"] == "running" for i in ids))
-    began = time.monotonic()
-    daemon.ok("daemon", "stop", "--drain")
-    assert time.monotonic() - began >= 1.0
+    gate = daemon.path / "gate"
+    wait_for_gate = f"while [ ! -e {gate} ]; do sleep 0.02; done"
+    ids = [
+        daemon.submit("sh", "-c", wait_for_gate),
+        daemon.submit("sh", "-c", f"{wait_for_gate}; exit 7"),
+    ]
+    wait_until(lambda: {t["state"] for t in daemon.tasks(ids)} == {"running"})
+    pids = [t["attempts"][0]["pid"] for t in daemon.tasks(ids)]  # held at the gate till we open
+    stop = subprocess.Popen([TASKCTL, "daemon", "stop", "--drain"], env=daemon.env)
+    try:
+        log = daemon.path / "taskctld.log"
+        wait_until(lambda: "waiting for running tasks" in log.read_text())
+        assert stop.poll() is None and all(map(_alive, pids))  # it waits for them
+        gate.touch()
+        assert stop.wait(timeout=30) == 0
+    finally:
+        stop.kill()
     assert not daemon.task_processes()
     daemon.start()
-    assert [daemon.task(i)["exit_code"] for i in ids] == [0, 7]
+    assert [t["exit_code"] for t in daemon.tasks(ids)] == [0, 7]  # they ran to their own ends
 
 
 def test_stop_kill_ends_tasks_and_queues_them_again_without_counting(daemon: Home) -> None:
