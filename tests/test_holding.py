@@ -126,9 +126,10 @@ def test_unhold_and_a_lost_daemon_keep_held_spawns_from_starting(wire: Wire) -> 
     wire.spawn(2, ["touch", "ran-2"], after=1)
     wire.spawn(3, ["touch", "ran-3"], after=2)
     wire.send(op="unhold", task_id=2, attempt=1)
-    assert wire.until("released", 3)[-1] == {
-        "op": "released", "task_id": 3, "attempt": 1, "hold": 103
-    }  # fmt: skip
+    assert wire.until("unheld", 2)[-2:] == [
+        {"op": "released", "task_id": 3, "attempt": 1, "hold": 103},  # what waited after it
+        {"op": "unheld", "task_id": 2, "attempt": 1, "taken": True},  # it will not start
+    ]
     threading.Thread(target=_open_gate, args=(gate,)).start()
     assert wire.until("done", 1)[-1]["next"] is None
     wire.spawn(9, ["true"])  # anything started in 1's slot would be reported before 9's end
@@ -147,6 +148,21 @@ def test_unhold_and_a_lost_daemon_keep_held_spawns_from_starting(wire: Wire) -> 
     wire.spawn(12, ["true"])
     assert [f["task_id"] for f in wire.until("done", 12) if f["op"] == "started"] == [12]
     assert not [p.name for p in wire.folder.glob("ran-*")]
+
+
+def test_unhold_says_when_the_held_spawn_had_started_already(wire: Wire) -> None:
+    gate = _gate(wire.folder)
+    wire.spawn(1, ["cat", str(gate)])
+    wire.until("started", 1)
+    wire.spawn(2, ["sleep", "30"], after=1)
+    threading.Thread(target=_open_gate, args=(gate,)).start()
+    wire.until("started", 2)  # it started in 1's slot before the daemon could take it back
+    wire.send(op="unhold", task_id=2, attempt=1)
+    assert wire.until("unheld", 2)[-1] == {
+        "op": "unheld", "task_id": 2, "attempt": 1, "taken": False
+    }  # fmt: skip
+    wire.send(op="signal", task_id=2, attempt=1, kind="cancel")
+    assert wire.until("done", 2)[-1]["outcome"] == "cancelled"
 
 
 # -- through the daemon ---------------------------------------------------------------------------
@@ -219,6 +235,8 @@ def test_a_held_task_is_listed_queued_and_cancel_takes_it_back(home: Home) -> No
     # for these requests (a loop would take most of a core).
     assert _cpu_seconds(pid) - cpu < 0.5 * (time.monotonic() - began)
     assert home.json("cancel", str(held[0]))["state"] == "cancelled"
+    # The cancel answered once its supervisor said the task would not start (not at a timeout).
+    assert "no answer about held task" not in (home.path / "taskctld.log").read_text()
     _open_gate(gate)
     assert home.wait_final(first)["state"] == "succeeded"
     assert [home.wait_final(i)["state"] for i in held[1:]] == ["succeeded"] * 2

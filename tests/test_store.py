@@ -11,10 +11,11 @@ import pytest
 
 from taskctl.api import Outcome, TaskState
 from taskctl.errors import StorageFull
+from taskctl.units import now_ms
 from taskctld import states
 from taskctld.dispatcher import Dispatcher, Limits
-from taskctld.runner import Runner
-from taskctld.store import AttemptEnd, NewTask
+from taskctld.runner import Ended, Runner, Started, Unheld
+from taskctld.store import AttemptEnd, NewTask, TaskRow
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
 
 
@@ -225,3 +226,80 @@ def test_claim_passes_over_held_tasks(store: SqliteStore) -> None:
     assert [t.id for t in claim.tasks] == [second, third] and claim.exhausted == {"default"}
     with store.transaction():  # the held one is still queued: claimable once taken back
         assert [t.id for t in store.peek_ready("default", 5, held=())] == [first]
+
+
+class ScriptedRunner:
+    """The dispatcher's runner, with the supervisor's reports scripted by the test: records
+    what the dispatcher asked of it."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[object, ...]] = []
+
+    def ready(self) -> bool:
+        return True
+
+    def runs_on_current(self, key: tuple[int, int]) -> bool:
+        return True
+
+    def start(self, task: TaskRow, env: object) -> None:
+        self.asked.append(("start", task.id))
+
+    def hold(self, task: TaskRow, env: object, after: tuple[int, int], token: int) -> bool:
+        self.asked.append(("hold", task.id, after))
+        return True
+
+    def unhold(self, key: tuple[int, int]) -> None:
+        self.asked.append(("unhold", *key))
+
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        self.asked.append(("stop", task_id, attempt, kind))
+        return True
+
+    def committed(self) -> None:
+        pass
+
+    def forget(self, task_id: int, attempt: int) -> None:
+        pass
+
+
+def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record(
+    store: SqliteStore,
+) -> None:
+    """The cancel commits while its supervisor is already starting the held task (the two
+    cross on the wire): the task stays cancelled, the start is stopped, and the attempt it
+    ran is recorded with how it ended. The cancel hears that it had started."""
+    running, held = _submit(store, 2)
+    runner = ScriptedRunner()
+    ends: list[AttemptEnd] = []
+
+    async def scenario() -> bool:
+        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher.on_attempt_end.append(ends.append)
+        dispatcher._took["default"] = 5.0  # its tasks have been short: hold ahead
+        dispatcher.load()
+        dispatcher.cycle()
+        assert runner.asked == [("start", running), ("hold", held, (running, 1))]
+        answer = dispatcher.unhold_answer(held)
+        assert answer is not None
+
+        def cancel(now: int) -> bool:
+            return store.move(held, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
+
+        assert dispatcher.cycle(cancel)
+        assert runner.asked[-1] == ("unhold", held, 1)
+        end = AttemptEnd(running, 1, Outcome.EXITED, now_ms(), exit_code=0)
+        dispatcher.report(Ended(end, next=(held, 1)))  # its slot passed on to the held one
+        dispatcher.report(Started(held, 1, pid=4242, started_at=now_ms()))
+        dispatcher.report(Unheld(held, 1, taken=False))
+        dispatcher.cycle()
+        assert runner.asked[-1] == ("stop", held, 1, "cancel")
+        dispatcher.report(Ended(AttemptEnd(held, 1, Outcome.CANCELLED, now_ms(), signal=15)))
+        dispatcher.cycle()
+        return await answer
+
+    assert asyncio.run(scenario()) is False  # it had started
+    task = store.get_task(held)
+    (attempt,) = store.attempts_of([held])[held]
+    assert task is not None and task.state is TaskState.CANCELLED
+    assert (attempt.pid, attempt.outcome, attempt.signal) == (4242, Outcome.CANCELLED, 15)
+    assert [(e.task_id, e.attempt) for e in ends] == [(running, 1), (held, 1)]

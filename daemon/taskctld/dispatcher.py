@@ -17,8 +17,9 @@ which is what short tasks are limited by, and ends whose slot passed on need no 
 they are applied in batches (PASSED_LATENCY). A held task stays `queued` in the store (so `list`
 tells the truth) until the supervisor reports its start; the start report claims it, fenced on
 its attempt number. Cancelling it, pausing or changing its queue, or stopping the daemon takes
-held tasks back. Only short tasks are held, so a task submitted later with a higher priority
-waits at most HOLD_AHEAD short tasks per slot more than it would otherwise.
+held tasks back; the supervisor answers whether it had started (a cancel that crossed the start
+stops it and records the attempt it ran). Only short tasks are held, so a task submitted later
+with a higher priority waits at most HOLD_AHEAD short tasks per slot more than otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from taskctl.api import Backoff, Outcome, TaskState
 from taskctl.errors import TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
-from taskctld.runner import Ended, Key, Released, Report, Runner, Started
+from taskctld.runner import Ended, Key, Released, Report, Runner, Started, Unheld
 from taskctld.store import AttemptEnd, EventRow, Store, TaskRow
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class Dispatcher:
         self._took: dict[str, float] = {}  # queue -> how long its attempts take lately (ms)
         self._refused: dict[Key, str] = {}  # started once taken back: keeps its slot to its end
         self._no_hold_after: set[Key] = set()  # attempts the supervisor would not hold after
+        self._unheld: dict[int, asyncio.Future[bool]] = {}  # task id -> its supervisor's answer
         self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
         store.on_commit(self.note_events)
@@ -127,7 +129,9 @@ class Dispatcher:
         wait in that slot's line: then now, so the line never runs dry), and a start within
         STARTED_LATENCY, so that short tasks do not cost a commit each."""
         self.reports.append(report)
-        if isinstance(report, Released) or (isinstance(report, Ended) and report.next is None):
+        if isinstance(report, Released | Unheld) or (
+            isinstance(report, Ended) and report.next is None
+        ):
             self._wake.set()
         elif isinstance(report, Ended) and self._held_after(report.next) < REFILL_BELOW:
             self._wake.set()  # the supervisor's line for this slot runs short: top it up now
@@ -220,6 +224,20 @@ class Dispatcher:
         for task_id in list(self._held):
             self._unhold(task_id)
         self._next_of.clear()
+
+    def unhold_answer(self, task_id: int) -> asyncio.Future[bool] | None:
+        """If the task is held now: how its hold ends, once a cancel committing next takes it
+        back: True, it will not start; False, it had started."""
+        self._unheld.pop(task_id, None)
+        if task_id not in self._held:
+            return None
+        answer = self._unheld[task_id] = asyncio.get_running_loop().create_future()
+        return answer
+
+    def _hold_ended(self, task_id: int, unstarted: bool) -> None:
+        answer = self._unheld.pop(task_id, None)
+        if answer is not None and not answer.done():
+            answer.set_result(unstarted)
 
     def _unhold(self, task_id: int) -> None:
         """Take a held task back. The supervisor gives back what was held after it; if it
@@ -328,6 +346,8 @@ class Dispatcher:
                 self._apply_started(report, now)
             elif isinstance(report, Released):
                 self._apply_released(report)
+            elif isinstance(report, Unheld):
+                self._hold_ended(report.task_id, report.taken)
             else:
                 self._apply_end(report, now)
                 ended.append((report.end.task_id, report.end.attempt))
@@ -338,6 +358,7 @@ class Dispatcher:
         if held is None or held.attempt != report.attempt or report.token not in (None, held.token):
             return  # about a hold taken back already (and maybe made again since)
         self._drop_held(report.task_id)
+        self._hold_ended(report.task_id, True)
         if report.token is not None:
             self._no_hold_after.add(held.after)  # the supervisor would only refuse again
         queue = self._inherited.pop(held.key, None)
@@ -346,13 +367,15 @@ class Dispatcher:
 
     def _apply_started(self, report: Started, now: int) -> None:
         key = (report.task_id, report.attempt)
+        self._hold_ended(report.task_id, False)
         if key not in self._claimed:
             adopted = self._adopt(key, now, report.started_at)
             task = adopted or self.store.get_task(report.task_id)
             if task is None or task.state is not TaskState.RUNNING or task.attempts != key[1]:
-                # A held task cancelled while it started: nothing may run that the store
-                # does not show as running.
-                log.warning("task %d started after it was taken back; stopping it", key[0])
+                # A held task cancelled as it started: stop it, and keep on the record that
+                # it ran (its end is written to this attempt as it comes).
+                log.warning("task %d started as it was cancelled; stopping it", key[0])
+                self.store.record_stray_start(*key, pid=report.pid, started_at=report.started_at)
                 self.runner.stop(*key, "cancel")
                 return
             if adopted is not None:
@@ -380,9 +403,11 @@ class Dispatcher:
         key = (end.task_id, end.attempt)
         self._no_hold_after.discard(key)
         refused = self._refused.pop(key, None)
-        if refused is not None:  # a held start that was refused: only its slot to settle
+        if refused is not None:  # a held start that was refused: its end and its slot
             self._next_of.pop(key, None)
             self._pass_or_free(refused, report.next)
+            if self.store.end_attempt(end):
+                self._ended.append(end)
             return
         # The row as claimed is still right for the policy (running tasks do not change but
         # through here); the fenced move below refuses anything stale.

@@ -75,7 +75,17 @@ class Released:
     token: int | None = None  # the hold it answers; None: whichever hold it is
 
 
-Report = Started | Ended | Released
+@dataclass
+class Unheld:
+    """The supervisor's answer to taking a held attempt back: `taken`, it will not start;
+    else it had started (its Started came before this)."""
+
+    task_id: int
+    attempt: int
+    taken: bool
+
+
+Report = Started | Ended | Released | Unheld
 
 
 @dataclass
@@ -338,6 +348,8 @@ class Runner:
         elif op == "released":
             token = frame.get("hold")
             self.report(Released(*key, token=int(token) if token is not None else None))
+        elif op == "unheld":
+            self.report(Unheld(*key, taken=bool(frame.get("taken"))))
 
     def on_link_lost(self, link: Link) -> None:
         """A supervisor is gone. If we were not closing, what it ran is settled from run files."""

@@ -32,6 +32,7 @@ from taskctld.metrics import Metrics
 from taskctld.runner import Runner
 from taskctld.scheduler import Scheduler, Triggers
 from taskctld.store import (
+    AttemptEnd,
     AttemptRow,
     NewSchedule,
     NewTask,
@@ -47,6 +48,7 @@ log = logging.getLogger("taskctld.service")
 
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
 PRUNE_BATCH = 2000  # tasks per transaction when pruning
+UNHOLD_ANSWER_TIMEOUT = 5.0  # seconds a cancel waits to hear whether a held task had started
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Service:
     watchers: int = 0  # connected event streams
     followers: int = 0  # connected `logs --follow` streams
     pruning: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _ends: dict[tuple[int, int], asyncio.Event] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -86,6 +89,7 @@ class Service:
         self.dispatcher.on_attempt_end.append(
             lambda end: self.metrics.on_attempt_end(end, end.started_at)
         )
+        self.dispatcher.on_attempt_end.append(self._note_end)
         self.scheduler.on_fire.append(self.metrics.on_fire)
         self.dispatcher.accepting = not self.config.hold
 
@@ -268,9 +272,41 @@ class Service:
                 task_id, task.state, TaskState.CANCELLED, now, reason="cancelled", finished_at=now
             )
 
+        held = self.dispatcher.unhold_answer(task_id)  # held: it may start as we cancel
         if not self.dispatcher.cycle(cancel_now):  # it changed state meanwhile: try again
             return await self.cancel(task_id)
+        if held is not None:
+            await self._settle_held_cancel(task_id, task.attempts + 1, held)
         return self.task(task_id)
+
+    async def _settle_held_cancel(
+        self, task_id: int, attempt: int, held: asyncio.Future[bool]
+    ) -> None:
+        """A held task was cancelled: answer once its supervisor has said it will not start,
+        or, if it had started, once that attempt (stopped, and on the record) has ended."""
+        try:
+            if await asyncio.wait_for(held, UNHOLD_ANSWER_TIMEOUT):
+                return
+        except TimeoutError:
+            log.warning("no answer about held task %d; cancelled without it", task_id)
+            return
+        open_attempt = any(
+            a.number == attempt and a.outcome is None
+            for a in self.store.attempts_of([task_id])[task_id]
+        )
+        if open_attempt:  # no await since the check: its end cannot slip past the waiter
+            ended = self._ends[(task_id, attempt)] = asyncio.Event()
+            try:
+                await asyncio.wait_for(ended.wait(), self.task(task_id).kill_grace + 10)
+            except TimeoutError:
+                log.warning("task %d: its stray attempt did not end in time", task_id)
+            finally:
+                self._ends.pop((task_id, attempt), None)
+
+    def _note_end(self, end: AttemptEnd) -> None:
+        ended = self._ends.get((end.task_id, end.attempt))
+        if ended is not None:
+            ended.set()
 
     async def _attempt_ended(self, task_id: int, attempt: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -29,7 +29,7 @@ Wire: 4-byte big-endian length, then a JSON object with an "op".
   daemon -> supervisor: spawn {spec, after?}, unhold {task_id, attempt},
                         signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
   supervisor -> daemon: hello {pid, running, done}, started {...}, done {..., next},
-                        released {task_id, attempt, hold}
+                        released {task_id, attempt, hold}, unheld {task_id, attempt, taken}
 
 A spawn with `after` (and a `hold` token) is held: it starts the moment attempt `after` ends (its slot passes on
 without a round trip through the daemon), and `done` of `after` names it in `next`. A held spec
@@ -463,14 +463,15 @@ class Supervisor:
 
     def _unhold(self, key: tuple[int, int]) -> None:
         """The daemon takes a held spec back (cancelled, its queue paused): drop it, and give
-        back what was held after it."""
-        if key not in self.held_keys:
-            return
-        for after, spec in list(self.held.items()):
+        back what was held after it. The answer, `unheld`, says whether it was still held
+        (`taken`: it will not start); if not, it started, and `started` went out before."""
+        taken = key in self.held_keys
+        for after, spec in list(self.held.items()) if taken else ():
             if (spec.task_id, spec.attempt) == key:
                 self._take_held(after)
                 self.hold_tokens.pop(key, None)
                 self._release_after(key)
+        self._send({"op": "unheld", "task_id": key[0], "attempt": key[1], "taken": taken})
 
     def _take_held(self, after: tuple[int, int]) -> AttemptSpec | None:
         spec = self.held.pop(after, None)

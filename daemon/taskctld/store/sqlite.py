@@ -644,6 +644,22 @@ class SqliteStore:
             [*(fields[n] for n in names), task_id, attempt],
         )
 
+    def record_stray_start(self, task_id: int, attempt: int, pid: int, started_at: int) -> bool:
+        """A held attempt that started as its task was cancelled (the cancel and the start
+        crossed): the task stays cancelled, and its history shows that this attempt ran.
+        False when the task is not cancelled at the attempt before."""
+        self._require_transaction()
+        if not self.conn.execute(
+            "UPDATE tasks SET attempts = ? WHERE id = ? AND state = 'cancelled' AND attempts = ?",
+            (attempt, task_id, attempt - 1),
+        ).rowcount:
+            return False
+        self.conn.execute(
+            "INSERT INTO attempts (task_id, number, started_at, pid) VALUES (?, ?, ?, ?)",
+            (task_id, attempt, started_at, pid),
+        )
+        return True
+
     def end_attempt(self, end: AttemptEnd) -> bool:
         """Write how the attempt ended (only the first report of an attempt counts); False when
         there is no such open attempt (already ended, or never claimed)."""
