@@ -125,10 +125,10 @@ def test_unhold_and_a_lost_daemon_keep_held_spawns_from_starting(wire: Wire) -> 
     wire.until("started", 1)
     wire.spawn(2, ["touch", "ran-2"], after=1)
     wire.spawn(3, ["touch", "ran-3"], after=2)
-    wire.send(op="unhold", task_id=2, attempt=1)
+    wire.send(op="unhold", task_id=2, attempt=1, hold=102)
     assert wire.until("unheld", 2)[-2:] == [
         {"op": "released", "task_id": 3, "attempt": 1, "hold": 103},  # what waited after it
-        {"op": "unheld", "task_id": 2, "attempt": 1, "taken": True},  # it will not start
+        {"op": "unheld", "task_id": 2, "attempt": 1, "taken": True, "hold": 102},  # never starts
     ]
     threading.Thread(target=_open_gate, args=(gate,)).start()
     assert wire.until("done", 1)[-1]["next"] is None
@@ -157,9 +157,9 @@ def test_unhold_says_when_the_held_spawn_had_started_already(wire: Wire) -> None
     wire.spawn(2, ["sleep", "30"], after=1)
     threading.Thread(target=_open_gate, args=(gate,)).start()
     wire.until("started", 2)  # it started in 1's slot before the daemon could take it back
-    wire.send(op="unhold", task_id=2, attempt=1)
+    wire.send(op="unhold", task_id=2, attempt=1, hold=102)
     assert wire.until("unheld", 2)[-1] == {
-        "op": "unheld", "task_id": 2, "attempt": 1, "taken": False
+        "op": "unheld", "task_id": 2, "attempt": 1, "taken": False, "hold": 102
     }  # fmt: skip
     wire.send(op="signal", task_id=2, attempt=1, kind="cancel")
     assert wire.until("done", 2)[-1]["outcome"] == "cancelled"

@@ -248,7 +248,7 @@ class ScriptedRunner:
         self.asked.append(("hold", task.id, after))
         return True
 
-    def unhold(self, key: tuple[int, int]) -> None:
+    def unhold(self, key: tuple[int, int], token: int) -> None:
         self.asked.append(("unhold", *key))
 
     def stop(self, task_id: int, attempt: int, kind: str) -> bool:
@@ -279,8 +279,9 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
         dispatcher.load()
         dispatcher.cycle()
         assert runner.asked == [("start", running), ("hold", held, (running, 1))]
-        answer = dispatcher.unhold_answer(held)
+        answer = dispatcher.hold_settled(held)
         assert answer is not None
+        token = dispatcher._held[held].token
 
         def cancel(now: int) -> bool:
             return store.move(held, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
@@ -290,11 +291,13 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
         end = AttemptEnd(running, 1, Outcome.EXITED, now_ms(), exit_code=0)
         dispatcher.report(Ended(end, next=(held, 1)))  # its slot passed on to the held one
         dispatcher.report(Started(held, 1, pid=4242, started_at=now_ms()))
-        dispatcher.report(Unheld(held, 1, taken=False))
+        dispatcher.report(Unheld(held, 1, taken=True, token=token - 1))  # an earlier hold's
+        dispatcher.report(Unheld(held, 1, taken=False, token=token))
         dispatcher.cycle()
         assert runner.asked[-1] == ("stop", held, 1, "cancel")
         dispatcher.report(Ended(AttemptEnd(held, 1, Outcome.CANCELLED, now_ms(), signal=15)))
         dispatcher.cycle()
+        assert dispatcher.running_count() == 0  # the slot it took is free again
         return await answer
 
     assert asyncio.run(scenario()) is False  # it had started
@@ -303,3 +306,42 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
     assert task is not None and task.state is TaskState.CANCELLED
     assert (attempt.pid, attempt.outcome, attempt.signal) == (4242, Outcome.CANCELLED, 15)
     assert [(e.task_id, e.attempt) for e in ends] == [(running, 1), (held, 1)]
+
+
+def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
+    store: SqliteStore,
+) -> None:
+    """The crossing again, but the held command could not start: no `started`, only its end,
+    and the supervisor started the next one in line in that slot. The slot is counted once."""
+    running, held, later = _submit(store, 3)
+    runner = ScriptedRunner()
+
+    async def scenario() -> None:
+        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher._took["default"] = 5.0
+        dispatcher.load()
+        dispatcher.cycle()
+        assert [a[:2] for a in runner.asked] == [
+            ("start", running),
+            ("hold", held),
+            ("hold", later),
+        ]
+
+        def cancel(now: int) -> bool:
+            return store.move(held, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
+
+        assert dispatcher.cycle(cancel)
+        token = dispatcher._taking_back[held]
+        end = AttemptEnd(running, 1, Outcome.EXITED, now_ms(), exit_code=0)
+        dispatcher.report(Ended(end, next=(held, 1)))
+        failed = AttemptEnd(held, 1, Outcome.SPAWN_ERROR, now_ms(), error="no such program")
+        dispatcher.report(Ended(failed, counts=False, next=(later, 1)))
+        dispatcher.report(Started(later, 1, pid=4343, started_at=now_ms()))
+        dispatcher.report(Unheld(held, 1, taken=False, token=token))
+        dispatcher.cycle()
+        assert dispatcher.running_count() == 1  # `later`, in the slot passed on twice
+        assert not dispatcher._taking_back
+
+    asyncio.run(scenario())
+    tasks = {t.id: t.state for t in store.get_tasks([held, later])}
+    assert tasks == {held: TaskState.CANCELLED, later: TaskState.RUNNING}

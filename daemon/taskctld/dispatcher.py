@@ -116,7 +116,8 @@ class Dispatcher:
         self._took: dict[str, float] = {}  # queue -> how long its attempts take lately (ms)
         self._refused: dict[Key, str] = {}  # started once taken back: keeps its slot to its end
         self._no_hold_after: set[Key] = set()  # attempts the supervisor would not hold after
-        self._unheld: dict[int, asyncio.Future[bool]] = {}  # task id -> its supervisor's answer
+        self._taking_back: dict[int, int] = {}  # task id -> hold token of an unhold in flight
+        self._settled: dict[int, asyncio.Future[bool]] = {}  # task id -> how its hold ended
         self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
         store.on_commit(self.note_events)
@@ -225,26 +226,33 @@ class Dispatcher:
             self._unhold(task_id)
         self._next_of.clear()
 
-    def unhold_answer(self, task_id: int) -> asyncio.Future[bool] | None:
-        """If the task is held now: how its hold ends, once a cancel committing next takes it
-        back: True, it will not start; False, it had started."""
-        self._unheld.pop(task_id, None)
-        if task_id not in self._held:
+    def hold_settled(self, task_id: int) -> asyncio.Future[bool] | None:
+        """If the task is held, or being taken back: done once its supervisor has answered
+        the take-back (a cancel committing next makes one), after which it cannot start.
+        True: it never started; False: it may have (its start was reported before)."""
+        if task_id not in self._held and task_id not in self._taking_back:
             return None
-        answer = self._unheld[task_id] = asyncio.get_running_loop().create_future()
-        return answer
+        settled = self._settled.get(task_id)
+        if settled is None or settled.done():
+            settled = self._settled[task_id] = asyncio.get_running_loop().create_future()
+        return settled
 
-    def _hold_ended(self, task_id: int, unstarted: bool) -> None:
-        answer = self._unheld.pop(task_id, None)
-        if answer is not None and not answer.done():
-            answer.set_result(unstarted)
+    def _apply_unheld(self, report: Unheld) -> None:
+        if self._taking_back.get(report.task_id) != report.token:
+            return  # about an earlier take-back: the task was held again since
+        del self._taking_back[report.task_id]
+        settled = self._settled.pop(report.task_id, None)
+        if settled is not None and not settled.done():
+            settled.set_result(report.taken)
 
     def _unhold(self, task_id: int) -> None:
         """Take a held task back. The supervisor gives back what was held after it; if it
-        started meanwhile, its start report says so and claims it (or stops it)."""
+        started meanwhile, its start report says so (before its answer) and claims it, or,
+        cancelled, stops it."""
         held = self._drop_held(task_id)
         if held is not None:
-            self.runner.unhold(held.key)
+            self._taking_back[task_id] = held.token
+            self.runner.unhold(held.key, held.token)
 
     def _drop_held(
         self, task_id: int, attempt: int | None = None, *, started: bool = False
@@ -347,7 +355,7 @@ class Dispatcher:
             elif isinstance(report, Released):
                 self._apply_released(report)
             elif isinstance(report, Unheld):
-                self._hold_ended(report.task_id, report.taken)
+                self._apply_unheld(report)
             else:
                 self._apply_end(report, now)
                 ended.append((report.end.task_id, report.end.attempt))
@@ -358,7 +366,6 @@ class Dispatcher:
         if held is None or held.attempt != report.attempt or report.token not in (None, held.token):
             return  # about a hold taken back already (and maybe made again since)
         self._drop_held(report.task_id)
-        self._hold_ended(report.task_id, True)
         if report.token is not None:
             self._no_hold_after.add(held.after)  # the supervisor would only refuse again
         queue = self._inherited.pop(held.key, None)
@@ -367,7 +374,6 @@ class Dispatcher:
 
     def _apply_started(self, report: Started, now: int) -> None:
         key = (report.task_id, report.attempt)
-        self._hold_ended(report.task_id, False)
         if key not in self._claimed:
             adopted = self._adopt(key, now, report.started_at)
             task = adopted or self.store.get_task(report.task_id)
@@ -403,26 +409,30 @@ class Dispatcher:
         key = (end.task_id, end.attempt)
         self._no_hold_after.discard(key)
         refused = self._refused.pop(key, None)
+        task = None
+        if refused is None:
+            # The row as claimed is still right for the policy (running tasks do not change
+            # but through here); the fenced move below refuses anything stale.
+            task = self._claimed.pop(key, None)
+            task = task or self._adopt(key, now, end.started_at or end.ended_at)
+            refused = self._refused.pop(key, None)  # refused just now: it never said it started
         if refused is not None:  # a held start that was refused: its end and its slot
             self._next_of.pop(key, None)
             self._pass_or_free(refused, report.next)
             if self.store.end_attempt(end):
                 self._ended.append(end)
             return
-        # The row as claimed is still right for the policy (running tasks do not change but
-        # through here); the fenced move below refuses anything stale.
-        task = self._claimed.pop(key, None) or self._adopt(key, now, end.started_at or end.ended_at)
         news = self.store.end_attempt(end)  # a repeated or stale report is not
         if news:
             self._ended.append(end)
         self._next_of.pop(key, None)
         task = task or self.store.get_task(end.task_id)
-        if news and task is not None and end.started_at is not None:
+        if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
+            return
+        if news and end.started_at is not None:  # how long its queue's attempts take lately
             took = max(0, end.ended_at - end.started_at)
             before = self._took.get(task.queue)
             self._took[task.queue] = took if before is None else 0.8 * before + 0.2 * took
-        if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
-            return
         decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
         reason = (
             end.cause

@@ -83,6 +83,7 @@ class Unheld:
     task_id: int
     attempt: int
     taken: bool
+    token: int | None  # the hold it answers
 
 
 Report = Started | Ended | Released | Unheld
@@ -142,6 +143,7 @@ class Runner:
         self.process: subprocess.Popen[bytes] | None = None
         self.owner: dict[Key, Link] = {}  # attempts that have not ended, by supervisor
         self.held: dict[Key, Link] = {}  # held attempts not yet reported started or released
+        self.unholding: dict[Key, tuple[Link, int]] = {}  # taken back, answer not yet heard
         self.links: list[Link] = []
         self.closing = False
         self.orphaned: dict[Key, dict[str, Any]] = {}  # journals of supervisors that died
@@ -274,11 +276,12 @@ class Runner:
         """Whether the attempt runs under our current supervisor (holds go only there)."""
         return self.current is not None and self.owner.get(key) is self.current
 
-    def unhold(self, key: Key) -> None:
+    def unhold(self, key: Key, token: int) -> None:
         """Take a held attempt back (it may have started meanwhile: its report says so)."""
         link = self.held.pop(key, None)
         if link is not None:
-            link.send({"op": "unhold", "task_id": key[0], "attempt": key[1]})
+            link.send({"op": "unhold", "task_id": key[0], "attempt": key[1], "hold": token})
+            self.unholding[key] = (link, token)
 
     def spec_for(
         self, task: TaskRow, env: dict[str, str] | None, number: int | None = None
@@ -349,7 +352,10 @@ class Runner:
             token = frame.get("hold")
             self.report(Released(*key, token=int(token) if token is not None else None))
         elif op == "unheld":
-            self.report(Unheld(*key, taken=bool(frame.get("taken"))))
+            self.unholding.pop(key, None)
+            token = frame.get("hold")
+            taken = bool(frame.get("taken"))
+            self.report(Unheld(*key, taken, int(token) if token is not None else None))
 
     def on_link_lost(self, link: Link) -> None:
         """A supervisor is gone. If we were not closing, what it ran is settled from run files."""
@@ -370,6 +376,12 @@ class Runner:
         for key in [k for k, holder in self.held.items() if holder is link]:
             del self.held[key]
             self.report(self.settle(key) if key in self.orphaned else Released(*key))
+        for key, (holder, token) in list(self.unholding.items()):
+            if holder is link:  # taken back, unanswered: its journal says if it started
+                del self.unholding[key]
+                if key in self.orphaned:
+                    self.report(self.settle(key))
+                self.report(Unheld(*key, key not in self.orphaned, token))
 
     async def _replace_supervisor(self) -> None:
         """Our supervisor died (the daemon reaps its process): start another, trying again with

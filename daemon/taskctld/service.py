@@ -272,7 +272,7 @@ class Service:
                 task_id, task.state, TaskState.CANCELLED, now, reason="cancelled", finished_at=now
             )
 
-        held = self.dispatcher.unhold_answer(task_id)  # held: it may start as we cancel
+        held = self.dispatcher.hold_settled(task_id)  # held: it may start as we cancel
         if not self.dispatcher.cycle(cancel_now):  # it changed state meanwhile: try again
             return await self.cancel(task_id)
         if held is not None:
@@ -282,10 +282,10 @@ class Service:
     async def _settle_held_cancel(
         self, task_id: int, attempt: int, held: asyncio.Future[bool]
     ) -> None:
-        """A held task was cancelled: answer once its supervisor has said it will not start,
-        or, if it had started, once that attempt (stopped, and on the record) has ended."""
+        """A held task was cancelled: answer once its supervisor has said it cannot start any
+        more, and, if it had started, once that attempt (stopped, on the record) has ended."""
         try:
-            if await asyncio.wait_for(held, UNHOLD_ANSWER_TIMEOUT):
+            if await asyncio.wait_for(asyncio.shield(held), UNHOLD_ANSWER_TIMEOUT):
                 return
         except TimeoutError:
             log.warning("no answer about held task %d; cancelled without it", task_id)

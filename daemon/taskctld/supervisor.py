@@ -26,10 +26,10 @@ A daemon reads the journal only when the supervisor is dead; what a live one kno
 boot id, socket) is in `run/supervisor.PID.json`.
 
 Wire: 4-byte big-endian length, then a JSON object with an "op".
-  daemon -> supervisor: spawn {spec, after?}, unhold {task_id, attempt},
+  daemon -> supervisor: spawn {spec, after?}, unhold {task_id, attempt, hold},
                         signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
   supervisor -> daemon: hello {pid, running, done}, started {...}, done {..., next},
-                        released {task_id, attempt, hold}, unheld {task_id, attempt, taken}
+                        released {task_id, attempt, hold}, unheld {task_id, attempt, taken, hold}
 
 A spawn with `after` (and a `hold` token) is held: it starts the moment attempt `after` ends (its slot passes on
 without a round trip through the daemon), and `done` of `after` names it in `next`. A held spec
@@ -412,7 +412,7 @@ class Supervisor:
             else:
                 self._spawn(spec)
         elif op == "unhold":
-            self._unhold((int(frame["task_id"]), int(frame["attempt"])))
+            self._unhold((int(frame["task_id"]), int(frame["attempt"])), frame.get("hold"))
         elif op == "signal":
             self._signal_request((int(frame["task_id"]), int(frame["attempt"])), str(frame["kind"]))
         elif op == "ack":
@@ -461,17 +461,20 @@ class Supervisor:
         self.held_keys.add(key)
         self.hold_tokens[key] = token
 
-    def _unhold(self, key: tuple[int, int]) -> None:
+    def _unhold(self, key: tuple[int, int], token: Any) -> None:
         """The daemon takes a held spec back (cancelled, its queue paused): drop it, and give
-        back what was held after it. The answer, `unheld`, says whether it was still held
-        (`taken`: it will not start); if not, it started, and `started` went out before."""
+        back what was held after it. The answer, `unheld` (with the hold's token), says whether
+        it was still held (`taken`: it will never start); if not, it is not held any more: it
+        started (and `started` went out before this) or had been given back."""
         taken = key in self.held_keys
         for after, spec in list(self.held.items()) if taken else ():
             if (spec.task_id, spec.attempt) == key:
                 self._take_held(after)
                 self.hold_tokens.pop(key, None)
                 self._release_after(key)
-        self._send({"op": "unheld", "task_id": key[0], "attempt": key[1], "taken": taken})
+        self._send(
+            {"op": "unheld", "task_id": key[0], "attempt": key[1], "taken": taken, "hold": token}
+        )
 
     def _take_held(self, after: tuple[int, int]) -> AttemptSpec | None:
         spec = self.held.pop(after, None)
