@@ -293,8 +293,15 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
         dispatcher.report(Started(held, 1, pid=4242, started_at=now_ms()))
         dispatcher.report(Unheld(held, 1, taken=True, token=token - 1))  # an earlier hold's
         dispatcher.report(Unheld(held, 1, taken=False, token=token))
+
+        def store_fails(now: int) -> None:
+            raise StorageFull("disk full")
+
+        with pytest.raises(StorageFull):  # the turn that applies them rolls back...
+            dispatcher.cycle(store_fails)
+        assert not answer.done()  # ...so the cancel must not go and look yet
         dispatcher.cycle()
-        assert runner.asked[-1] == ("stop", held, 1, "cancel")
+        assert answer.done() and runner.asked[-1] == ("stop", held, 1, "cancel")
         dispatcher.report(Ended(AttemptEnd(held, 1, Outcome.CANCELLED, now_ms(), signal=15)))
         dispatcher.cycle()
         assert dispatcher.running_count() == 0  # the slot it took is free again

@@ -118,6 +118,7 @@ class Dispatcher:
         self._no_hold_after: set[Key] = set()  # attempts the supervisor would not hold after
         self._taking_back: dict[int, int] = {}  # task id -> hold token of an unhold in flight
         self._settled: dict[int, asyncio.Future[bool]] = {}  # task id -> how its hold ended
+        self._answered: list[Unheld] = []  # take-backs answered this turn: settled at commit
         self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
         store.on_commit(self.note_events)
@@ -237,13 +238,17 @@ class Dispatcher:
             settled = self._settled[task_id] = asyncio.get_running_loop().create_future()
         return settled
 
-    def _apply_unheld(self, report: Unheld) -> None:
-        if self._taking_back.get(report.task_id) != report.token:
-            return  # about an earlier take-back: the task was held again since
-        del self._taking_back[report.task_id]
-        settled = self._settled.pop(report.task_id, None)
-        if settled is not None and not settled.done():
-            settled.set_result(report.taken)
+    def _settle_answered(self) -> None:
+        """After the commit that applied them (with any start reported before them): the
+        take-backs answered are over, and whoever waits on them may look at the store."""
+        answered, self._answered = self._answered, []
+        for report in answered:
+            if self._taking_back.get(report.task_id) != report.token:
+                continue  # about an earlier take-back: the task was held again since
+            del self._taking_back[report.task_id]
+            settled = self._settled.pop(report.task_id, None)
+            if settled is not None and not settled.done():
+                settled.set_result(report.taken)
 
     def _unhold(self, task_id: int) -> None:
         """Take a held task back. The supervisor gives back what was held after it; if it
@@ -319,11 +324,13 @@ class Dispatcher:
         except BaseException:
             self.reports[:0] = reports  # nothing was applied: keep them for the next turn
             self._ended.clear()
+            self._answered.clear()
             self._time_dirty = self._time_dirty or timed
             self._reload_after_rollback()
             raise
         self.last_cycle_at = now
         self.runner.committed()
+        self._settle_answered()
         ended_now, self._ended = self._ended, []
         for end in ended_now:
             for observer in self.on_attempt_end:
@@ -355,7 +362,7 @@ class Dispatcher:
             elif isinstance(report, Released):
                 self._apply_released(report)
             elif isinstance(report, Unheld):
-                self._apply_unheld(report)
+                self._answered.append(report)
             else:
                 self._apply_end(report, now)
                 ended.append((report.end.task_id, report.end.attempt))
