@@ -40,12 +40,7 @@ def test_restart_replaces_the_daemon_and_running_tasks_finish_with_their_codes(
 
 
 def test_stop_drain_returns_only_after_running_tasks_finished(daemon: Home) -> None:
-    gate = daemon.path / "gate"
-    wait_for_gate = f"while [ ! -e {gate} ]; do sleep 0.02; done"
-    ids = [
-        daemon.submit("sh", "-c", wait_for_gate),
-        daemon.submit("sh", "-c", f"{wait_for_gate}; exit 7"),
-    ]
+    ids = [_gated(daemon, 0), _gated(daemon, 7)]
     wait_until(lambda: {t["state"] for t in daemon.tasks(ids)} == {"running"})
     pids = [t["attempts"][0]["pid"] for t in daemon.tasks(ids)]  # held at the gate till we open
     stop = subprocess.Popen([TASKCTL, "daemon", "stop", "--drain"], env=daemon.env)
@@ -53,7 +48,7 @@ def test_stop_drain_returns_only_after_running_tasks_finished(daemon: Home) -> N
         log = daemon.path / "taskctld.log"
         wait_until(lambda: "waiting for running tasks" in log.read_text())
         assert stop.poll() is None and all(map(_alive, pids))  # it waits for them
-        gate.touch()
+        (daemon.path / "go").touch()
         assert stop.wait(timeout=30) == 0
     finally:
         stop.kill()
