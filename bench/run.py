@@ -4,8 +4,11 @@ Every figure is measured in the same run as what it is compared with, interleave
 is possible, because this machine is shared and noisy: read the ratios, not the absolute times.
 Prints one table and writes `bench/results.json` (figures plus the machine's facts).
 
-    python bench/run.py            # the full suite (a few minutes)
+    python bench/run.py            # the full suite (about 7 minutes)
     python bench/run.py --quick    # smaller counts (under two minutes)
+
+On a machine too slow for the full suite to end within ten minutes, the steps that would not
+fit run their quick form, and the report names them.
 
 It starts its own daemons in throwaway homes and its own task-spooler server on a private
 socket, and kills only those.
@@ -740,6 +743,49 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out + (["", *notes] if notes else []))
 
 
+BUDGET = 570.0  # seconds: a full `make bench` ends within ten minutes, with room for make and pip
+
+
+@dataclass
+class Step:
+    name: str
+    full: Callable[[], list[Row]]
+    quick: Callable[[], list[Row]]
+    seconds: tuple[float, float]  # what its full and quick forms took on a quiet day
+    scales: bool = True  # False: it mostly waits on the clock (cron minutes, idle windows)
+
+
+def run_plan(plan: list[Step], *, quick: bool) -> tuple[list[Row], list[str]]:
+    """Run every step, the full form unless `quick`. On a machine slow enough that the full
+    forms would overrun BUDGET, a step runs its full form only if the steps after it still fit
+    in their quick forms; the others run quick (their rows name their counts) and are returned
+    as reduced: a bounded run with smaller samples beats one that is killed."""
+    rows: list[Row] = []
+    reduced: list[str] = []
+    began = time.monotonic()
+    quiet = slow = 0.0  # seconds the steps run so far took on a quiet day, and here
+
+    def cost(step: Step, form: int, pace: float) -> float:
+        return step.seconds[form] * (pace if step.scales else 1.0)
+
+    for i, step in enumerate(plan):
+        pace = max(1.0, slow / quiet) if quiet else 1.0
+        rest = sum(cost(s, 1, pace) for s in plan[i + 1 :])
+        full = not quick and time.monotonic() - began + cost(step, 0, pace) + rest <= BUDGET
+        if not quick and not full:
+            reduced.append(step.name)
+        print(
+            f"... {step.name}{'' if full or quick else ' (reduced)'}", file=sys.stderr, flush=True
+        )
+        t = time.monotonic()
+        rows += (step.full if full else step.quick)()
+        took = time.monotonic() - t
+        print(f"    {took:.0f}s", file=sys.stderr, flush=True)
+        if step.scales:
+            quiet, slow = quiet + step.seconds[0 if full else 1], slow + took
+    return rows, reduced
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -752,32 +798,37 @@ def main() -> int:
     tsp_missing = ensure_tsp()
     if tsp_missing:
         print(f"task-spooler column skipped: {tsp_missing}", file=sys.stderr)
-    plan: list[tuple[str, Callable[[], list[Row]]]] = [
-        ("cli_submit", lambda: bench_cli_submit(40 if q else 200, tsp_missing)),
-        ("submit_growth", lambda: bench_submit_growth(30 if q else 200, 10_000 if q else 100_000)),
-        ("drain", lambda: bench_drain(500 if q else 1000, 1 if q else 3, tsp_missing)),
-        ("dispatch", lambda: bench_dispatch(30 if q else 100, tsp_missing)),
-        ("batch", lambda: bench_batch(10_000)),
-        ("durability", lambda: bench_durability(50 if q else 300)),
-        ("claim_scale", lambda: bench_claim_scale(100_000 if q else 1_000_000)),
-        ("footprint", lambda: bench_footprint(5 if q else 30, 2_000 if q else 10_000, tsp_missing)),
-        ("cron", lambda: bench_cron_lateness(10, 1 if q else 2)),
-    ]
-    rows: list[Row] = []
+    plan: list[Step] = [  # seconds: the full run of 2026-12-01 (411 s) and a quick one (106 s)
+        Step("cli_submit", lambda: bench_cli_submit(200, tsp_missing),
+             lambda: bench_cli_submit(40, tsp_missing), (27, 6)),
+        Step("submit_growth", lambda: bench_submit_growth(200, 100_000),
+             lambda: bench_submit_growth(30, 10_000), (34, 7)),
+        Step("drain", lambda: bench_drain(1000, 3, tsp_missing),
+             lambda: bench_drain(500, 1, tsp_missing), (28, 6)),
+        Step("dispatch", lambda: bench_dispatch(100, tsp_missing),
+             lambda: bench_dispatch(30, tsp_missing), (43, 14)),
+        Step("batch", lambda: bench_batch(10_000), lambda: bench_batch(10_000), (2, 2)),
+        Step("durability", lambda: bench_durability(300), lambda: bench_durability(50), (2, 2)),
+        Step("claim_scale", lambda: bench_claim_scale(1_000_000),
+             lambda: bench_claim_scale(100_000), (90, 10)),
+        Step("footprint", lambda: bench_footprint(30, 10_000, tsp_missing),
+             lambda: bench_footprint(5, 2_000, tsp_missing), (68, 17), scales=False),
+        Step("cron", lambda: bench_cron_lateness(10, 2), lambda: bench_cron_lateness(10, 1),
+             (117, 41), scales=False),
+    ]  # fmt: skip
+    plan = [step for step in plan if not args.only or step.name in args.only]
     began = time.monotonic()
-    for name, run in plan:
-        if args.only and name not in args.only:
-            continue
-        t = time.monotonic()
-        print(f"... {name}", file=sys.stderr, flush=True)
-        rows += run()
-        print(f"    {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
+    rows, reduced = run_plan(plan, quick=q)
     report = table(rows)
     print(report)
+    if reduced:
+        print(f"\nreduced to quick counts, to stay within the time budget: {', '.join(reduced)}")
     print(
         f"\n({'quick' if q else 'full'} run, {time.monotonic() - began:.0f}s, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f})"
     )
-    results = {"machine": machine_facts(), "quick": q, "rows": [asdict(r) for r in rows]}
+    results = {
+        "machine": machine_facts(), "quick": q, "reduced": reduced, "rows": [asdict(r) for r in rows]
+    }  # fmt: skip
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
