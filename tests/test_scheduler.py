@@ -100,6 +100,19 @@ def test_a_due_time_within_the_grace_is_on_time_whatever_the_policy() -> None:
     assert p.fire == [T0]
 
 
+# A `30 1 * * *` schedule added (or resumed) at 01:10 EST, the second pass of the repeated hour:
+# its run of the day was at 01:30 EDT, 40 minutes earlier in real time, so it must not fire now.
+INSIDE_REPEAT = int(datetime.fromisoformat("2026-11-01T01:10:00-05:00").timestamp() * 1000)
+NEXT_DAY = int(datetime.fromisoformat("2026-11-02T01:30:00-05:00").timestamp() * 1000)
+
+
+def test_a_schedule_added_in_the_repeated_hour_waits_for_the_next_day() -> None:
+    p = plan("30 1 * * *", "America/New_York", "latest", INSIDE_REPEAT, INSIDE_REPEAT + 1000)
+    assert p.fire == [] and p.next_due == NEXT_DAY
+    shown = next_times("30 1 * * *", "America/New_York", INSIDE_REPEAT, 1)  # `cron next`
+    assert [t.isoformat() for t in shown] == ["2026-11-02T01:30:00-05:00"]
+
+
 def test_catch_up_all_is_bounded() -> None:
     p = plan("* * * * *", "UTC", "all", T0 - 1, T0 + 1000 * MINUTE + 1)
     assert len(p.fire) == 101 and p.fire[-1] == T0 + 1000 * MINUTE  # 100 missed + the on-time one
@@ -125,6 +138,34 @@ def _scheduler(store: SqliteStore, tmp_path: Path) -> Scheduler:
         return NewTask(command=template["command"], cwd=template["cwd"])
 
     return Scheduler(store, build, tmp_path / "changes")
+
+
+@pytest.mark.parametrize(("catch_up", "fired"), [("none", 0), ("latest", 1), ("all", 3)])
+def test_fire_due_follows_the_catch_up_policy(
+    store: SqliteStore, tmp_path: Path, catch_up: str, fired: int
+) -> None:
+    """An hourly schedule whose daemon was down from just after 00:00 until 03:30."""
+    template = json.dumps({"command": ["true"], "cwd": "/"})
+    with store.transaction():
+        store.add_schedule(
+            NewSchedule(
+                "hourly",
+                "cron",
+                "0 * * * *",
+                "UTC",
+                "allow",
+                catch_up,
+                template,
+                next_due=HOURLY_DOWN + 60 * MINUTE,
+            ),
+            HOURLY_DOWN,
+        )
+    with store.transaction():
+        _scheduler(store, tmp_path).fire_due(HOURLY_DOWN + 210 * MINUTE)
+    dues = sorted(t.due_at or 0 for t in store.list_tasks(TaskFilter()))
+    assert dues == [HOURLY_DOWN + h * 60 * MINUTE for h in range(1, 4)][3 - fired :]
+    schedule = store.get_schedule("hourly")
+    assert schedule is not None and schedule.next_due == HOURLY_DOWN + 4 * 60 * MINUTE
 
 
 def test_each_due_time_fires_exactly_once(store: SqliteStore, tmp_path: Path) -> None:

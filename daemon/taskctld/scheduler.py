@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import itertools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,18 +118,26 @@ def local_zone_name() -> str:
     return "UTC"
 
 
-def times_after(expr: str, tz: str, after_ms: int) -> Any:
-    """Due times strictly after `after_ms`, as epoch milliseconds, in order."""
+def _due_after(expr: str, tz: str, after_ms: int) -> Iterator[datetime]:
+    """Due times strictly after `after_ms`, as aware datetimes in the schedule's zone. cronsim
+    reads its start as wall-clock time: from inside a repeated hour (the second pass, 01:10
+    EST) it gives that hour's first-pass time (01:30 EDT), which is earlier in real time. That
+    run belonged to the first pass (cron(8) runs it once), so it is passed over here."""
     start = datetime.fromtimestamp(after_ms / 1000, tz=zone(tz))
     for due in CronSim(expr, start):
+        if due.timestamp() * 1000 > after_ms:
+            yield due
+
+
+def times_after(expr: str, tz: str, after_ms: int) -> Iterator[int]:
+    """Due times strictly after `after_ms`, as epoch milliseconds, in order."""
+    for due in _due_after(expr, tz, after_ms):
         yield int(due.timestamp() * 1000)
 
 
 def next_times(expr: str, tz: str, after_ms: int, n: int) -> list[datetime]:
     """The next n due times after a moment, as aware datetimes in the schedule's zone."""
-    start = datetime.fromtimestamp(after_ms / 1000, tz=zone(tz))
-    it = CronSim(expr, start)
-    return [next(it) for _ in range(n)]
+    return list(itertools.islice(_due_after(expr, tz, after_ms), n))
 
 
 # -- what to do at a moment --------------------------------------------------------------------
