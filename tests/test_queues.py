@@ -193,6 +193,12 @@ def test_submit_wait_follow_streams_the_output(daemon: Home) -> None:
     assert done.returncode == 3
     lines = done.stdout.split()
     assert lines[1:] == ["one"] and "two" in done.stderr
+    as_json = daemon.run(
+        "submit", "--wait", "--follow", "--json", "--", "sh", "-c", "echo one; echo two >&2"
+    )
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["state"] == "succeeded"  # stdout: the one JSON document
+    assert sorted(as_json.stderr.split()) == ["one", "two"]
 
 
 def test_queue_defaults_apply_unless_the_task_sets_its_own(daemon: Home) -> None:

@@ -63,7 +63,10 @@ def submit(
         bool, typer.Option("--wait", help="Wait for the task and exit like it did.")
     ] = False,
     follow: Annotated[
-        bool, typer.Option("--follow", help="With --wait: print its output as it runs.")
+        bool,
+        typer.Option(
+            "--follow", help="With --wait: print its output as it runs (to stderr with --json)."
+        ),
     ] = False,
     json_: JsonOption = False,
 ) -> None:
@@ -105,8 +108,8 @@ def submit(
         return
     if not json_:
         print(task["id"], flush=True)
-    if follow:
-        _follow(c, task["id"])
+    if follow:  # with --json, stdout holds only the final task: the output goes to stderr
+        _follow(c, task["id"], sys.stderr.buffer if json_ else sys.stdout.buffer)
     final = wait_final(c, task["id"])
     if json_:
         emit_json(final)
@@ -156,8 +159,9 @@ def _line_of(message: str, lines: list[int]) -> str:
     return message.replace(found.group(0), f"line {lines[int(found.group(1)) - 1]}: ", 1)
 
 
-def _follow(c: Client, task_id: int) -> None:
-    """Print the task's stdout (and stderr, to stderr) as it comes, until it is final."""
+def _follow(c: Client, task_id: int, stdout: Any) -> None:
+    """Print the task's stdout (to `stdout`) and stderr (to stderr) as they come, until it is
+    final."""
     import threading
 
     def pump(stream: str, out: Any) -> None:
@@ -170,5 +174,5 @@ def _follow(c: Client, task_id: int) -> None:
 
     err = threading.Thread(target=pump, args=("stderr", sys.stderr.buffer), daemon=True)
     err.start()
-    pump("stdout", sys.stdout.buffer)
+    pump("stdout", stdout)
     err.join(timeout=5)
