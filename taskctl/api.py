@@ -53,6 +53,7 @@ class Backoff(StrEnum):
 
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEFAULT_QUEUE = "default"  # exists without being created; other queues need `queue set`
 LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 MAX_PRIORITY = 1_000_000
 
@@ -112,7 +113,7 @@ class TaskOptions(RetryPolicy, ExecutionLimits):
 
     shell: bool = Field(False, description="run command[0] through `sh -c`")
     name: str | None = Field(None, max_length=200)
-    queue: str = Field("default", pattern=QUEUE_NAME_PATTERN)
+    queue: str = Field(DEFAULT_QUEUE, pattern=QUEUE_NAME_PATTERN)
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="higher runs first")
     cwd: str | None = Field(None, description="absolute path; default: the daemon owner's home")
     env: dict[str, str] | None = Field(

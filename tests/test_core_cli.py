@@ -265,6 +265,8 @@ def test_bad_options_are_usage_errors(daemon: Home) -> None:
 
 
 def test_list_filters_and_plain_output_in_a_pipe(daemon: Home) -> None:
+    for queue in ("alpha", "beta"):
+        daemon.ok("queue", "set", queue)
     ok = daemon.submit("true", options=("-q", "alpha", "-l", "team=blue", "-n", "first"))
     bad = daemon.submit("false", options=("-q", "beta"))
     daemon.wait_final(ok)

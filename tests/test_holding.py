@@ -247,6 +247,7 @@ def test_a_held_task_is_listed_queued_and_cancel_takes_it_back(home: Home) -> No
 def test_pausing_a_queue_takes_its_held_tasks_back(home: Home) -> None:
     gate, runs, first, held = _behind_a_gate(home, 0, 0, 0)
     home.ok("queue", "pause", "default")
+    home.ok("queue", "set", "other")  # the pause took the held tasks back already
     _open_gate(gate)
     assert home.wait_final(first)["state"] == "succeeded"
     # A task in another queue runs to the end: had anything held started in the freed slot,
@@ -283,6 +284,7 @@ def test_held_tasks_that_ran_while_the_daemon_was_frozen_are_recorded_once(home:
 def test_a_higher_priority_task_of_another_queue_waits_at_most_the_held_lines(home: Home) -> None:
     home.config(concurrency=2)
     home.start()
+    home.ok("queue", "set", "urgent")
     _warm(home)
     gate = _gate(home.path)
     gated = [_gated(home, gate) for _ in range(2)]  # both slots, each with a line behind it

@@ -25,6 +25,7 @@ def _interval(task: dict) -> tuple[float, float]:
 
 def test_a_queue_with_concurrency_one_runs_strictly_one_at_a_time(daemon: Home) -> None:
     daemon.ok("queue", "set", "q1", "--concurrency", "1")
+    daemon.ok("queue", "set", "other")
     batch = daemon.run("submit", "--stdin", "-q", "q1", input="sleep 0.2\n" * 20)
     serial = [int(x) for x in batch.stdout.split()]
     beside = [daemon.submit("sleep", "1", options=("-q", "other")) for _ in range(3)]
@@ -115,6 +116,7 @@ def test_an_idempotency_key_gives_back_the_same_task(daemon: Home) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # hundreds of processes: minutes on a loaded 2-core machine
 def test_stdin_submits_a_batch_of_ten_thousand_that_all_run(daemon: Home) -> None:
+    daemon.ok("queue", "set", "bulk")
     started = time.monotonic()
     done = subprocess.run(
         ["bash", "-c", f"seq 10000 | sed 's/^/echo /' | {TASKCTL} submit --stdin -q bulk"],
@@ -143,6 +145,7 @@ def test_a_batch_with_one_bad_line_accepts_nothing(daemon: Home) -> None:
     done = daemon.run("submit", "--stdin", "--json-lines", input=lines)
     assert done.returncode == 2 and "line 3" in done.stderr
     assert daemon.json("list") == []
+    daemon.ok("queue", "set", "jl")
     good = daemon.run(
         "submit",
         "--stdin",
@@ -209,6 +212,26 @@ def test_queue_defaults_apply_unless_the_task_sets_its_own(daemon: Home) -> None
     assert own["retries"] == 0
     listed = next(line for line in daemon.ok("queue", "list").splitlines() if "careful" in line)
     assert "retries=2" in listed and "timeout=5s" in listed  # as typed, not 5.0
+
+
+def test_a_task_for_an_unknown_queue_is_refused_and_creates_nothing(daemon: Home) -> None:
+    """A typo must not open a queue with no limit: only `queue set` creates one."""
+    daemon.ok("queue", "set", "gpu", "--concurrency", "1")
+    for args, given in [
+        (["submit", "-q", "gpuu", "--", "true"], None),
+        (["submit", "--stdin", "-q", "gpuu"], "true\ntrue\n"),
+        (["cron", "add", "-q", "gpuu", "@hourly", "--", "true"], None),
+        (["trigger", "add", "-q", "gpuu", str(daemon.path), "--", "true"], None),
+    ]:
+        done = daemon.run(*args, input=given)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "no queue named 'gpuu'" in done.stderr and "queue set gpuu" in done.stderr
+        assert "default, gpu" in done.stderr  # the queues there are, to spot the typo
+    assert daemon.json("list") == []
+    assert daemon.json("cron", "list") == [] and daemon.json("trigger", "list") == []
+    assert {q["name"] for q in daemon.json("queue", "list")} == {"gpu"}
+    assert daemon.json("submit", "-q", "gpu", "--", "true")["queue"] == "gpu"
+    assert daemon.json("submit", "--", "true")["queue"] == "default"  # needs no creating
 
 
 @pytest.mark.parametrize("action", ["pause", "resume"])

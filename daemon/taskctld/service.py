@@ -17,10 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from taskctl import API_VERSION, __version__
-from taskctl.api import FINAL_STATES, QueueSettings, ScheduleSpec, TaskSpec, TaskState
+from taskctl.api import (
+    DEFAULT_QUEUE,
+    FINAL_STATES,
+    QueueSettings,
+    ScheduleSpec,
+    TaskSpec,
+    TaskState,
+)
 from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339, now_ms
@@ -178,13 +185,17 @@ class Service:
         ids = self.store.submit(fresh, now) if fresh else []
         return [Submitted(ref if ref > 0 else ids[-1 - ref], dedup) for ref, dedup in plan]
 
-    def resolve(self, spec: TaskSpec, now: int, *, check_cwd: bool = True) -> NewTask:
+    def resolve(self, spec: TaskSpec, now: int, *, fired: bool = False) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
-        machine: cwd exists, argv fits execve). Tasks fired by a schedule skip the cwd check:
-        a directory that vanished since shows as the task's spawn error, not as a lost fire."""
+        machine: cwd exists, argv fits execve; and its queue exists). A task `fired` by a
+        schedule skips the cwd and queue checks, made when the schedule was added: a directory
+        that vanished since shows as the task's spawn error, not as a lost fire."""
         cwd = spec.cwd or os.path.expanduser("~")
-        if check_cwd:
+        queue = self.store.get_queue(spec.queue)
+        if not fired:
             _check_cwd(cwd)
+            if queue is None and spec.queue != DEFAULT_QUEUE:
+                self._unknown_queue(spec.queue)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
         _check_exec_size(spec.command, spec.env)
@@ -194,7 +205,6 @@ class Service:
         elif spec.delay:
             run_at = now + int(spec.delay * 1000)
         c = self.config
-        queue = self.store.get_queue(spec.queue)
         q = queue.defaults if queue else {}
         return NewTask(
             command=spec.command,
@@ -219,6 +229,14 @@ class Service:
             key_fingerprint=spec.fingerprint() if spec.key else None,
             after=spec.after,
             after_any=spec.after_any,
+        )
+
+    def _unknown_queue(self, name: str) -> NoReturn:
+        """A typo must not make a queue free of its limits and pause: queues are created only
+        by `queue set`."""
+        known = ", ".join(sorted({DEFAULT_QUEUE, *(q.name for q in self.store.list_queues())}))
+        raise InvalidRequest(
+            f"no queue named {name!r} (queues: {known}); create it with `taskctl queue set {name}`"
         )
 
     # -- reads ----------------------------------------------------------------------------------
@@ -443,7 +461,7 @@ class Service:
     # -- schedules ------------------------------------------------------------------------------
 
     def build_from_template(self, template: dict[str, Any], now: int) -> NewTask:
-        return self.resolve(TaskSpec.model_validate(template), now, check_cwd=False)
+        return self.resolve(TaskSpec.model_validate(template), now, fired=True)
 
     def add_schedule(self, spec: ScheduleSpec) -> ScheduleRow:
         """Validate everything (expression, zone, paths, the task), then store it. Nothing is
@@ -543,7 +561,7 @@ class Service:
             "paused": row.paused,
             "command": template["command"],
             "shell": template.get("shell", False),
-            "queue": template.get("queue", "default"),
+            "queue": template.get("queue", DEFAULT_QUEUE),
             "options": _template_options(template),
             "created_at": ms_to_rfc3339(row.created_at),
         }

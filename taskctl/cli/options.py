@@ -21,7 +21,15 @@ Name = Annotated[
     str | None,
     typer.Option("-n", "--name", metavar="NAME", help="A name to show instead of the command."),
 ]
-Queue = Annotated[str, typer.Option("-q", "--queue", metavar="QUEUE", help="Queue to run in.")]
+Queue = Annotated[
+    str,
+    typer.Option(
+        "-q",
+        "--queue",
+        metavar="QUEUE",
+        help="Queue to run in (one made by `queue set`, or default).",
+    ),
+]
 Priority = Annotated[
     int, typer.Option("-p", "--priority", metavar="N", help="Higher runs first within its queue.")
 ]
