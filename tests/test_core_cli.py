@@ -34,6 +34,23 @@ def test_submit_wait_exits_like_the_task(daemon: Home) -> None:
     assert killed.returncode == 128 + 9
 
 
+def test_wait_exit_codes_say_how_a_task_ended_that_never_exited(daemon: Home) -> None:
+    """127: it could not start; 143: cancelled; 1: it never ran (a dependency failed)."""
+    assert daemon.run("submit", "--wait", "--", "/no/such/program").returncode == 127
+    failing = daemon.submit("false")
+    dependent = daemon.submit("true", options=("--after", str(failing)))
+    assert daemon.run("wait", str(dependent)).returncode == 1
+    assert daemon.task(dependent)["attempts"] == []
+    slow = daemon.submit("sleep", "60")
+    waiter = subprocess.Popen(
+        [TASKCTL, "wait", str(slow)], env=daemon.env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: daemon.task(slow)["state"] == "running")
+    daemon.ok("cancel", str(slow))
+    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+
+
 def test_submit_wait_json_prints_the_final_task(daemon: Home) -> None:
     done = daemon.run("submit", "--wait", "--json", "--", "sh", "-c", "exit 4")
     assert done.returncode == 4

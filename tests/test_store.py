@@ -128,15 +128,26 @@ def test_environments_are_stored_once_per_content(store: SqliteStore) -> None:
 
 
 def test_claim_reads_only_queued_rows(store: SqliteStore) -> None:
-    plan = " ".join(
-        str(row)
-        for row in store.conn.execute(
-            "EXPLAIN QUERY PLAN SELECT id, priority, run_at FROM tasks WHERE state = 'queued' "
-            "AND queue = ? ORDER BY priority DESC, run_at, id LIMIT ?",
-            ("default", 5),
-        )
-    )
-    assert "tasks_ready" in plan and "TEMP B-TREE" not in plan
+    """Every query a claim runs on `tasks` goes through an index, with no sort of its own: the
+    SQL is captured as the store runs it, so a change to it is checked too."""
+    _submit(store, 3)
+    _submit(store, 2, queue="other")
+    issued: list[str] = []
+    store.conn.set_trace_callback(issued.append)
+    with store.transaction():
+        store.peek_ready("default", 2, held=())
+        claimed = store.claim({"default": 5, "other": 5}, 5, now=3000)
+    store.conn.set_trace_callback(None)
+    assert len(claimed.tasks) == 5
+    reads = [
+        sql for sql in issued if sql.lstrip().upper().startswith("SELECT") and " tasks " in sql
+    ]
+    assert reads
+    for sql in reads:
+        plan = " ".join(str(row) for row in store.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "TEMP B-TREE" not in plan and "SCAN tasks" not in plan.replace(
+            "SCAN tasks USING", ""
+        ), (sql, plan)
 
 
 def test_a_queue_that_loses_the_global_slot_is_not_exhausted(store: SqliteStore) -> None:
