@@ -7,8 +7,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 import typer.main
 
@@ -28,6 +30,16 @@ def _commands() -> list[str]:
         subs = command.list_commands(None) if hasattr(command, "list_commands") else []
         found += [f"{name} {sub}" for sub in subs] or [name]
     return found
+
+
+def _leaf_commands() -> Iterator[tuple[str, click.Command]]:
+    """Each command a user runs (`cron add`, `list`), with its click object."""
+    root = typer.main.get_command(build_app())
+    for path in _commands():
+        command = root
+        for word in path.split():
+            command = command.get_command(None, word)  # type: ignore[attr-defined]
+        yield path, command
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -119,22 +131,24 @@ def test_every_command_is_in_the_readme() -> None:
 
 
 def test_every_command_has_help() -> None:
-    root = typer.main.get_command(build_app())
-    for path in _commands():
-        command = root
-        for word in path.split():
-            command = command.get_command(None, word)  # type: ignore[attr-defined]
+    for path, command in _leaf_commands():
         assert command.help and len(command.help) > 10, path
+
+
+def test_every_command_has_json() -> None:
+    """DESIGN: every command has --json (exactly one JSON document on stdout)."""
+    missing = [
+        path
+        for path, command in _leaf_commands()
+        if not any("--json" in param.opts for param in command.params)
+    ]
+    assert not missing, f"no --json: {missing}"
 
 
 def test_every_option_and_argument_names_what_it_takes() -> None:
     """Help and the man page show `--timeout DURATION`, `ID...`, never a bare type like `<str>`."""
-    root = typer.main.get_command(build_app())
     missing = []
-    for path in _commands():
-        command = root
-        for word in path.split():
-            command = command.get_command(None, word)  # type: ignore[attr-defined]
+    for path, command in _leaf_commands():
         for param in command.params:
             is_flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
             if not is_flag and param.name != "help" and not param.metavar:

@@ -6,12 +6,14 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
+from taskctl.paths import Paths
 from taskctl.units import rfc3339_to_ms
 
 from conftest import TASKCTL, Home, figure, wait_until
@@ -234,12 +236,27 @@ def test_health_is_unhealthy_and_says_why_when_the_logs_folder_is_not_writable(
     daemon: Home,
 ) -> None:
     assert daemon.run("health").returncode == 0
+    assert _readyz(daemon) == (200, [])
     with _unwritable(daemon.path / "logs"):
         done = daemon.run("health")
         assert done.returncode == 1
         assert "logs" in done.stderr and "not writable" in done.stderr
         assert daemon.json("daemon", "status")["status"] == "unhealthy"
+        status, reasons = _readyz(daemon)  # what a load balancer or systemd probe reads
+        assert status == 503 and any("not writable" in r for r in reasons), reasons
     assert daemon.run("health").returncode == 0
+    assert _readyz(daemon) == (200, [])
+
+
+def _readyz(home: Home) -> tuple[int, list[str]]:
+    """GET /readyz as a probe would (plain HTTP/1.0 over the socket): status and reasons."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(Paths.from_env(home.env).socket))
+        sock.sendall(b"GET /readyz HTTP/1.0\r\nHost: taskctl\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)["reasons"]
 
 
 def test_health_json_has_what_monitors_need(daemon: Home) -> None:

@@ -7,13 +7,18 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from taskctl.paths import Paths
 
 from conftest import TASKCTL, TASKCTLD, Home, figure, wait_until
 
@@ -132,6 +137,45 @@ def test_the_fallback_folder_in_tmp_resists_a_symlink(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and "symlink" in done.stderr
     assert not list(target.iterdir())
+
+
+def test_without_taskctl_home_everything_goes_where_xdg_says() -> None:
+    """What a user gets: the CLI starts the daemon on first use, socket under the runtime
+    folder, database and logs under the state folder, config read from the config folder."""
+    root = Path(tempfile.mkdtemp(prefix="tcx", dir="/tmp"))  # short: AF_UNIX paths are short
+    runtime, state, config = root / "run", root / "state", root / "config"
+    (config / "taskctl").mkdir(parents=True)
+    (config / "taskctl" / "config.toml").write_text("concurrency = 3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKCTL_", "XDG_"))}
+    env.update(
+        HOME=str(root), XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(state),
+        XDG_CONFIG_HOME=str(config),
+    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            [TASKCTL, "submit", "--wait", "--", "sh", "-c", "echo out; echo err >&2"], env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert stat.S_ISSOCK((runtime / "taskctl" / "taskctld.sock").stat().st_mode)
+        assert (state / "taskctl" / "taskctl.db").is_file()
+        assert {p.suffix for p in (state / "taskctl" / "logs").iterdir()} == {".out", ".err"}
+        for folder in (runtime / "taskctl", state / "taskctl"):
+            assert folder.stat().st_mode & 0o777 == 0o700, folder
+        health = subprocess.run(
+            [TASKCTL, "health", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert json.loads(health.stdout)["concurrency"] == 3  # the XDG config was read
+    finally:
+        subprocess.run([TASKCTL, "daemon", "stop"], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_without_xdg_the_socket_falls_back_to_a_folder_of_the_user_in_tmp() -> None:
+    paths = Paths.from_env({"HOME": "/home/ann"})
+    assert paths.socket == Path(f"/tmp/taskctl-{os.getuid()}/taskctld.sock")
+    assert paths.database == Path("/home/ann/.local/state/taskctl/taskctl.db")
+    assert paths.config_file == Path("/home/ann/.config/taskctl/config.toml")
 
 
 def test_state_files_are_private(daemon: Home) -> None:
