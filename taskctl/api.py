@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from taskctl import DEFAULT_QUEUE
 from taskctl.units import parse_duration, parse_size
 
 
@@ -53,7 +54,6 @@ class Backoff(StrEnum):
 
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-DEFAULT_QUEUE = "default"  # exists without being created; other queues need `queue set`
 LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 MAX_PRIORITY = 1_000_000
 

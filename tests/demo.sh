@@ -65,6 +65,15 @@ done
 show taskctl wait "$fired"
 printf 'changed paths seen by task %s: ' "$fired"; taskctl logs "$fired"
 
+step "a queue with a limit of its own; a typo in a queue's name is refused, not a new queue"
+show taskctl queue set gpu --concurrency 1
+submitted taskctl submit -q gpu -n train -- true
+show taskctl wait "$id"
+typed taskctl submit -q gpuu -- true
+taskctl submit -q gpuu -- true && { echo "expected a refusal"; exit 1; } || code=$?
+echo "(exit code $code: nothing was created)"
+show taskctl queue list
+
 step "everything, as people and as scripts see it"
 show taskctl list
 printf '$ taskctl list --json | python3 -c ...\n'

@@ -215,7 +215,9 @@ def test_queue_defaults_apply_unless_the_task_sets_its_own(daemon: Home) -> None
 
 
 def test_a_task_for_an_unknown_queue_is_refused_and_creates_nothing(daemon: Home) -> None:
-    """A typo must not open a queue with no limit: only `queue set` creates one."""
+    """A typo must not open a queue with no limit: only `queue set` creates one (`default` is
+    there from the start)."""
+    assert [q["name"] for q in daemon.json("queue", "list")] == ["default"]
     daemon.ok("queue", "set", "gpu", "--concurrency", "1")
     for args, given in [
         (["submit", "-q", "gpuu", "--", "true"], None),
@@ -229,7 +231,7 @@ def test_a_task_for_an_unknown_queue_is_refused_and_creates_nothing(daemon: Home
         assert "default, gpu" in done.stderr  # the queues there are, to spot the typo
     assert daemon.json("list") == []
     assert daemon.json("cron", "list") == [] and daemon.json("trigger", "list") == []
-    assert {q["name"] for q in daemon.json("queue", "list")} == {"gpu"}
+    assert {q["name"] for q in daemon.json("queue", "list")} == {"default", "gpu"}
     assert daemon.json("submit", "-q", "gpu", "--", "true")["queue"] == "gpu"
     assert daemon.json("submit", "--", "true")["queue"] == "default"  # needs no creating
 

@@ -19,9 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from taskctl import API_VERSION, __version__
+from taskctl import API_VERSION, DEFAULT_QUEUE, __version__
 from taskctl.api import (
-    DEFAULT_QUEUE,
     FINAL_STATES,
     QueueSettings,
     ScheduleSpec,
@@ -194,7 +193,7 @@ class Service:
         queue = self.store.get_queue(spec.queue)
         if not fired:
             _check_cwd(cwd)
-            if queue is None and spec.queue != DEFAULT_QUEUE:
+            if queue is None:
                 self._unknown_queue(spec.queue)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
@@ -234,7 +233,7 @@ class Service:
     def _unknown_queue(self, name: str) -> NoReturn:
         """A typo must not make a queue free of its limits and pause: queues are created only
         by `queue set`."""
-        known = ", ".join(sorted({DEFAULT_QUEUE, *(q.name for q in self.store.list_queues())}))
+        known = ", ".join(q.name for q in self.store.list_queues())
         raise InvalidRequest(
             f"no queue named {name!r} (queues: {known}); create it with `taskctl queue set {name}`"
         )

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from taskctl import render
+from taskctl import DEFAULT_QUEUE, render
 from taskctl.cli import options as o
 from taskctl.cli.common import JsonOption, client, emit_json, note
 from taskctl.client import path_for
@@ -52,7 +52,7 @@ def add(
     ] = None,
     overlap: Overlap = "skip",
     catch_up: CatchUp = "latest",
-    queue: o.Queue = "default",
+    queue: o.Queue = DEFAULT_QUEUE,
     priority: o.Priority = 0,
     shell: o.Shell = False,
     cwd: o.Cwd = None,

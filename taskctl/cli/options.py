@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from taskctl import DEFAULT_QUEUE
 from taskctl.cli.common import duration, exit_codes, pairs, size
 from taskctl.environment import minimal_env
 
@@ -196,7 +197,7 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
         command = [" ".join(command)]
     spec: dict[str, Any] = {
         "command": command,
-        "queue": o.get("queue", "default"),
+        "queue": o.get("queue", DEFAULT_QUEUE),
         "priority": o.get("priority", 0),
         "shell": bool(o.get("shell")),
         "cwd": os.path.abspath(o["cwd"]) if o.get("cwd") else os.getcwd(),

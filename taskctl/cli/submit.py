@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from taskctl import DEFAULT_QUEUE
 from taskctl.cli import options as o
 from taskctl.cli.common import JsonOption, client, emit_json, exit_status_of, note, wait_final
 from taskctl.client import Client, path_for
@@ -19,7 +20,7 @@ def submit(
         typer.Argument(metavar="COMMAND...", help="The command and its arguments (after --)."),
     ] = None,
     name: o.Name = None,
-    queue: o.Queue = "default",
+    queue: o.Queue = DEFAULT_QUEUE,
     priority: o.Priority = 0,
     shell: o.Shell = False,
     cwd: o.Cwd = None,

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from taskctl import DEFAULT_QUEUE
 from taskctl.api import FINAL_STATES, Outcome, TaskState
 
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
@@ -23,7 +24,7 @@ class NewTask:
 
     command: list[str]
     cwd: str
-    queue: str = "default"
+    queue: str = DEFAULT_QUEUE
     name: str | None = None
     shell: bool = False
     priority: int = 0

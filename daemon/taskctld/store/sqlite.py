@@ -163,6 +163,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX events_at ON events (at)
     """,
+    # 5: the default queue is there from the start; the others are made by `queue set`
+    """
+    INSERT OR IGNORE INTO queues (name, created_at)
+    VALUES ('default', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
+    """,
 ]
 
 _TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
