@@ -11,7 +11,7 @@ import pytest
 
 from taskctl.units import rfc3339_to_ms
 
-from conftest import Home, figure, wait_until
+from conftest import FINAL, Home, figure, wait_until
 
 
 def test_delay_starts_the_task_after_that_long(daemon: Home) -> None:
@@ -146,6 +146,44 @@ def test_a_burst_of_changes_is_one_task_listing_every_path(daemon: Home, tmp_pat
         burst,
         [str(watched / "sentinel")],
     ]
+
+
+def test_triggers_work_where_there_is_no_inotify(home: Home, tmp_path) -> None:
+    """On file systems without inotify (NFS, some containers) watchfiles polls instead; forced
+    here with its own switch. The poller's first scan is not observable, so the test touches a
+    new file each second until a task comes, then checks that a later change fires again."""
+    home.env["WATCHFILES_FORCE_POLLING"] = "1"
+    home.start()
+    watched = tmp_path / "in"
+    watched.mkdir()
+    home.ok(
+        "trigger", "add", str(watched), "--debounce", "200ms", "--", "sh", "-c",
+        'cat "$TASKCTL_CHANGED_PATHS"',
+    )  # fmt: skip
+    written: list[Path] = []
+
+    def fired() -> bool:
+        if home.json("list"):
+            return True
+        written.append(watched / f"poke{len(written)}")
+        written[-1].write_text("x")
+        return False
+
+    def reported() -> list[str]:
+        """Every path the finished tasks were given (all, once none is running)."""
+        tasks = home.json("list")
+        if any(t["state"] not in FINAL for t in tasks):
+            return []
+        return [path for t in tasks for path in home.ok("logs", str(t["id"])).split()]
+
+    wait_until(fired, timeout=30, interval=1.0)
+    home.wait_watching(watched, 0)  # no inotify watch: the changes were found by polling
+    wait_until(lambda: str(written[-1]) in reported(), timeout=30)  # every poke has fired
+    before = len(home.json("list"))
+    (watched / "later").write_text("x")
+    wait_until(lambda: len(home.json("list")) > before, timeout=30)
+    newest = max(t["id"] for t in home.json("list"))
+    assert home.ok("logs", str(home.wait_final(newest)["id"])).split() == [str(watched / "later")]
 
 
 def _outputs_after_change(daemon: Home, tasks: int, change: Path | None = None) -> list[list[str]]:

@@ -317,11 +317,13 @@ class Triggers:
             self.disarm(schedule_id)
 
     async def _watch(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
-        from watchfiles import awatch
+        from watchfiles import Change, awatch
 
         quiet_ms = max(1, int(spec.debounce * 1000))
 
-        def wanted(_change: Any, path: str) -> bool:
+        def wanted(change: Change, path: str) -> bool:
+            if change == Change.modified and os.path.isdir(path):
+                return False  # only that its entries changed (polling says so): they are listed
             if spec.glob is None:
                 return True
             return fnmatch.fnmatch(os.path.basename(path), spec.glob) or fnmatch.fnmatch(
