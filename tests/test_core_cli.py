@@ -46,9 +46,12 @@ def test_wait_exit_codes_say_how_a_task_ended_that_never_exited(daemon: Home) ->
         [TASKCTL, "wait", str(slow)], env=daemon.env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    wait_until(lambda: daemon.task(slow)["state"] == "running")
-    daemon.ok("cancel", str(slow))
-    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    try:
+        wait_until(lambda: daemon.task(slow)["state"] == "running")
+        daemon.ok("cancel", str(slow))
+        assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        waiter.kill()
 
 
 def test_submit_wait_json_prints_the_final_task(daemon: Home) -> None:

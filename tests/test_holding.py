@@ -188,11 +188,16 @@ def _recording(daemon: Home, runs: Path, codes: tuple[int, ...]) -> list[int]:
     ]
 
 
-def _behind_a_gate(home: Home, *codes: int) -> tuple[Path, Path, int, list[int]]:
+def _behind_a_gate(
+    home: Home, *codes: int, queues: tuple[str, ...] = ()
+) -> tuple[Path, Path, int, list[int]]:
     """Concurrency 1, a task that runs until its gate opens, and tasks (exiting with `codes`)
-    held behind it: (gate, their record of runs, the gated task, the held ones)."""
+    held behind it: (gate, their record of runs, the gated task, the held ones). `queues` are
+    made first (making one takes back what is held)."""
     home.config(concurrency=1)
     home.start()
+    for queue in queues:
+        home.ok("queue", "set", queue)
     _warm(home)
     gate, runs = _gate(home.path), home.path / "runs"
     first = _gated(home, gate)
@@ -245,9 +250,8 @@ def test_a_held_task_is_listed_queued_and_cancel_takes_it_back(home: Home) -> No
 
 
 def test_pausing_a_queue_takes_its_held_tasks_back(home: Home) -> None:
-    gate, runs, first, held = _behind_a_gate(home, 0, 0, 0)
+    gate, runs, first, held = _behind_a_gate(home, 0, 0, 0, queues=("other",))
     home.ok("queue", "pause", "default")
-    home.ok("queue", "set", "other")  # the pause took the held tasks back already
     _open_gate(gate)
     assert home.wait_final(first)["state"] == "succeeded"
     # A task in another queue runs to the end: had anything held started in the freed slot,
