@@ -266,6 +266,14 @@ def test_missing_cwd_is_refused_and_creates_nothing(daemon: Home) -> None:
     done = daemon.run("submit", "-C", "/no/such/dir", "--", "true")
     assert done.returncode == 2
     assert "/no/such/dir" in done.stderr and "does not exist" in done.stderr
+    batch = daemon.run("submit", "--stdin", "-C", "/no/such/dir", input="true\ntrue\n")
+    assert batch.returncode == 2 and "does not exist" in batch.stderr
+    assert "line" not in batch.stderr  # every line has that cwd: the error blames none
+    one_bad = daemon.run(
+        "submit", "--stdin", "--json-lines",
+        input='{"command": ["true"]}\n{"command": ["true"], "cwd": "/no/such/dir"}\n',
+    )  # fmt: skip
+    assert one_bad.returncode == 2 and "line 2" in one_bad.stderr  # one line's own: named
     assert daemon.json("list") == []
 
 

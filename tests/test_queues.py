@@ -229,6 +229,7 @@ def test_a_task_for_an_unknown_queue_is_refused_and_creates_nothing(daemon: Home
         assert done.returncode == 2, (args, done.stderr)
         assert "no queue named 'gpuu'" in done.stderr and "queue set gpuu" in done.stderr
         assert "default, gpu" in done.stderr  # the queues there are, to spot the typo
+        assert "line" not in done.stderr  # every line names it: the error blames none
     assert daemon.json("list") == []
     assert daemon.json("cron", "list") == [] and daemon.json("trigger", "list") == []
     assert {q["name"] for q in daemon.json("queue", "list")} == {"default", "gpu"}

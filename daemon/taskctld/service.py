@@ -143,6 +143,8 @@ class Service:
         `key_retention`, gives that task back (deduplicated) instead of a new one; the same
         key with a different command or options is a Conflict."""
         now = now_ms()
+        if len(specs) > 1 and len({(spec.cwd, spec.queue) for spec in specs}) == 1:
+            self._where_it_runs(specs[0], check=True)  # what all would fail on names no task
         tasks = []
         for index, spec in enumerate(specs):
             try:
@@ -189,12 +191,7 @@ class Service:
         machine: cwd exists, argv fits execve; and its queue exists). A task `fired` by a
         schedule skips the cwd and queue checks, made when the schedule was added: a directory
         that vanished since shows as the task's spawn error, not as a lost fire."""
-        cwd = spec.cwd or os.path.expanduser("~")
-        queue = self.store.get_queue(spec.queue)
-        if not fired:
-            _check_cwd(cwd)
-            if queue is None:
-                self._unknown_queue(spec.queue)
+        cwd, queue = self._where_it_runs(spec, check=not fired)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
         _check_exec_size(spec.command, spec.env)
@@ -229,6 +226,16 @@ class Service:
             after=spec.after,
             after_any=spec.after_any,
         )
+
+    def _where_it_runs(self, spec: TaskSpec, *, check: bool) -> tuple[str, QueueRow | None]:
+        """The task's working directory and queue; with `check`, both must exist."""
+        cwd = spec.cwd or os.path.expanduser("~")
+        queue = self.store.get_queue(spec.queue)
+        if check:
+            _check_cwd(cwd)
+            if queue is None:
+                self._unknown_queue(spec.queue)
+        return cwd, queue
 
     def _unknown_queue(self, name: str) -> NoReturn:
         """A typo must not make a queue free of its limits and pause: queues are created only
