@@ -329,6 +329,31 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
     assert [(e.task_id, e.attempt) for e in ends] == [(running, 1), (held, 1)]
 
 
+def test_a_stray_attempt_keeps_its_slot_across_a_restart(store: SqliteStore) -> None:
+    """A start that crossed a cancel is still being stopped when the daemon restarts: the new
+    daemon counts its slot until its end arrives, so the queue never runs one too many."""
+    (stray,) = _submit(store, 1)
+    with store.transaction():
+        now = now_ms()
+        store.move(stray, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
+        store.record_stray_start(stray, 1, pid=4242, started_at=now)
+    (waiting,) = _submit(store, 1)
+    runner = ScriptedRunner()
+
+    async def scenario() -> None:
+        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher.load()  # the next daemon
+        dispatcher.cycle()
+        assert runner.asked == [] and dispatcher.running_count() == 1
+        dispatcher.report(Ended(AttemptEnd(stray, 1, Outcome.CANCELLED, now_ms(), signal=15)))
+        dispatcher.cycle()
+        assert runner.asked == [("start", waiting)] and dispatcher.running_count() == 1
+
+    asyncio.run(scenario())
+    (attempt,) = store.attempts_of([stray])[stray]
+    assert (attempt.outcome, attempt.signal) == (Outcome.CANCELLED, 15)
+
+
 def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
     store: SqliteStore,
 ) -> None:

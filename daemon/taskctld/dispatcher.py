@@ -187,9 +187,17 @@ class Dispatcher:
 
     def load(self) -> None:
         """Initial in-memory view: running counts, queues with queued tasks, queue settings."""
-        self.running = self.store.running_by_queue()
+        self._count_running()
         self.ready_queues = self.store.ready_queues()
         self.load_queues()
+
+    def _count_running(self) -> None:
+        """Slots taken, from the store: running tasks, and stray attempts still being stopped
+        (counted as refused starts, so that their ends free their slots)."""
+        self.running = self.store.running_by_queue()
+        for task_id, attempt, queue in self.store.stray_attempts():
+            self._refused[(task_id, attempt)] = queue
+            self.running[queue] = self.running.get(queue, 0) + 1
 
     def _reload_after_rollback(self) -> None:
         """In-memory counts changed inside a transaction that rolled back: take them from the
@@ -199,7 +207,7 @@ class Dispatcher:
         self._inherited.clear()
         self._refused.clear()
         try:
-            self.running = self.store.running_by_queue()
+            self._count_running()
             self.ready_queues = self.store.ready_queues()
         except Exception as e:  # the next turn tries again (stale counts only claim less)
             self._stale = True

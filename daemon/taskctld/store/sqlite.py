@@ -756,6 +756,14 @@ class SqliteStore:
             for (q,) in self.conn.execute("SELECT DISTINCT queue FROM tasks WHERE state = 'queued'")
         }
 
+    def stray_attempts(self) -> list[tuple[int, int, str]]:
+        """Open attempts of tasks no longer running them (a cancel crossed a held start): task
+        id, attempt and queue. Each still holds a slot of its queue until it ends."""
+        return self.conn.execute(
+            "SELECT a.task_id, a.number, t.queue FROM attempts a JOIN tasks t ON t.id = a.task_id "
+            "WHERE a.outcome IS NULL AND NOT (t.state = 'running' AND t.attempts = a.number)"
+        ).fetchall()
+
     def running_by_queue(self) -> dict[str, int]:
         rows = self.conn.execute(
             "SELECT queue, count(*) FROM tasks WHERE state = 'running' GROUP BY queue"
