@@ -354,6 +354,35 @@ def test_a_stray_attempt_keeps_its_slot_across_a_restart(store: SqliteStore) -> 
     assert (attempt.outcome, attempt.signal) == (Outcome.CANCELLED, 15)
 
 
+def test_a_stray_start_first_heard_of_after_a_restart_keeps_its_slot(store: SqliteStore) -> None:
+    """The same, but the old daemon died before it heard of the start: the new one learns of
+    it from the supervisor it adopts, and counts its slot from then until its end."""
+    (stray,) = _submit(store, 1)
+    with store.transaction():
+        now = now_ms()
+        store.move(stray, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
+    (waiting,) = _submit(store, 1)
+    runner = ScriptedRunner()
+
+    async def scenario() -> None:
+        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # from `hello`
+        dispatcher.load()
+        dispatcher.cycle()
+        dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # said again
+        dispatcher.cycle()
+        assert (
+            runner.asked[0] == ("stop", stray, 1, "cancel")
+            and ("start", waiting) not in runner.asked
+        )
+        assert dispatcher.running_count() == 1
+        dispatcher.report(Ended(AttemptEnd(stray, 1, Outcome.CANCELLED, now_ms(), signal=15)))
+        dispatcher.cycle()
+        assert runner.asked[-1] == ("start", waiting) and dispatcher.running_count() == 1
+
+    asyncio.run(scenario())
+
+
 def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
     store: SqliteStore,
 ) -> None:

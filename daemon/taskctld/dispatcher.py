@@ -396,8 +396,14 @@ class Dispatcher:
                 # A held task cancelled as it started: stop it, and keep on the record that
                 # it ran (its end is written to this attempt as it comes).
                 log.warning("task %d started as it was cancelled; stopping it", key[0])
-                self.store.record_stray_start(*key, pid=report.pid, started_at=report.started_at)
+                recorded = self.store.record_stray_start(
+                    *key, pid=report.pid, started_at=report.started_at
+                )
                 self.runner.stop(*key, "cancel")
+                if recorded and task is not None and key not in self._refused:
+                    # first heard of after a restart: its slot is taken until it ends
+                    self._refused[key] = task.queue
+                    self.running[task.queue] = self.running.get(task.queue, 0) + 1
                 return
             if adopted is not None:
                 self._claimed[key] = adopted
