@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -14,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from taskctl.paths import Paths
-from taskctl.units import rfc3339_to_ms
+from taskctl.units import now_ms, rfc3339_to_ms
 
 from conftest import TASKCTL, Home, figure, wait_until
 
@@ -245,6 +246,26 @@ def test_health_is_unhealthy_and_says_why_when_the_logs_folder_is_not_writable(
         status, reasons = _readyz(daemon)  # what a load balancer or systemd probe reads
         assert status == 503 and any("not writable" in r for r in reasons), reasons
     assert daemon.run("health").returncode == 0
+    assert _readyz(daemon) == (200, [])
+
+
+def test_health_says_the_daemon_is_behind_when_a_delayed_task_is_not_queued_in_time(
+    daemon: Home,
+) -> None:
+    """A stalled timer, simulated: the task's start time is moved to a minute ago behind the
+    daemon's back, so the timer armed for it stays asleep. (Its once-a-minute look at the
+    clock could catch it first; then the move is made again.)"""
+    task_id = daemon.json("submit", "--delay", "1h", "--", "true")["id"]
+    assert _readyz(daemon) == (200, [])
+    for _ in range(3):
+        with contextlib.closing(sqlite3.connect(daemon.path / "taskctl.db")) as db, db:
+            db.execute("UPDATE tasks SET run_at = ? WHERE id = ?", (now_ms() - 60_000, task_id))
+        status, reasons = _readyz(daemon)
+        if daemon.task(task_id)["state"] == "scheduled":
+            break
+    assert status == 503 and reasons == ["scheduler behind: 1 scheduled task(s) past due"]
+    assert daemon.run("health").returncode == 1
+    daemon.ok("cancel", str(task_id))
     assert _readyz(daemon) == (200, [])
 
 

@@ -46,6 +46,7 @@ ALIASES = {
     "@hourly": "0 * * * *",
 }
 FIELDS = "minute hour day-of-month month day-of-week"
+BEHIND_AFTER_MS = 5_000  # past due by more than this, it is late: health says the daemon is behind
 LATE_GRACE_MS = 60_000  # a due time later than this when we get to it counts as missed
 MAX_CATCH_UP = 100  # `--catch-up all` runs at most this many missed times (the newest)
 MAX_SCAN = 100_000  # due times examined at most after a long downtime
@@ -272,8 +273,14 @@ class Scheduler:
         return self.fire_safely(schedule, now, now, {"TASKCTL_CHANGED_PATHS": str(listing)})
 
     def overdue(self, now: int) -> list[str]:
-        """Names of active cron schedules more than a few seconds past their due time."""
-        return [s.name or "" for s in self.store.due_schedules(now - 5000)]
+        """What is more than a few seconds past its due time: active cron schedules (by name),
+        and scheduled tasks (delayed ones, retries after their backoff), which the dispatcher's
+        timer should have queued. Either means the daemon's timers are not keeping up."""
+        late = [s.name or "" for s in self.store.due_schedules(now - BEHIND_AFTER_MS)]
+        tasks = self.store.count_due(now - BEHIND_AFTER_MS)
+        if tasks:
+            late.append(f"{tasks} scheduled task(s)")
+        return late
 
 
 # -- file triggers ------------------------------------------------------------------------------

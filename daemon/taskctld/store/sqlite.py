@@ -688,6 +688,12 @@ class SqliteStore:
         ).fetchall()
         return sum(self.move(i, TaskState.SCHEDULED, TaskState.QUEUED, now) for (i,) in due)
 
+    def count_due(self, before: int) -> int:
+        """Scheduled tasks (delayed, or waiting out a retry's backoff) due before `before`."""
+        return self.conn.execute(
+            "SELECT count(*) FROM tasks WHERE state = 'scheduled' AND run_at < ?", (before,)
+        ).fetchone()[0]
+
     def next_due(self) -> int | None:
         row = self.conn.execute(
             "SELECT min(run_at) FROM tasks WHERE state = 'scheduled'"
