@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,35 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET over the Unix socket: curl when installed, else a raw socket."""
+    if shutil.which("curl"):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--unix-socket",
+                sock_path,
+                "-w",
+                "\n%{http_code}",
+                f"http://taskctl{path}",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        body, _, status = out.rpartition(b"\n")
+        return int(status), body
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock_path)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 def figure(label: str, value: Any) -> None:

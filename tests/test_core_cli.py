@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import FINAL, TASKCTL, Home, wait_until
+from conftest import FINAL, TASKCTL, Home, http_get, wait_until
 
 
 def test_failed_task_keeps_exit_code_and_both_streams(daemon: Home) -> None:
@@ -99,40 +98,11 @@ def test_300_tasks_from_a_shell_loop_all_finish_once(daemon: Home) -> None:
     assert all(len(t["attempts"]) == 1 for t in tasks)
 
 
-def _http_get(sock_path: str, path: str) -> tuple[int, bytes]:
-    """A plain HTTP/1.1 GET over the Unix socket: curl when installed, else a raw socket."""
-    if shutil.which("curl"):
-        out = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--unix-socket",
-                sock_path,
-                "-w",
-                "\n%{http_code}",
-                f"http://taskctl{path}",
-            ],
-            capture_output=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        body, _, status = out.rpartition(b"\n")
-        return int(status), body
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(sock_path)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 def test_curl_on_the_socket_sees_what_list_json_sees(daemon: Home) -> None:
     ids = [daemon.submit("sh", "-c", f"exit {n}") for n in range(3)]
     for task_id in ids:
         daemon.wait_final(task_id)
-    status, body = _http_get(str(daemon.path / "taskctld.sock"), "/v1/tasks")
+    status, body = http_get(str(daemon.path / "taskctld.sock"), "/v1/tasks")
     assert status == 200
     assert json.loads(body) == daemon.json("list")
 

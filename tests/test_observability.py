@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from taskctl.paths import Paths
 from taskctl.units import now_ms, rfc3339_to_ms
 
-from conftest import TASKCTL, Home, figure, wait_until
+from conftest import TASKCTL, Home, figure, http_get, wait_until
 
 
 def _watch(home: Home, *args: str) -> subprocess.Popen[str]:
@@ -270,14 +269,9 @@ def test_health_says_the_daemon_is_behind_when_a_delayed_task_is_not_queued_in_t
 
 
 def _readyz(home: Home) -> tuple[int, list[str]]:
-    """GET /readyz as a probe would (plain HTTP/1.0 over the socket): status and reasons."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(30)
-        sock.connect(str(Paths.from_env(home.env).socket))
-        sock.sendall(b"GET /readyz HTTP/1.0\r\nHost: taskctl\r\n\r\n")
-        answer = b"".join(iter(lambda: sock.recv(65536), b""))
-    head, body = answer.split(b"\r\n\r\n", 1)
-    return int(head.split()[1]), json.loads(body)["reasons"]
+    """GET /readyz as a probe would: its status and the reasons it gives."""
+    status, body = http_get(str(Paths.from_env(home.env).socket), "/readyz")
+    return status, json.loads(body)["reasons"]
 
 
 def test_health_json_has_what_monitors_need(daemon: Home) -> None:

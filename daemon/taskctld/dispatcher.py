@@ -196,8 +196,13 @@ class Dispatcher:
         (counted as refused starts, so that their ends free their slots)."""
         self.running = self.store.running_by_queue()
         for task_id, attempt, queue in self.store.stray_attempts():
-            self._refused[(task_id, attempt)] = queue
-            self.running[queue] = self.running.get(queue, 0) + 1
+            self._count_stray((task_id, attempt), queue)
+
+    def _count_stray(self, key: Key, queue: str) -> None:
+        """A stray attempt (its start crossed its task's cancel) takes a slot until it ends;
+        counted as a refused start, whose end frees it."""
+        self._refused[key] = queue
+        self.running[queue] = self.running.get(queue, 0) + 1
 
     def _reload_after_rollback(self) -> None:
         """In-memory counts changed inside a transaction that rolled back: take them from the
@@ -401,9 +406,7 @@ class Dispatcher:
                 )
                 self.runner.stop(*key, "cancel")
                 if recorded and task is not None and key not in self._refused:
-                    # first heard of after a restart: its slot is taken until it ends
-                    self._refused[key] = task.queue
-                    self.running[task.queue] = self.running.get(task.queue, 0) + 1
+                    self._count_stray(key, task.queue)  # first heard of after a restart
                 return
             if adopted is not None:
                 self._claimed[key] = adopted

@@ -20,13 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from taskctl import API_VERSION, DEFAULT_QUEUE, __version__
-from taskctl.api import (
-    FINAL_STATES,
-    QueueSettings,
-    ScheduleSpec,
-    TaskSpec,
-    TaskState,
-)
+from taskctl.api import FINAL_STATES, QueueSettings, ScheduleSpec, TaskSpec, TaskState
 from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339, now_ms
@@ -54,6 +48,7 @@ log = logging.getLogger("taskctld.service")
 
 MAX_ARG_STRLEN = 131072  # Linux: the longest single argument or environment string
 PRUNE_BATCH = 2000  # tasks per transaction when pruning
+Place = tuple[str, QueueRow | None]  # a task's working directory and its queue's row
 UNHOLD_ANSWER_TIMEOUT = 5.0  # seconds a cancel waits to hear whether a held task had started
 
 
@@ -143,12 +138,16 @@ class Service:
         `key_retention`, gives that task back (deduplicated) instead of a new one; the same
         key with a different command or options is a Conflict."""
         now = now_ms()
-        if len(specs) > 1 and len({(spec.cwd, spec.queue) for spec in specs}) == 1:
-            self._where_it_runs(specs[0], check=True)  # what all would fail on names no task
+        places: dict[tuple[str | None, str], Place] = {}  # checked once per batch, not per task
+        if len({(spec.cwd, spec.queue) for spec in specs}) == 1:  # a fault of all names no task
+            places[(specs[0].cwd, specs[0].queue)] = self._where_it_runs(specs[0], check=True)
         tasks = []
         for index, spec in enumerate(specs):
             try:
-                tasks.append(self.resolve(spec, now))
+                place = places.get((spec.cwd, spec.queue))
+                if place is None:
+                    place = places[(spec.cwd, spec.queue)] = self._where_it_runs(spec, check=True)
+                tasks.append(self.resolve(spec, now, place=place))
             except InvalidRequest as e:
                 where = f"task {index + 1}: " if len(specs) > 1 else ""
                 raise InvalidRequest(where + e.message) from None
@@ -186,12 +185,15 @@ class Service:
         ids = self.store.submit(fresh, now) if fresh else []
         return [Submitted(ref if ref > 0 else ids[-1 - ref], dedup) for ref, dedup in plan]
 
-    def resolve(self, spec: TaskSpec, now: int, *, fired: bool = False) -> NewTask:
+    def resolve(
+        self, spec: TaskSpec, now: int, *, fired: bool = False, place: Place | None = None
+    ) -> NewTask:
         """A spec with every default filled in and every check done (checks that need the
         machine: cwd exists, argv fits execve; and its queue exists). A task `fired` by a
         schedule skips the cwd and queue checks, made when the schedule was added: a directory
-        that vanished since shows as the task's spawn error, not as a lost fire."""
-        cwd, queue = self._where_it_runs(spec, check=not fired)
+        that vanished since shows as the task's spawn error, not as a lost fire. `place`: its
+        cwd and queue, checked already."""
+        cwd, queue = place or self._where_it_runs(spec, check=not fired)
         if spec.shell and len(spec.command) != 1:
             raise InvalidRequest("with shell=true, command must be one string for `sh -c`")
         _check_exec_size(spec.command, spec.env)
@@ -227,7 +229,7 @@ class Service:
             after_any=spec.after_any,
         )
 
-    def _where_it_runs(self, spec: TaskSpec, *, check: bool) -> tuple[str, QueueRow | None]:
+    def _where_it_runs(self, spec: TaskSpec, *, check: bool) -> Place:
         """The task's working directory and queue; with `check`, both must exist."""
         cwd = spec.cwd or os.path.expanduser("~")
         queue = self.store.get_queue(spec.queue)
