@@ -363,6 +363,8 @@ def health_text(h: dict[str, Any]) -> str:
         + (f" ({h['held']} held by the supervisor, to start next)" if h.get("held") else ""),
         f"streams       {h.get('streams', 0)} connected (watch, logs --follow)",
     ]
+    if h.get("containment"):
+        lines.append(f"containment   {h['containment']}")
     if h.get("database_size") is not None:
         lines.append(
             f"database      {format_size(h['database_size'])} (WAL {format_size(h.get('wal_size'))})"

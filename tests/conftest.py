@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from taskctld import containment
+
 BIN = Path(sys.executable).parent
 TASKCTL = str(BIN / "taskctl")
 TASKCTLD = str(BIN / "taskctld")
@@ -211,6 +213,9 @@ class Home:
         for pid in self.task_processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        cgroups = containment.home_path(self.path)
+        if cgroups is not None and cgroups.is_dir():
+            containment.end(cgroups)
 
 
 def _alive(pid: int) -> bool:

@@ -136,21 +136,31 @@ def test_no_supervisor_means_nothing_is_claimed_until_a_new_one_starts(daemon: H
     wait_until(lambda: daemon.run("health").returncode == 0)
 
 
-def test_an_earlier_supervisor_that_does_not_answer_does_not_stop_a_start(home: Home) -> None:
-    """A supervisor left by an earlier daemon hangs (SIGSTOP): the new daemon still starts
-    within the CLI's wait, treats it as dead, and no command of it runs unsupervised."""
-    home.start()
-    task_id = home.submit("sleep", "300")
-    pid = wait_until(lambda: home.task(task_id)["attempts"][0]["pid"])
-    (stuck,) = _supervisors(home)
-    home.kill9()
+def test_a_stopped_supervisor_is_continued_not_killed_and_nothing_runs_twice(
+    daemon: Home,
+) -> None:
+    """SIGSTOP the supervisor: health says so. A command that ends meanwhile cannot be reaped;
+    `daemon restart` then continues the supervisor rather than killing it (which would lose
+    the exit status and run the task again), and the attempt keeps its real exit code."""
+    gate, runs = daemon.path / "go", daemon.path / "runs"
+    command = f"echo run >> {runs}; while [ ! -e {gate} ]; do sleep 0.05; done; exit 0"
+    task_id = daemon.submit("sh", "-c", command, options=("--retries", "1"))
+    pid = wait_until(lambda: daemon.task(task_id)["attempts"][0]["pid"])
+    (stuck,) = _supervisors(daemon)
     os.kill(stuck, signal.SIGSTOP)
     try:
-        started = home.run("daemon", "start")
-        assert started.returncode == 0, started.stderr
+        sick = wait_until(lambda: (h := daemon.run("health")).returncode == 1 and h)
+        assert f"the supervisor (pid {stuck}) does not answer (it is stopped)" in sick.stderr
+        gate.touch()
+        wait_until(lambda: not _alive(pid))  # ended, but nobody can reap it yet
+        restarted = daemon.run("daemon", "restart")
+        assert restarted.returncode == 0, restarted.stderr
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck, signal.SIGCONT)
-    task = home.wait_final(task_id)
-    assert task["attempts"][0]["outcome"] == "lost"
-    wait_until(lambda: not _alive(pid) and not _alive(stuck))
+    task = daemon.wait_final(task_id)
+    assert task["state"] == "succeeded" and task["exit_code"] == 0
+    assert [a["outcome"] for a in task["attempts"]] == ["exited"]
+    assert runs.read_text() == "run\n"
+    assert "is stopped; continuing it" in (daemon.path / "taskctld.log").read_text()
+    wait_until(lambda: daemon.run("health").returncode == 0)

@@ -33,7 +33,7 @@ class Wire:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.proc, self.info = launch_supervisor(folder, folder / "s.sock")
+        self.proc, self.info = launch_supervisor(folder, folder / "s.sock", None)
         self.connect()
 
     def connect(self) -> dict[str, Any]:
@@ -41,6 +41,7 @@ class Wire:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(10)
         self.sock.connect(self.info.socket)
+        self.send(op="auth", token=self.info.token)
         self.reader = FrameReader()
         self.frames: list[dict[str, Any]] = []
         hello = self.next_frame()

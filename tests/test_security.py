@@ -58,23 +58,25 @@ def needs_root() -> None:
         pytest.fail("changing uid in the test needs root (CI runs as root)")
 
 
+def _say_once(sock_path: str, message: bytes) -> str:
+    """Connect, send `message`, and return what came back first (or the error)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        with contextlib.suppress(OSError):
+            s.sendall(message)
+        try:
+            return repr(s.recv(65536))
+        except OSError as e:
+            return f"error {e.errno}"
+
+
 def test_another_user_is_refused_even_with_open_permissions(daemon: Home, needs_root: None) -> None:
     sock_path = str(daemon.path / "taskctld.sock")
     os.chmod(daemon.path, 0o777)
     os.chmod(sock_path, 0o777)
-
-    def talk() -> str:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(sock_path)
-            with contextlib.suppress(OSError):
-                s.sendall(b"GET /v1/tasks HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            try:
-                return repr(s.recv(65536))
-            except OSError as e:
-                return f"error {e.errno}"
-
-    code, out = _as_other_user(talk)
+    request = b"GET /v1/tasks HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    code, out = _as_other_user(lambda: _say_once(sock_path, request))
     assert code == 0, out
     assert "HTTP" not in out  # no answer at all: the connection was dropped
     log = (daemon.path / "taskctld.log").read_text()
@@ -549,3 +551,53 @@ def test_the_request_deadline_cuts_slow_requests_not_slow_answers(home: Home) ->
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n")
         reply, _ = _until_closed(s)
         assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+
+
+def _spawn_frame(marker: Path) -> bytes:
+    """What a stranger would send the supervisor to have a command run: a `spawn` frame."""
+    spec = {
+        "task_id": 9999, "attempt": 1, "argv": ["/bin/touch", str(marker)], "cwd": "/",
+        "env": {}, "stdout_path": "/dev/null", "stderr_path": "/dev/null",
+    }  # fmt: skip
+    payload = json.dumps({"op": "spawn", "spec": spec}).encode()
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _supervisor_socket(home: Home) -> str:
+    (info,) = (home.path / "run").glob("supervisor.*.json")
+    return str(json.loads(info.read_text())["socket"])
+
+
+def test_another_user_cannot_reach_the_supervisor(daemon: Home, needs_root: None) -> None:
+    sock_path, marker = _supervisor_socket(daemon), daemon.path / "pwned"
+    os.chmod(daemon.path, 0o777)
+    os.chmod(sock_path, 0o777)
+    code, out = _as_other_user(lambda: _say_once(sock_path, _spawn_frame(marker)))
+    assert code == 0 and "hello" not in out, out  # nothing: the connection was dropped
+    log = daemon.path / "taskctld.log"
+    wait_until(lambda: f"refused a connection from uid {NOBODY}" in log.read_text())
+    assert daemon.run("submit", "--wait", "--", "true").returncode == 0  # a later turn of its loop
+    assert not marker.exists()
+
+
+def test_a_stray_connection_to_the_supervisor_changes_nothing(daemon: Home) -> None:
+    """Same uid, no secret: it neither runs a command nor displaces the daemon's link (which
+    once made the running attempt `lost` and run again)."""
+    gate, marker = daemon.path / "go", daemon.path / "pwned"
+    command = f"echo run >> {daemon.path}/runs; while [ ! -e {gate} ]; do sleep 0.05; done; exit 7"
+    task_id = daemon.submit("sh", "-c", command)
+    wait_until(lambda: daemon.task(task_id)["state"] == "running")
+    idle, spawner = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with idle, spawner:
+        idle.connect(_supervisor_socket(daemon))
+        spawner.connect(_supervisor_socket(daemon))
+        spawner.sendall(_spawn_frame(marker))
+        spawner.settimeout(5)
+        assert spawner.recv(65536) == b""  # refused, never a hello
+        gate.touch()
+        task = daemon.wait_final(task_id)
+    assert task["exit_code"] == 7 and [a["outcome"] for a in task["attempts"]] == ["exited"]
+    assert (daemon.path / "runs").read_text() == "run\n"
+    assert not marker.exists()
+    log = (daemon.path / "taskctld.log").read_text()
+    assert "did not prove it is the daemon" in log and "supervisor died" not in log

@@ -56,6 +56,12 @@ class ProcessId:
         return "zombie" if fields[0] in ("Z", "X") else "alive"
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, or a tracer): it runs nothing until continued."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] in ("T", "t")
+
+
 def start_epoch_ms(pid: int) -> int | None:
     """When a process started, in epoch milliseconds (to about a second: the boot time in
     /proc/stat is whole seconds)."""

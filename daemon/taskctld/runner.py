@@ -11,6 +11,13 @@ daemon listened, and is then retired (it exits once its last task has ended). An
 that no supervisor knows is settled from its run file: its final record if it has one; `lost` if
 it started and its supervisor is gone (its command, if alive, is killed: nothing runs
 unsupervised); `interrupted` (not counted) if it never started.
+
+Trust: the runner proves itself to each supervisor with that supervisor's secret (`auth`, the
+first frame) and accepts only a supervisor of its own uid. A supervisor of an earlier daemon that
+is stopped (SIGSTOP) is continued and given time to answer: killing it would lose the outcomes it
+has not reaped yet. Our own supervisor is pinged; one that stops answering makes `health`
+unhealthy. Before an attempt whose supervisor died is recorded `lost` (and perhaps retried),
+its cgroup is ended and seen empty, so no process of it outlives it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import itertools
 import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +42,8 @@ from taskctl.environment import minimal_env
 from taskctl.errors import TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import now_ms
-from taskctld.procfs import ProcessId, read_boot_id, start_epoch_ms
+from taskctld import containment
+from taskctld.procfs import ProcessId, read_boot_id, start_epoch_ms, stopped
 from taskctld.store import AttemptEnd, AttemptRow, TaskRow
 from taskctld.supervisor import (
     AttemptSpec,
@@ -48,6 +59,8 @@ log = logging.getLogger("taskctld.runner")
 
 HELLO_TIMEOUT = 10.0  # well under the CLI's 30 s wait for a starting daemon
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # seconds between tries for a new supervisor
+PING_EVERY = 1.0  # seconds between pings of our supervisor
+PING_LIMIT = 3.0  # seconds without an answer before health says it does not answer
 Key = tuple[int, int]
 
 
@@ -107,11 +120,23 @@ class Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid():  # a socket planted by someone else: never hand it a command
+            log.error("refusing supervisor socket %s: it belongs to uid %d", self.info.socket, uid)
+            self.lost = True
+            transport.close()
+            return
+        self.send({"op": "auth", "token": self.info.token})
 
     def data_received(self, data: bytes) -> None:
         for frame in self.reader.feed(data):
-            if frame.get("op") == "hello" and not self.hello.done():
+            op = frame.get("op")
+            if op == "hello" and not self.hello.done():
                 self.hello.set_result(frame)
+            elif op == "pong":
+                self.runner.on_pong(self)
             else:
                 self.runner.on_frame(self, frame)
 
@@ -150,6 +175,10 @@ class Runner:
         self.dead_journals: list[Path] = []  # to delete once their outcomes are committed
         self.on_ready: Callable[[], None] = lambda: None  # a new supervisor takes attempts
         self.problem: str | None = None  # why no supervisor takes attempts, when none does
+        self.cgroup_home: Path | None = None  # where attempts' cgroups go (None: no cgroups)
+        self.containment = containment.PROCESS_GROUP  # as our supervisor said in its hello
+        self.ping_sent: float | None = None  # when our unanswered ping went out
+        self.pinger: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -158,6 +187,10 @@ class Runner:
         hellos (what they still run and what ended meanwhile)."""
         earlier = known_supervisors(self.paths.run)
         self._read_dead_journals({info.pid for info in earlier})
+        self.cgroup_home, why = containment.home_for(self.paths.state)
+        if self.cgroup_home is None:
+            log.info("attempts are contained by process group: %s", why)
+            self.containment = f"{containment.PROCESS_GROUP} ({why})"
         try:
             self.current = await self._start_own()
         except (OSError, ConnectionError, TimeoutError) as e:
@@ -167,6 +200,8 @@ class Runner:
         answers = await asyncio.gather(*(self._hello_of(old) for old in earlier))
         if any(answer is None for answer in answers):  # their journals settle what they ran
             self._read_dead_journals({link.info.pid for link in self.links})
+        self._end_dead_cgroups()
+        self.pinger = asyncio.get_running_loop().create_task(self._ping_forever())
         hellos = []
         for old, answer in zip(earlier, answers, strict=True):
             if answer is None:
@@ -187,6 +222,12 @@ class Runner:
         """Connect to an earlier daemon's supervisor and take its hello. None when it exited
         meanwhile (idle supervisors do) or does not answer: then it is treated as dead, so that
         nothing it runs goes unsupervised or runs twice."""
+        if stopped(old.pid):  # killing it would lose what it has not reaped yet
+            log.warning(
+                "the supervisor of an earlier daemon (pid %d) is stopped; continuing it", old.pid
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(old.pid, signal.SIGCONT)
         try:
             link = await self._connect(old)
             return link, await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
@@ -199,14 +240,16 @@ class Runner:
         """Launch our supervisor and wait for its hello; one that does not answer in time is
         killed."""
         self.process, info = launch_supervisor(
-            self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock"
+            self.paths.run, self.paths.runtime / f"sup.{os.getpid()}.sock", self.cgroup_home
         )
         try:
             link = await self._connect(info)
-            await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
+            hello = await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
         except BaseException:
             self._abandon(info)
             raise
+        self.containment = str(hello.get("containment") or self.containment)
+        self.ping_sent = None
         return link
 
     def _abandon(self, info: SupervisorInfo) -> None:
@@ -218,6 +261,18 @@ class Runner:
         if ProcessId(info.pid, info.start, info.boot_id).state(read_boot_id()) == "alive":
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(info.pid, signal.SIGKILL)
+
+    def _end_dead_cgroups(self) -> None:
+        """End every process left in the cgroups of supervisors that are gone, and remove those
+        cgroups: what they ran is unsupervised (its outcome comes from their journals)."""
+        if self.cgroup_home is None:
+            return
+        alive = {link.info.pid for link in self.links}
+        if self.process is not None:  # ours, even before it said hello
+            alive.add(self.process.pid)
+        for cgroup in containment.leftover_supervisors(self.cgroup_home, alive):
+            if not containment.end(cgroup):
+                log.error("processes of %s did not end within 5 s of cgroup.kill", cgroup)
 
     def _read_dead_journals(self, alive: set[int]) -> None:
         for path in self.paths.run.glob("supervisor.*.journal"):
@@ -245,6 +300,8 @@ class Runner:
         """Stop listening. Supervisors and their tasks keep running; the next daemon adopts
         them (ours sees the connection close, and exits once it has nothing left to run)."""
         self.closing = True
+        if self.pinger is not None:
+            self.pinger.cancel()
         for link in self.links:
             link.close()
 
@@ -332,6 +389,27 @@ class Runner:
         if link is not None:
             link.send({"op": "ack", "task_id": task_id, "attempt": attempt})
 
+    # -- is our supervisor answering? -----------------------------------------------------------
+
+    async def _ping_forever(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(PING_EVERY)
+            link = self.current
+            if link is not None and self.ping_sent is None and link.send({"op": "ping"}):
+                self.ping_sent = time.monotonic()
+
+    def on_pong(self, link: Link) -> None:
+        if link is self.current:
+            self.ping_sent = None
+
+    def unanswered(self) -> str | None:
+        """Why our supervisor is not doing its job though it is connected, if it is not."""
+        link, sent = self.current, self.ping_sent
+        if link is None or sent is None or time.monotonic() - sent < PING_LIMIT:
+            return None
+        state = " (it is stopped)" if stopped(link.info.pid) else ""
+        return f"the supervisor (pid {link.info.pid}) does not answer{state}"
+
     # -- hearing from supervisors ---------------------------------------------------------------
 
     def on_frame(self, link: Link, frame: dict[str, Any]) -> None:
@@ -369,6 +447,7 @@ class Runner:
             self.problem = "the supervisor died; starting a new one"
             asyncio.get_running_loop().create_task(self._replace_supervisor())
         self._read_dead_journals({other.info.pid for other in self.links})
+        self._end_dead_cgroups()
         for key in [k for k, owner in self.owner.items() if owner is link]:
             self.report(self.settle(key))
         # Held attempts it may have started without our hearing of it: its journal says;
@@ -470,6 +549,9 @@ def _kill_orphan(started: dict[str, Any], ident: dict[str, Any] | None) -> None:
     a second of running), else a start within two seconds of when the supervisor started it."""
     pid, boot_id = int(started["pid"]), str(started.get("boot_id"))
     if boot_id != read_boot_id():
+        return
+    if started.get("cgroup"):  # no pid to trust: the cgroup holds exactly its processes
+        containment.end(Path(started["cgroup"]))
         return
     if ident is not None:
         same = ProcessId(pid, int(ident["start"]), boot_id).state(boot_id) == "alive"

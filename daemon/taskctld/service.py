@@ -611,6 +611,8 @@ class Service:
                 reasons.append(problem)
         if self.runner.problem:
             reasons.append(self.runner.problem)
+        if silent := self.runner.unanswered():
+            reasons.append(silent)
         late = self.scheduler.overdue(now_ms())
         if late:
             reasons.append(f"scheduler behind: {', '.join(late)} past due")
@@ -627,6 +629,7 @@ class Service:
             "queued": self.metrics.total("queued"),
             "held": self.dispatcher.held_count(),
             "concurrency": self.config.concurrency,
+            "containment": self.runner.containment,
             "last_event_id": self.store.last_event_id(),
             "streams": self.watchers + self.followers,
             "scheduler_heartbeat_age": round((now_ms() - tick) / 1000, 3) if tick else None,

@@ -9,6 +9,12 @@ loop over the daemon's connection, the output pipes, a signal wake-up pipe and t
 Why not one Python worker per task: forking an interpreter costs about 0.8-1 ms here, more than
 starting the command itself (`bench/fork_cost.py`); a shared supervisor pays only the vfork.
 
+Only its daemon may talk to it. A connection from another uid (SO_PEERCRED) is refused and
+logged; one of our uid must first prove it is the daemon with the secret the daemon handed us at
+launch (on our stdin; it is also in our 0600 info file for the next daemon). Until it does, it
+is a stranger: it gets no `hello`, and it never displaces the daemon's link. Each attempt runs
+in a cgroup of its own where one can be made (`containment`), else in its own process group.
+
 It outlives the daemon. The daemon starts it as a fresh interpreter (`python -m
 taskctld.supervisor`, importing only this module and `procfs`, so it is small and
 single-threaded) and talks to it over a Unix socket.
@@ -26,9 +32,11 @@ A daemon reads the journal only when the supervisor is dead; what a live one kno
 boot id, socket) is in `run/supervisor.PID.json`.
 
 Wire: 4-byte big-endian length, then a JSON object with an "op".
-  daemon -> supervisor: spawn {spec, after?}, unhold {task_id, attempt, hold},
-                        signal {task_id, attempt, kind}, ack {task_id, attempt}, retire
-  supervisor -> daemon: hello {pid, running, done}, started {...}, done {..., next},
+  daemon -> supervisor: auth {token} (first), spawn {spec, after?}, unhold {task_id, attempt,
+                        hold}, signal {task_id, attempt, kind}, ack {task_id, attempt}, retire,
+                        ping {seq}
+  supervisor -> daemon: hello {pid, running, done, containment}, started {...}, done {..., next},
+                        pong {seq},
                         released {task_id, attempt, hold}, unheld {task_id, attempt, taken, hold}
 
 A spawn with `after` (and a `hold` token) is held: it starts the moment attempt `after` ends (its slot passes on
@@ -43,6 +51,7 @@ import contextlib
 import ctypes
 import errno
 import heapq
+import hmac
 import json
 import os
 import resource
@@ -58,6 +67,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskctld import containment
+from taskctld.containment import Cgroups
 from taskctld.procfs import ProcessId, children_of, descendants_of, read_boot_id
 
 PR_SET_NAME = 15
@@ -65,6 +76,8 @@ PR_SET_CHILD_SUBREAPER = 36
 HEADER = struct.Struct("!I")
 READ_SIZE = 65536
 UNATTACHED_LIMIT = 60.0  # seconds a fresh supervisor waits for its first daemon
+AUTH_LIMIT = 5.0  # seconds a new connection has to prove it is the daemon
+AUTH_FRAME_LIMIT = 4096  # bytes a connection may send before it has proved it
 LEFTOVER_GRACE = 1.0  # seconds we wait for pipes held open by processes outside the tree
 STDERR_TAIL = 4096  # bytes of stderr kept to explain a failure (memory limit)
 OOM_HINTS = (b"MemoryError", b"Cannot allocate memory", b"out of memory", b"bad_alloc")
@@ -266,6 +279,7 @@ class Running:
     peak_rss: int = 0  # sampled VmHWM of the main process (bytes)
     stderr_tail: bytes = b""
     log_problem: str | None = None
+    cgroup: Path | None = None  # its own cgroup, when containment is by cgroup
 
     @property
     def key(self) -> tuple[int, int]:
@@ -276,10 +290,22 @@ class Running:
 
 
 class Supervisor:
-    def __init__(self, listener: socket.socket, journal: Journal, boot_id: str) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        journal: Journal,
+        boot_id: str,
+        token: str,
+        cgroups: Cgroups | None,
+        containment: str,
+    ) -> None:
         self.listener = listener
         self.journal = journal
         self.boot_id = boot_id
+        self.token = token.encode()
+        self.cgroups = cgroups
+        self.containment = containment  # what hello tells the daemon, for `health`
+        self.strangers: dict[socket.socket, tuple[FrameReader, float]] = {}  # not yet proven
         self.sel = selectors.DefaultSelector()
         self.conn: socket.socket | None = None
         self.reader = FrameReader()
@@ -332,6 +358,8 @@ class Supervisor:
             self._accept()
         elif tag == "wake":
             _drain(self.wake_r)
+        elif tag == "stranger":
+            self._read_stranger(key.fileobj)  # type: ignore[arg-type]
         elif tag == "conn":
             if mask & selectors.EVENT_READ:
                 self._read_conn()
@@ -353,16 +381,69 @@ class Supervisor:
     # -- the daemon's connection ----------------------------------------------------------------
 
     def _accept(self) -> None:
+        """A new connection: refused at once unless it is of our uid, and a stranger (heard
+        only for its `auth`) until it proves it is the daemon."""
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        if self.conn is not None:  # a new daemon replaces a vanished one
-            self._drop_conn()
+        pid, uid = _peer_of(conn)
+        if uid != os.getuid():
+            _say(f"refused a connection from uid {uid} (pid {pid}): not our user")
+            conn.close()
+            return
         conn.setblocking(False)
+        deadline = time.monotonic() + AUTH_LIMIT
+        self.strangers[conn] = (FrameReader(), deadline)
+        self.sel.register(conn, selectors.EVENT_READ, "stranger")
+        heapq.heappush(self.timers, (deadline, None))
+
+    def _read_stranger(self, conn: socket.socket) -> None:
+        reader, _ = self.strangers[conn]
+        try:
+            data = conn.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            frames = reader.feed(data)
+        except ValueError:
+            frames = [{}]
+        if data and not frames and len(reader.buf) <= AUTH_FRAME_LIMIT:
+            return  # the rest of its first frame is still on its way
+        self._forget_stranger(conn)
+        if frames and self._proves(frames[0]):
+            self._attach(conn, reader)
+            for frame in frames[1:]:
+                self._handle(frame)
+            return
+        pid, _ = _peer_of(conn)
+        _say(f"refused a connection from pid {pid}: it did not prove it is the daemon")
+        conn.close()
+
+    def _proves(self, frame: dict[str, Any]) -> bool:
+        token = frame.get("token") if frame.get("op") == "auth" else None
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), self.token)
+
+    def _forget_stranger(self, conn: socket.socket) -> None:
+        self.strangers.pop(conn, None)
+        self.sel.unregister(conn)
+
+    def _expire_strangers(self, now: float) -> None:
+        for conn, (_, deadline) in list(self.strangers.items()):
+            if now >= deadline:
+                self._forget_stranger(conn)
+                _say("refused a connection that did not prove it is the daemon in time")
+                conn.close()
+
+    def _attach(self, conn: socket.socket, reader: FrameReader) -> None:
+        """The daemon (proven): it replaces the link of a vanished one, and hears `hello`."""
+        if self.conn is not None:
+            self._drop_conn()
         self.conn = conn
         self.ever_attached = True
-        self.reader = FrameReader()
+        self.reader = reader
         self.outbox = bytearray()
         self.sel.register(conn, selectors.EVENT_READ, "conn")
         self.conn_events = selectors.EVENT_READ
@@ -376,7 +457,15 @@ class Supervisor:
             for r in self.running.values()
         ]
         done = [{"task_id": k[0], "attempt": k[1], **final} for k, final in self.done.items()]
-        self._send({"op": "hello", "pid": os.getpid(), "running": running, "done": done})
+        self._send(
+            {
+                "op": "hello",
+                "pid": os.getpid(),
+                "running": running,
+                "done": done,
+                "containment": self.containment,
+            }
+        )
 
     def _drop_conn(self) -> None:
         if self.conn is not None:
@@ -417,6 +506,8 @@ class Supervisor:
             self._signal_request((int(frame["task_id"]), int(frame["attempt"])), str(frame["kind"]))
         elif op == "ack":
             self._ack((int(frame["task_id"]), int(frame["attempt"])))
+        elif op == "ping":
+            self._send({"op": "pong", "seq": frame.get("seq")})
         elif op == "retire":
             self.retired = True
             self.held.clear()
@@ -499,21 +590,19 @@ class Supervisor:
             return
         started_at = now_ms()
         try:
-            pid, sinks = self._start_process(spec)
+            cgroup = self._cgroup_for(spec)
         except OSError as e:
+            error = f"cannot make its cgroup: {e.strerror or e}"
+            self._finish_now(spec, {"outcome": "spawn_error", "error": error})
+            return
+        try:
+            pid, sinks = self._start_process(spec, cgroup)
+        except OSError as e:
+            self._remove_cgroup(cgroup)
             self._finish_now(spec, {"outcome": "spawn_error", "error": spawn_message(e, spec)})
             return
-        running = Running(spec, pid, None, started_at, sinks)
-        self.journal.append(
-            "started",
-            {
-                "task_id": key[0],
-                "attempt": key[1],
-                "pid": pid,
-                "boot_id": self.boot_id,
-                "started_at": started_at,
-            },
-        )
+        running = Running(spec, pid, None, started_at, sinks, cgroup=cgroup)
+        self.journal.append("started", self._started_record(running))
         self.running[key] = running
         self.by_pid[pid] = running
         for sink in sinks:
@@ -532,15 +621,40 @@ class Supervisor:
             }
         )
 
-    def _start_process(self, spec: AttemptSpec) -> tuple[int, list[LogSink]]:
-        """Start the command: own process group, stdin /dev/null, output into pipes."""
+    def _started_record(self, running: Running) -> dict[str, Any]:
+        record = {
+            "task_id": running.key[0],
+            "attempt": running.key[1],
+            "pid": running.pid,
+            "boot_id": self.boot_id,
+            "started_at": running.started_at,
+        }
+        if running.cgroup is not None:
+            record["cgroup"] = str(running.cgroup)
+        return record
+
+    def _cgroup_for(self, spec: AttemptSpec) -> Path | None:
+        if self.cgroups is None:
+            return None
+        return self.cgroups.make(f"{spec.task_id}.{spec.attempt}")
+
+    def _remove_cgroup(self, cgroup: Path | None) -> None:
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                containment.remove(cgroup)
+
+    def _start_process(self, spec: AttemptSpec, cgroup: Path | None) -> tuple[int, list[LogSink]]:
+        """Start the command: own process group (and cgroup), stdin /dev/null, output into
+        pipes."""
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        spawn = _spawn_fast if spec.memory_limit is None else _spawn_limited
         try:
-            if spec.memory_limit is None:
-                pid = _spawn_fast(spec, out_w, err_w)
+            if cgroup is None or self.cgroups is None:
+                pid = spawn(spec, out_w, err_w)
             else:
-                pid = _spawn_limited(spec, out_w, err_w)
+                with self.cgroups.inside(cgroup):
+                    pid = spawn(spec, out_w, err_w)
         except BaseException:
             os.close(out_r)
             os.close(err_r)
@@ -582,8 +696,12 @@ class Supervisor:
         self._signal_tree(running, signal.SIGTERM)
 
     def _signal_tree(self, running: Running, sig: int) -> None:
-        """The command's process group, plus every process of its tree wherever it moved: its
-        descendants, and orphans (reparented to us, the subreaper) carrying its task id."""
+        """Every process of the attempt: its cgroup's; or, without one, its process group plus
+        every process of its tree wherever it moved: its descendants, and orphans (reparented
+        to us, the subreaper) carrying its task id."""
+        if running.cgroup is not None:
+            containment.signal_members(running.cgroup, sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(running.pid, sig)
         for pid in self._tree_of(running):
@@ -619,9 +737,11 @@ class Supervisor:
             heapq.heappush(self.timers, (running.kill_at, running.key))
         if running.exited_at is not None and now - running.exited_at >= LEFTOVER_GRACE:
             # Only a process outside its group can still hold its pipes: stop waiting for them.
-            self._maybe_finish(running, force=not _group_alive(running.pid))
+            self._maybe_finish(running, force=not _tree_alive(running))
 
     def _periodic(self, now: float) -> None:
+        if self.strangers:
+            self._expire_strangers(now)
         if self.sample_at is not None and now >= self.sample_at:
             self.sample_at = None
             self._sample()
@@ -705,7 +825,7 @@ class Supervisor:
             heapq.heappush(self.timers, (running.exited_at + LEFTOVER_GRACE, running.key))
             exited.append(running)
         for running in exited:
-            if _group_alive(running.pid):
+            if _tree_alive(running):
                 self._start_kill(running, None)  # it left processes behind in its group
         for running in [r for r in self.running.values() if r.status is not None]:
             self._maybe_finish(running)
@@ -715,7 +835,7 @@ class Supervisor:
         its process group is empty (or the leftover grace has passed)."""
         if running.status is None or running.key not in self.running:
             return
-        if not force and (running.sinks or _group_alive(running.pid)):
+        if not force and (running.sinks or _tree_alive(running)):
             return
         for sink in list(running.sinks):
             with contextlib.suppress(KeyError, ValueError):
@@ -723,6 +843,7 @@ class Supervisor:
             sink.close()
         running.sinks.clear()
         self.running.pop(running.key, None)
+        self._remove_cgroup(running.cgroup)
         self._record_final(running.spec, self._final_of(running))
         self._schedule_sweep()
 
@@ -801,14 +922,7 @@ class Supervisor:
         """Keep only what a later daemon could still need: running and unacknowledged ones."""
         records: list[tuple[str, dict[str, Any]]] = []
         for (task_id, attempt), r in self.running.items():
-            started = {
-                "task_id": task_id,
-                "attempt": attempt,
-                "pid": r.pid,
-                "boot_id": self.boot_id,
-                "started_at": r.started_at,
-            }
-            records.append(("started", started))
+            records.append(("started", self._started_record(r)))
             if r.start_ticks is not None:
                 records.append(
                     ("ident", {"task_id": task_id, "attempt": attempt, "start": r.start_ticks})
@@ -839,22 +953,26 @@ class SupervisorInfo:
     start: int
     boot_id: str
     socket: str
+    token: str = ""  # what the daemon proves itself with ("": a supervisor from before auth)
 
     def path_in(self, run_dir: Path) -> Path:
         return run_dir / f"supervisor.{self.pid}.json"
 
 
 def launch_supervisor(
-    run_dir: Path, socket_path: Path
+    run_dir: Path, socket_path: Path, cgroup_home: Path | None
 ) -> tuple[subprocess.Popen[bytes], SupervisorInfo]:
-    """Start a supervisor listening on `socket_path`, as a fresh process in its own session.
+    """Start a supervisor listening on `socket_path`, as a fresh process in its own session,
+    with a new secret (on its stdin) that only this daemon and the next can prove.
 
     The socket is bound here, before the process starts, so the caller can connect at once
     (the connection waits in the backlog until the supervisor accepts it)."""
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
+    token = os.urandom(24).hex()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
+    os.chmod(socket_path, 0o600)
     listener.listen(4)
     try:
         proc = subprocess.Popen(
@@ -865,33 +983,57 @@ def launch_supervisor(
                 str(listener.fileno()),
                 str(run_dir),
                 str(socket_path),
+                str(cgroup_home or ""),
             ],
             pass_fds=(listener.fileno(),),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             start_new_session=True,
         )
     finally:
         listener.close()
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError), proc.stdin:
+        proc.stdin.write(token.encode() + b"\n")
     ident = ProcessId.of(proc.pid)
-    info = SupervisorInfo(proc.pid, ident.start if ident else 0, read_boot_id(), str(socket_path))
+    start = ident.start if ident else 0
+    info = SupervisorInfo(proc.pid, start, read_boot_id(), str(socket_path), token)
     return proc, info
 
 
+def _contain(home: str, pid: int) -> tuple[Cgroups | None, str]:
+    """Our cgroups, or None and the containment we fall back to (with why)."""
+    if not home:
+        return None, containment.PROCESS_GROUP
+    try:
+        return Cgroups(Path(home), pid), containment.CGROUP
+    except OSError as e:
+        why = e.strerror or str(e)
+        _say(f"cannot run attempts in cgroups ({why}); containing them by process group")
+        return None, f"{containment.PROCESS_GROUP} (no cgroup: {why})"
+
+
 def _main(argv: list[str]) -> int:
-    """`python -m taskctld.supervisor FD RUN_DIR SOCKET`: run one supervisor."""
+    """`python -m taskctld.supervisor FD RUN_DIR SOCKET CGROUP_HOME`, the daemon's secret on
+    stdin: run one supervisor."""
     fd, run_dir, socket_path = int(argv[0]), Path(argv[1]), argv[2]
+    home = argv[3] if len(argv) > 3 else ""
     os.set_inheritable(fd, False)  # it came through pass_fds; commands must not inherit it
+    token = sys.stdin.buffer.readline().strip().decode()
     listener = socket.socket(fileno=fd)
     _prctl(PR_SET_NAME, b"taskctld-sup")
     boot_id = read_boot_id()
     me = ProcessId.of(os.getpid(), boot_id)
-    info = SupervisorInfo(os.getpid(), me.start if me else 0, boot_id, socket_path)
+    info = SupervisorInfo(os.getpid(), me.start if me else 0, boot_id, socket_path, token)
     tmp = run_dir / f".supervisor.{info.pid}.tmp"
-    tmp.write_text(json.dumps(asdict(info)))
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(json.dumps(asdict(info)))
     tmp.replace(info.path_in(run_dir))
     journal = Journal(run_dir / f"supervisor.{info.pid}.journal")
-    supervisor = Supervisor(listener, journal, boot_id)
+    cgroups, contained_by = _contain(home, info.pid)
+    supervisor = Supervisor(listener, journal, boot_id, token, cgroups, contained_by)
     code = supervisor.serve()
+    if cgroups is not None:
+        cgroups.close()
     # Outcomes no daemon acknowledged stay in the journal for the next daemon; without them
     # the journal holds nothing anyone needs.
     leftovers = [info.path_in(run_dir), Path(socket_path)]
@@ -926,6 +1068,18 @@ def known_supervisors(run_dir: Path) -> list[SupervisorInfo]:
 def _prctl(option: int, value: int | bytes) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _say(text: str) -> None:
+    """A line for the daemon's log (our stderr is the daemon's)."""
+    print(f"taskctld supervisor: {text}", file=sys.stderr, flush=True)
+
+
+def _peer_of(conn: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a Unix socket."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
 
 
 def _drain(fd: int) -> None:
@@ -1019,6 +1173,13 @@ def _exited_children() -> Iterator[tuple[int, int, resource.struct_rusage]]:
         if pid == 0:
             return
         yield pid, status, usage
+
+
+def _tree_alive(running: Running) -> bool:
+    """Whether any process of the attempt is left: in its cgroup, or else its process group."""
+    if running.cgroup is not None:
+        return containment.populated(running.cgroup)
+    return _group_alive(running.pid)
 
 
 def _group_alive(pgid: int) -> bool:
