@@ -118,7 +118,7 @@ def taskctl_page() -> str:
         ".TP\n3\nThe daemon is not reachable, or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue as the object of a command (status 99, queue pause nosuch).",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",
-        ".TP\n6\nThe state folder is out of space.",
+        ".TP\n6\nThe state folder is out of space (also from daemon start, and from daemon restart, which then leaves the running daemon in place).",
         ".PP",
         paragraphs(
             """wait and submit --wait exit like the task, as a shell would report it: its exit code,

@@ -334,6 +334,7 @@ class Health(Response):
     pid: int
     uptime: float
     store_writable: bool
+    storage_full: bool = False  # the store or a state folder refused a write for want of space
     running: int
     queued: int
     held: int = 0  # queued tasks handed ahead to the supervisor, to start as slots free up

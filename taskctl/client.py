@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from taskctl import API_VERSION, __version__
-from taskctl.errors import TaskctlError, Unreachable, error_from_body
+from taskctl.errors import StorageFull, TaskctlError, Unreachable, error_from_body
 from taskctl.paths import Paths
 
 _CRLF = b"\r\n"
@@ -278,6 +278,8 @@ def start_daemon(paths: Paths, *, timeout: float = _START_TIMEOUT) -> None:
         reason = (
             detail[-1].removeprefix("taskctld: ") if detail else f"exit status {done.returncode}"
         )
+        if done.returncode == StorageFull.exit_code:  # taskctld's exit code for a full disk
+            raise StorageFull(f"could not start taskctld: {reason}")
         raise Unreachable(f"could not start taskctld: {reason}")
     deadline = time.monotonic() + 5
     while not Client(paths, autostart=False).ping():

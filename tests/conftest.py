@@ -218,6 +218,21 @@ class Home:
             containment.end(cgroups)
 
 
+@contextlib.contextmanager
+def small_disk(home: Home, size: str = "16m") -> Iterator[None]:
+    """The home's folder on a small tmpfs of its own, so that a test can fill it; skipped
+    (one line) without root, which mounting needs. Unmounted after the home's cleanup."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the test mounts a small tmpfs as the home")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(home.path)]
+    subprocess.run(mount, check=True)
+    try:
+        yield
+    finally:
+        home.cleanup()
+        subprocess.run(["umount", "-l", str(home.path)], check=False)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -252,3 +267,11 @@ def daemon(home: Home) -> Home:
     """A home with its daemon started."""
     home.start()
     return home
+
+
+@pytest.fixture
+def small_home(home: Home) -> Iterator[Home]:
+    """A home on a 16 MiB tmpfs (see `small_disk`), its daemon started."""
+    with small_disk(home):
+        home.start()
+        yield home

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     write_pid(lock_fd)
     from taskctld import app
 
-    return app.run(paths, ready_fd=ready_fd)
+    return app.run(paths, ready_fd=ready_fd, lock_fd=lock_fd)
 
 
 def forget_task_markers() -> None:
@@ -124,14 +124,19 @@ def daemonize(paths: Paths) -> int:
 
 
 def _await_readiness(r: int) -> int:
+    """The daemon's word (see `app._tell_starter`): 0 when it is ready, else the exit code it
+    gave (6: the state folder is out of space), after printing why on one line."""
     message = b""
     while chunk := os.read(r, 4096):
         message += chunk
     if message.startswith(b"ok"):
         return 0
-    text = message.decode(errors="replace").strip() or "exited before it was ready (see its log)"
+    code, colon, text = message.decode(errors="replace").partition(":")
+    if not (colon and code.isdigit()):
+        code, text = "1", message.decode(errors="replace")
+    text = text.strip() or "exited before it was ready (see its log)"
     print(f"taskctld: {text}", file=sys.stderr)
-    return 1
+    return int(code)
 
 
 def _redirect_stdio(paths: Paths) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import uvicorn
 
-from taskctl.errors import TaskctlError
+from taskctl.errors import StorageFull, TaskctlError
 from taskctl.paths import Paths
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
@@ -35,9 +36,11 @@ log = logging.getLogger("taskctld")
 # At a stop, event streams end and waits answer at once; a `logs -f` (or any other request
 # still going) is cut after this many seconds, so no client can hold the daemon.
 STREAMS_CUT_AFTER = 2
+READY = "ok"  # what the starting process hears when the daemon is ready
+ROOM_PROBE = 4096  # bytes the state folder must take before the daemon starts
 
 
-def run(paths: Paths, *, ready_fd: int | None) -> int:
+def run(paths: Paths, *, ready_fd: int | None, lock_fd: int | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -46,23 +49,36 @@ def run(paths: Paths, *, ready_fd: int | None) -> int:
     try:
         config = Config.load(paths.config_file)
     except TaskctlError as e:
-        _tell_starter(ready_fd, e.message)
-        return 1
+        return _fail(ready_fd, lock_fd, e.message)
     try:
         return asyncio.run(_serve(paths, config, ready_fd))
+    except StorageFull as e:
+        message = f"{e.message} ({paths.state}); free some space, then start it again"
+        log.error("cannot start: %s", message)
+        return _fail(ready_fd, lock_fd, message, StorageFull.exit_code)
     except TaskctlError as e:
         log.error("%s", e.message)
-        _tell_starter(ready_fd, e.message)
-        return 1
+        return _fail(ready_fd, lock_fd, e.message)
     except Exception as e:
         log.exception("taskctld failed")
-        _tell_starter(ready_fd, f"failed: {type(e).__name__}: {e} (see {paths.daemon_log})")
-        return 1
+        message = f"failed: {type(e).__name__}: {e} (see {paths.daemon_log})"
+        return _fail(ready_fd, lock_fd, message)
+
+
+def _fail(ready_fd: int | None, lock_fd: int | None, message: str, code: int = 1) -> int:
+    """A start that failed: let go of the instance lock first, so that a start the moment
+    the starter hears of it (once space is freed, say) is not taken for a running daemon."""
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
+    _tell_starter(ready_fd, message, code)
+    return code
 
 
 async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    check_room(paths.run)
     store = SqliteStore(paths.database, durability=config.durability)
     hub = EventHub()
     store.on_commit(hub.publish)
@@ -71,7 +87,11 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     runner.report = dispatcher.report
     runner.on_ready = dispatcher.wake
     install_child_reaper(loop)
-    hellos = await runner.attach()
+    try:
+        hellos = await runner.attach()
+    except TaskctlError:
+        check_room(paths.run)  # a supervisor that could not write its files: say so
+        raise
     runner.recover(store.open_attempts(), hellos)
     dispatcher.load()
 
@@ -101,7 +121,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     maintenance = asyncio.create_task(_maintain(service))
     dispatcher.wake()
     install_signal_handlers(loop, shutdown)
-    _tell_starter(ready_fd, "ok")
+    _tell_starter(ready_fd, READY)
     log.info(
         "taskctld ready on %s (pid %d, concurrency %d)",
         paths.socket,
@@ -198,9 +218,30 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, shutdown: asyncio.E
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
 
-def _tell_starter(ready_fd: int | None, message: str) -> None:
+def check_room(folder: Path) -> None:
+    """Raise StorageFull unless `folder` takes a page of data. Checked before the daemon opens
+    its store or starts a supervisor (which must write its identity file there), so that a
+    full disk is refused in one clear line instead of half-way through a start."""
+    probe = folder / f".room.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(ROOM_PROBE))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"the state folder is out of space: {e.strerror}") from None
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _tell_starter(ready_fd: int | None, message: str, code: int = 1) -> None:
+    """Tell the process that started us (see `__main__.daemonize`): "ok", or the exit code it
+    should end with and why, as `CODE:MESSAGE`."""
     if ready_fd is None:
         return
     with contextlib.suppress(OSError):
-        os.write(ready_fd, message.encode())
+        os.write(ready_fd, (message if message == READY else f"{code}:{message}").encode())
         os.close(ready_fd)

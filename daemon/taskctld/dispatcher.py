@@ -28,12 +28,13 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from taskctl.api import Backoff, Outcome, TaskState
-from taskctl.errors import TaskctlError
+from taskctl.errors import StorageFull, TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
 from taskctld.runner import Ended, Key, Released, Report, Runner, Started, Unheld
@@ -46,6 +47,7 @@ log = logging.getLogger("taskctld.dispatcher")
 T = TypeVar("T")
 
 RETRY_AFTER_STORE_ERROR = 1.0
+RETRY_WHEN_FULL = 0.25  # seconds between turns while the state folder is out of space
 PROMOTE_BATCH = 1000  # scheduled tasks made queued per turn at most (see store.promote_due)
 # The due timer runs on the monotonic clock, which stops while the machine is suspended: look at
 # the wall clock at least this often (seconds), so a schedule is not late by the time asleep.
@@ -121,6 +123,7 @@ class Dispatcher:
         self._answered: list[Unheld] = []  # take-backs answered this turn: settled at commit
         self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
+        self._full_since: float | None = None  # when turns began to fail for want of space
         store.on_commit(self.note_events)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -297,6 +300,12 @@ class Dispatcher:
             await asyncio.sleep(0)  # whatever woke us, everything else on the loop gets a turn
             try:
                 self.cycle()
+            except StorageFull as e:
+                # The turn rolled back and kept its reports: try again soon, so that what
+                # ended while the disk was full is recorded as soon as space returns.
+                self._note_full(e)
+                await asyncio.sleep(RETRY_WHEN_FULL)
+                self._wake.set()
             except TaskctlError as e:
                 log.error("dispatch failed, retrying in %.0fs: %s", RETRY_AFTER_STORE_ERROR, e)
                 await asyncio.sleep(RETRY_AFTER_STORE_ERROR)
@@ -306,6 +315,25 @@ class Dispatcher:
                 log.exception("dispatch cycle failed; retrying in %.0fs", RETRY_AFTER_STORE_ERROR)
                 await asyncio.sleep(RETRY_AFTER_STORE_ERROR)
                 self._wake.set()
+            else:
+                self._note_space_back()
+
+    def _note_full(self, error: StorageFull) -> None:
+        """Log the first turn that found the disk full (not one line per retry: the log is
+        on that disk too)."""
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+            log.error(
+                "%s; %d report(s) kept, trying again every %.2fs",
+                error.message, len(self.reports), RETRY_WHEN_FULL,
+            )  # fmt: skip
+
+    def _note_space_back(self) -> None:
+        if self._full_since is not None:
+            log.info(
+                "space is back: recorded what waited %.1fs", time.monotonic() - self._full_since
+            )
+            self._full_since = None
 
     def cycle(self, work: Callable[[int], T] | None = None) -> T | None:
         """One turn: apply reports, promote due tasks, claim; then start what was claimed.

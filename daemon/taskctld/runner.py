@@ -247,6 +247,7 @@ class Runner:
             hello = await asyncio.wait_for(link.hello, HELLO_TIMEOUT)
         except BaseException:
             self._abandon(info)
+            _remove_launch_files(info, self.paths.run)
             raise
         self.containment = str(hello.get("containment") or self.containment)
         self.ping_sent = None
@@ -537,6 +538,14 @@ class Runner:
                 error="its supervisor died while it ran; the outcome is unknown",
             )
         )
+
+
+def _remove_launch_files(info: SupervisorInfo, run_dir: Path) -> None:
+    """What a supervisor that never said hello (killed, or unable to write on a full disk)
+    may have left: the socket we bound for it and its half-written identity file."""
+    for leftover in (Path(info.socket), run_dir / f".supervisor.{info.pid}.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
 
 
 def _interrupted(key: Key, why: str) -> Ended:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from taskctl import API_VERSION, DEFAULT_QUEUE, __version__
 from taskctl.api import FINAL_STATES, QueueSettings, ScheduleSpec, TaskSpec, TaskState
-from taskctl.errors import Conflict, InvalidRequest, NotFound, TaskctlError
+from taskctl.errors import Conflict, InvalidRequest, NotFound, StorageFull, TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339, now_ms
 from taskctld import scheduler
@@ -600,15 +601,18 @@ class Service:
         take a file, and no cron schedule may be overdue. Each failed check is a reason."""
         reasons = []
         writable = True
+        full = False
         try:
             self.store.check_writable()
         except TaskctlError as e:
             writable = False
+            full = isinstance(e, StorageFull)
             reasons.append(f"store not writable: {e.message}")
         for folder in (self.paths.state, self.paths.logs):
-            problem = _probe_folder(folder)
-            if problem:
-                reasons.append(problem)
+            error = _probe_folder(folder)
+            if error is not None:
+                full = full or error.errno in (errno.ENOSPC, errno.EDQUOT)
+                reasons.append(f"{folder} is not writable: {error.strerror}")
         if self.runner.problem:
             reasons.append(self.runner.problem)
         if silent := self.runner.unanswered():
@@ -625,6 +629,7 @@ class Service:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started_monotonic, 3),
             "store_writable": writable,
+            "storage_full": full,
             "running": self.dispatcher.running_count(),
             "queued": self.metrics.total("queued"),
             "held": self.dispatcher.held_count(),
@@ -671,16 +676,19 @@ def _remove_logs(folder: Path, task_id: int, attempts: int) -> int:
     return removed
 
 
-def _probe_folder(folder: Path) -> str | None:
+def _probe_folder(folder: Path) -> OSError | None:
     """Create and remove a small file: the only honest test of writability (permission
-    bits do not tell the whole story: read-only mounts, full disks, root)."""
+    bits do not tell the whole story: read-only mounts, full disks, root). The file goes
+    whatever happens (on a full disk it is created, and only its write fails)."""
     probe = folder / f".health.{os.getpid()}"
     try:
         with open(probe, "wb") as f:
             f.write(b"ok")
-        probe.unlink()
     except OSError as e:
-        return f"{folder} is not writable: {e.strerror}"
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     return None
 
 

@@ -79,6 +79,8 @@ UNATTACHED_LIMIT = 60.0  # seconds a fresh supervisor waits for its first daemon
 AUTH_LIMIT = 5.0  # seconds a new connection has to prove it is the daemon
 AUTH_FRAME_LIMIT = 4096  # bytes a connection may send before it has proved it
 LEFTOVER_GRACE = 1.0  # seconds we wait for pipes held open by processes outside the tree
+REJOURNAL_EVERY = 1.0  # seconds between tries to journal an end the journal did not take
+EXIT_NO_SPACE = 6  # our exit status when the run folder is out of space (as taskctl's)
 STDERR_TAIL = 4096  # bytes of stderr kept to explain a failure (memory limit)
 OOM_HINTS = (b"MemoryError", b"Cannot allocate memory", b"out of memory", b"bad_alloc")
 
@@ -115,19 +117,25 @@ class Journal:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
         self.compact_at = JOURNAL_COMPACT_AT
+        self.torn = False  # the last append failed: the file may end in part of a line
 
-    def append(self, kind: str, record: dict[str, Any]) -> None:
-        """Best effort: on a full disk the record is lost here, but the connected daemon gets
-        it anyway (the journal only matters if both die)."""
+    def append(self, kind: str, record: dict[str, Any]) -> bool:
+        """Best effort: False when the record could not be written (a full disk). The
+        connected daemon gets it anyway; the journal only matters if both die, and a final
+        record that is not in it keeps the supervisor alive until a daemon has it (see
+        `Supervisor.unjournaled`)."""
         line = json.dumps({kind: record}, separators=(",", ":")).encode() + b"\n"
+        if self.torn:  # end the part of a line a failed write may have left (readers skip it)
+            line = b"\n" + line
         try:
-            os.write(self.fd, line)
+            written = os.write(self.fd, line)
         except OSError as e:
-            print(
-                f"taskctld supervisor: cannot append to {self.path}: {e.strerror}", file=sys.stderr
-            )
-            return
-        self.size += len(line)
+            self.torn = True
+            _say(f"cannot append to {self.path}: {e.strerror}")
+            return False
+        self.size += written
+        self.torn = written < len(line)
+        return not self.torn
 
     def rewrite(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         """Replace the journal with just `records` (atomic: a new file renamed over it). When
@@ -141,7 +149,7 @@ class Journal:
             os.chmod(tmp, 0o600)
             tmp.replace(self.path)
         except OSError as e:
-            print(f"taskctld supervisor: cannot compact {self.path}: {e.strerror}", file=sys.stderr)
+            _say(f"cannot compact {self.path}: {e.strerror}")
             with contextlib.suppress(OSError):
                 tmp.unlink()
             self.compact_at = self.size + JOURNAL_COMPACT_AT
@@ -149,7 +157,7 @@ class Journal:
         try:  # never leave self.fd closed (a reused descriptor number would take our appends)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
-            print(f"taskctld supervisor: cannot reopen {self.path}: {e.strerror}", file=sys.stderr)
+            _say(f"cannot reopen {self.path}: {e.strerror}")
             self.compact_at = self.size + JOURNAL_COMPACT_AT
             return
         os.close(self.fd)
@@ -314,6 +322,10 @@ class Supervisor:
         self.running: dict[tuple[int, int], Running] = {}
         self.by_pid: dict[int, Running] = {}
         self.done: dict[tuple[int, int], dict[str, Any]] = {}
+        # Ends in `done` whose final record the journal did not take (a full disk): only we
+        # know them, so we stay until a daemon acknowledges them or the journal takes them.
+        self.unjournaled: set[tuple[int, int]] = set()
+        self.rejournal_at: float | None = None
         self.held: dict[tuple[int, int], AttemptSpec] = {}  # by the attempt it follows
         self.held_keys: set[tuple[int, int]] = set()  # the attempts in self.held
         self.hold_tokens: dict[tuple[int, int], Any] = {}  # what the daemon calls each hold
@@ -346,7 +358,7 @@ class Supervisor:
         return 0
 
     def _finished(self) -> bool:
-        if self.running:
+        if self.running or self.unjournaled:
             return False
         if self.retired or (self.ever_attached and self.conn is None):
             return not self.outbox or self.conn is None
@@ -739,9 +751,28 @@ class Supervisor:
             # Only a process outside its group can still hold its pipes: stop waiting for them.
             self._maybe_finish(running, force=not _tree_alive(running))
 
+    def _schedule_rejournal(self) -> None:
+        if self.rejournal_at is None:
+            self.rejournal_at = time.monotonic() + REJOURNAL_EVERY
+            heapq.heappush(self.timers, (self.rejournal_at, None))
+
+    def _rejournal(self) -> None:
+        """Try again to journal the final records the journal did not take."""
+        for key in sorted(self.unjournaled):
+            final = self.done.get(key)
+            if final is not None and not self.journal.append(
+                "final", {"task_id": key[0], "attempt": key[1], **final}
+            ):
+                self._schedule_rejournal()
+                return
+            self.unjournaled.discard(key)
+
     def _periodic(self, now: float) -> None:
         if self.strangers:
             self._expire_strangers(now)
+        if self.rejournal_at is not None and now >= self.rejournal_at:
+            self.rejournal_at = None
+            self._rejournal()
         if self.sample_at is not None and now >= self.sample_at:
             self.sample_at = None
             self._sample()
@@ -901,7 +932,9 @@ class Supervisor:
         """Record and report an attempt's end; then start what was held to follow it (its
         slot is free now), saying so in the same `done`."""
         key = (spec.task_id, spec.attempt)
-        self.journal.append("final", {"task_id": key[0], "attempt": key[1], **final})
+        if not self.journal.append("final", {"task_id": key[0], "attempt": key[1], **final}):
+            self.unjournaled.add(key)
+            self._schedule_rejournal()
         self.done[key] = final
         following = self._take_held(key)
         if following is not None:
@@ -915,6 +948,7 @@ class Supervisor:
 
     def _ack(self, key: tuple[int, int]) -> None:
         self.done.pop(key, None)
+        self.unjournaled.discard(key)
         if self.journal.wants_compacting():
             self._compact()
 
@@ -1024,10 +1058,13 @@ def _main(argv: list[str]) -> int:
     boot_id = read_boot_id()
     me = ProcessId.of(os.getpid(), boot_id)
     info = SupervisorInfo(os.getpid(), me.start if me else 0, boot_id, socket_path, token)
-    tmp = run_dir / f".supervisor.{info.pid}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(json.dumps(asdict(info)))
-    tmp.replace(info.path_in(run_dir))
+    try:
+        _announce(info, run_dir)
+    except OSError as e:  # a full disk, say: leave nothing behind, and say why
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        _say(f"cannot write {info.path_in(run_dir)}: {e.strerror}")
+        return EXIT_NO_SPACE if e.errno in (errno.ENOSPC, errno.EDQUOT) else 1
     journal = Journal(run_dir / f"supervisor.{info.pid}.journal")
     cgroups, contained_by = _contain(home, info.pid)
     supervisor = Supervisor(listener, journal, boot_id, token, cgroups, contained_by)
@@ -1043,6 +1080,27 @@ def _main(argv: list[str]) -> int:
         with contextlib.suppress(OSError):
             leftover.unlink()
     return code
+
+
+def _announce(info: SupervisorInfo, run_dir: Path) -> None:
+    """Write our identity file (0600: it holds our secret) atomically; when that fails, no
+    partial file is left."""
+    tmp = run_dir / f".supervisor.{info.pid}.tmp"
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(json.dumps(asdict(info)))
+        tmp.replace(info.path_in(run_dir))
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _say(message: str) -> None:
+    """One line for the daemon's log (our stderr is the daemon's), which may itself be on the
+    full disk."""
+    with contextlib.suppress(OSError):
+        print(f"taskctld supervisor: {message}", file=sys.stderr, flush=True)
 
 
 def known_supervisors(run_dir: Path) -> list[SupervisorInfo]:
@@ -1068,11 +1126,6 @@ def known_supervisors(run_dir: Path) -> list[SupervisorInfo]:
 def _prctl(option: int, value: int | bytes) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-
-
-def _say(text: str) -> None:
-    """A line for the daemon's log (our stderr is the daemon's)."""
-    print(f"taskctld supervisor: {text}", file=sys.stderr, flush=True)
 
 
 def _peer_of(conn: socket.socket) -> tuple[int, int]:

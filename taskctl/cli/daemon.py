@@ -9,7 +9,7 @@ import typer
 from taskctl import render
 from taskctl.cli.common import JsonOption, duration, emit_json, note
 from taskctl.client import Client, path_for, start_daemon
-from taskctl.errors import TaskctlError, Unreachable
+from taskctl.errors import StorageFull, TaskctlError, Unreachable
 
 app = typer.Typer(help="Start, stop and inspect the daemon.", no_args_is_help=True)
 
@@ -81,8 +81,16 @@ def stop(
 @app.command()
 def restart(json_: JsonOption = False) -> None:
     """Replace the daemon (after an upgrade, say). Running tasks keep running: the new daemon
-    adopts them."""
+    adopts them. While the state folder is out of space a new daemon could not start, so
+    the running one is left in place (exit 6)."""
     c = Client(autostart=False)
+    running = _health(c)
+    if running is not None and running.get("storage_full"):
+        raise StorageFull(
+            f"the state folder is out of space, so a new daemon could not start: taskctld "
+            f"(pid {running['pid']}) keeps running and records what ends once space returns; "
+            "free some space, then restart"
+        )
     old = _stop(c, "leave", None)
     start_daemon(c.paths)
     health = _health(c)

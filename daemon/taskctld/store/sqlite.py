@@ -247,8 +247,16 @@ class SqliteStore:
         self._update_sql: dict[tuple[str, ...], str] = {}
         self._deps_seen: bool | None = None
         self._to_release: list[int] = []
-        self._configure(durability)
-        self.migrate()
+        try:
+            self._configure(durability)
+            self.migrate()
+        except BaseException as e:
+            # On a full disk even opening fails (a WAL database cannot create its -shm file):
+            # StorageFull, like any write, so that the daemon can say so (exit code 6).
+            conn.close()
+            if isinstance(e, sqlite3.OperationalError):
+                raise storage_error(e) from e
+            raise
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -309,7 +317,7 @@ class SqliteStore:
             self._pending.clear()
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise _storage_error(e) from e
+            raise storage_error(e) from e
         finally:
             self._in_transaction = False
         events, self._pending = self._pending, []
@@ -936,7 +944,7 @@ class SqliteStore:
                     self.conn.execute("ROLLBACK TO inner")
                     self.conn.execute("RELEASE inner")
             if isinstance(e, sqlite3.OperationalError):
-                raise _storage_error(e) from e  # a full disk is StorageFull here too
+                raise storage_error(e) from e  # a full disk is StorageFull here too
             raise
         self.conn.execute("RELEASE inner")
 
@@ -1063,7 +1071,9 @@ def _initial_state(task: NewTask, now: int) -> TaskState:
     return TaskState.SCHEDULED if task.run_at and task.run_at > now else TaskState.QUEUED
 
 
-def _storage_error(error: sqlite3.OperationalError) -> TaskctlError:
+def storage_error(error: sqlite3.OperationalError) -> TaskctlError:
+    """SQLite's error as ours: StorageFull when it says the disk is full, or cannot size the
+    WAL index (`disk I/O error`, SQLITE_IOERR_SHMSIZE, which is how a full disk shows on open)."""
     text = str(error)
     if "full" in text or "disk I/O" in text:
         return StorageFull(f"the state folder is out of space: {text}")
