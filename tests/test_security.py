@@ -257,6 +257,25 @@ def test_oversized_bodies_and_unknown_query_parameters_are_refused(daemon: Home)
     assert raw.split()[1] == b"400" and b"limt" in raw
 
 
+def test_a_request_over_the_connection_cap_gets_a_json_503_and_the_cli_exits_3(
+    home: Home,
+) -> None:
+    home.config(max_connections=2)
+    home.start()
+    sock = str(home.path / "taskctld.sock")
+    with contextlib.ExitStack() as held:
+        for _ in range(2):  # idle connections count against the cap until request_timeout
+            s = held.enter_context(socket.socket(socket.AF_UNIX))
+            s.connect(sock)
+        status, reply = _post(sock, "/v1/tasks", b'{"command": ["true"]}')
+        assert status == 503 and reply["error"]["code"] == "unavailable", reply
+        assert "max_connections" in reply["error"]["message"]
+        done = home.run("list")
+    assert done.returncode == 3, done
+    assert done.stderr.startswith("taskctl: taskctld is busy") and done.stderr.count("\n") == 1
+    assert home.json("list") == []
+
+
 def test_argv_and_environment_beyond_execve_limits_are_refused(daemon: Home) -> None:
     sock = str(daemon.path / "taskctld.sock")
     status, reply = _post(

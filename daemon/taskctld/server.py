@@ -28,6 +28,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from taskctl import API_VERSION, __version__
@@ -641,6 +642,11 @@ class PeerCheckedProtocol(HttpToolsProtocol):
         if getattr(self, "_deadline", None) is not None or not self.transport.is_closing():
             self._arm_deadline()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn answers a request over `limit_concurrency` in plain text; ours is an error
+        # body like every other, so that the CLI can say why (and exit 3, not 1).
+        super()._start_asgi_task(cycle, _busy if app is service_unavailable else app)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "transport", None) is None:
             return  # refused in connection_made
@@ -728,9 +734,19 @@ class StrictJSON:
             await _send_error(send, InvalidRequest(f"invalid JSON body: {e}"))
 
 
-async def _send_error(send: Any, error: TaskctlError) -> None:
+async def _busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The answer to a request over `max_connections` (the connection is then closed)."""
+    busy = Unavailable(
+        "taskctld is busy: it has as many connections as `max_connections` allows; try again"
+    )
+    await _send_error(send, busy, close=True)
+
+
+async def _send_error(send: Any, error: TaskctlError, *, close: bool = False) -> None:
     body = json.dumps(error.to_body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
