@@ -19,7 +19,6 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ from taskctl.api import (
     ErrorBody,
     Event,
     Health,
+    Moment,
     PruneRequest,
     QueueInfo,
     QueueSettings,
@@ -322,11 +322,12 @@ def create_app(service: Service) -> FastAPI:
         name: str,
         n: Annotated[int, Query(ge=1, le=1000)] = 5,
         after: Annotated[
-            datetime | None, Query(description="from this moment (default: now)")
+            Moment | None, Query(description="from this moment (default: now)")
         ] = None,
     ) -> Response:
-        """The next n fire times, in the schedule's zone (RFC 3339 with its offset)."""
-        start = None if after is None else int(_aware(after).timestamp() * 1000)
+        """The next n fire times, in the schedule's zone (RFC 3339 with its offset); fewer
+        when the year 9999 ends first."""
+        start = None if after is None else int(after.timestamp() * 1000)
         return json_response(service.next_fires(name, n, start))
 
     @app.get(f"{v1}/queues", response_model=list[QueueInfo], tags=["queues"])
@@ -392,10 +393,6 @@ async def _refuse_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.astimezone()
 
 
 def _parse_labels(raw: list[str]) -> dict[str, str]:
