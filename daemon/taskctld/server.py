@@ -228,7 +228,7 @@ def create_app(service: Service) -> FastAPI:
         if task.attempts == 0 and task.state in FINAL_STATES:
             return Response(b"", media_type="application/octet-stream")  # ended without running
         number, path = service.log_path(task, attempt, stream)
-        start = _tail_offset(path, tail) if tail is not None else 0
+        start = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
         if follow:
             chunks = _follow_log(service, task_id, number, stream, start, across=attempt is None)
         else:
@@ -408,30 +408,32 @@ def _parse_labels(raw: list[str]) -> dict[str, str]:
 # -- logs -----------------------------------------------------------------------------------------
 
 
-def _tail_offset(path: Path, lines: int) -> int:
-    """Offset where the last `lines` lines start; reads backwards in chunks (bounded memory)."""
+TAIL_BLOCK = 1 << 16
+
+
+def tail_offset(path: Path, lines: int, block: int = TAIL_BLOCK) -> int:
+    """Offset where the last `lines` lines start (a last line without a newline counts as one;
+    fewer lines than asked: 0). Reads backwards in blocks and stops at the newline it needs,
+    so the cost is what the tail returns plus one block. Blocking I/O: call it in a thread."""
     try:
-        size = path.stat().st_size
+        f = path.open("rb")
     except FileNotFoundError:
         return 0
-    if lines == 0:
-        return size
-    with path.open("rb") as f:
-        pos, newlines = size, 0
-        # A final newline ends the last line; it does not start a new one.
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if lines == 0:
+            return size
         f.seek(max(0, size - 1))
-        if size and f.read(1) == b"\n":
-            pos -= 1
+        pos = size - 1 if f.read(1) == b"\n" else size  # a final newline starts no line
         while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            chunk = f.read(step)
-            for i in range(len(chunk) - 1, -1, -1):
-                if chunk[i] == 0x0A:
-                    newlines += 1
-                    if newlines == lines:
-                        return pos + i + 1
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk, found = f.read(pos - start), pos - start
+            while (found := chunk.rfind(b"\n", 0, found)) >= 0:
+                lines -= 1
+                if lines == 0:
+                    return start + found + 1
+            pos = start
     return 0
 
 
