@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.units import parse_duration, parse_size
@@ -76,7 +76,25 @@ def _size(value: Any) -> Any:
     return value
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def _moment(value: datetime) -> datetime:
+    """A time of the API as an aware UTC datetime. A naive time is local. The instant must lie
+    from 1970 to the end of 9999 UTC: what epoch milliseconds in the store, RFC 3339 output
+    and cron's arithmetic can all hold (year 1 naive, or 9999-12-31T23:00-05:00, cannot)."""
+    try:
+        utc = (value if value.tzinfo else value.astimezone()).astimezone(UTC)
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError(f"{value.isoformat()} is out of range: give a time from 1970 to 9999 UTC")
+    return utc
+
+
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=10 * 365 * 86400)]
+Moment = Annotated[datetime, AfterValidator(_moment)]  # every time the API takes is one
 Size = Annotated[int, BeforeValidator(_size), Field(ge=1 << 20, le=1 << 50)]
 TaskIds = Annotated[list[Annotated[int, Field(ge=1, le=(1 << 63) - 1)]], Field(max_length=1000)]
 ExitCodes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=256)]
@@ -121,7 +139,7 @@ class TaskOptions(RetryPolicy, ExecutionLimits):
     )
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     delay: Duration | None = None
-    run_at: datetime | None = None
+    run_at: Moment | None = None
     key: str | None = Field(None, min_length=1, max_length=200)
     after: TaskIds = Field(default_factory=list, description="run once these tasks succeeded")
     after_any: TaskIds = Field(default_factory=list, description="run once these tasks are final")

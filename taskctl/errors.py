@@ -116,11 +116,11 @@ _BY_CODE: dict[str, type[TaskctlError]] = {
 
 def error_from_body(status: int, body: object) -> TaskctlError:
     """Rebuild the error the daemon raised from its JSON error body (tolerates unknown codes)."""
-    code, message = "internal", f"daemon answered HTTP {status}"
+    code, message = None, f"taskctld answered HTTP {status}"
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        code = str(body["error"].get("code", code))
+        code = str(body["error"].get("code", "")) or None
         message = str(body["error"].get("message", message))
-    cls = _BY_CODE.get(code)
-    if cls is None:
+    cls = _BY_CODE.get(code) if code else None
+    if cls is None:  # no error body, or a code this CLI does not know: go by the status
         cls = next((c for c in _BY_CODE.values() if c.http_status == status), TaskctlError)
     return cls(message, code=code)

@@ -20,7 +20,7 @@ import pytest
 
 from taskctl.paths import Paths
 
-from conftest import TASKCTL, TASKCTLD, Home, figure, wait_until
+from conftest import TASKCTL, TASKCTLD, Home, figure, http_get, wait_until
 
 NOBODY = 65534
 
@@ -257,6 +257,66 @@ def test_oversized_bodies_and_unknown_query_parameters_are_refused(daemon: Home)
         while chunk := s.recv(65536):
             raw += chunk
     assert raw.split()[1] == b"400" and b"limt" in raw
+
+
+def test_a_request_over_the_connection_cap_gets_a_json_503_and_the_cli_exits_3(
+    home: Home,
+) -> None:
+    home.config(max_connections=2)
+    home.start()
+    sock = str(home.path / "taskctld.sock")
+    with contextlib.ExitStack() as held:
+        for _ in range(2):  # idle connections count against the cap until request_timeout
+            s = held.enter_context(socket.socket(socket.AF_UNIX))
+            s.connect(sock)
+        status, reply = _post(sock, "/v1/tasks", b'{"command": ["true"]}')
+        assert status == 503 and reply["error"]["code"] == "unavailable", reply
+        assert "max_connections" in reply["error"]["message"]
+        done = home.run("list")
+    assert done.returncode == 3, done
+    assert done.stderr.startswith("taskctl: taskctld is busy") and done.stderr.count("\n") == 1
+    assert home.json("list") == []
+
+
+OUT_OF_RANGE = [
+    "0001-01-01T00:00:00",  # naive, so local: before year 1 in UTC east of Greenwich
+    "0001-01-01T00:00:00Z",
+    "1969-12-31T23:59:59Z",
+    "9999-12-31T23:59:59-05:00",  # year 10000 in UTC
+]
+
+
+@pytest.mark.parametrize("moment", OUT_OF_RANGE)
+def test_times_out_of_range_are_refused_with_a_4xx_and_store_nothing(
+    daemon: Home, moment: str
+) -> None:
+    sock = str(daemon.path / "taskctld.sock")
+    daemon.ok("cron", "add", "-n", "c", "* * * * *", "--", "true")
+    task = {"command": ["true"], "run_at": moment}
+    for path, body in [
+        ("/v1/tasks", task),
+        ("/v1/tasks/batch", {"tasks": [{"command": ["true"]}], "defaults": {"run_at": moment}}),
+        ("/v1/tasks/batch", {"tasks": [{"command": ["true"]}, task]}),
+    ]:
+        status, reply = _post(sock, path, json.dumps(body).encode())
+        assert status == 400 and "out of range" in reply["error"]["message"], (path, reply)
+    status, body = http_get(sock, f"/v1/schedules/c/next?after={moment.replace('+', '%2B')}")
+    assert status == 400 and b"out of range" in body, body
+    done = daemon.run("submit", "--stdin", "--json-lines", input=json.dumps(task) + "\n")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done
+    assert (
+        done.stderr.startswith("taskctl: invalid request: line 1: run_at: ")
+        and "out of range" in done.stderr
+    )
+    assert daemon.json("list") == []
+
+
+def test_cron_next_stops_at_the_end_of_9999(daemon: Home) -> None:
+    daemon.ok("cron", "add", "-n", "c", "* * * * *", "--", "true")
+    sock = str(daemon.path / "taskctld.sock")
+    status, body = http_get(sock, "/v1/schedules/c/next?after=9999-12-31T23:57:30Z&n=5")
+    assert status == 200, body
+    assert json.loads(body) == ["9999-12-31T23:58:00+00:00", "9999-12-31T23:59:00+00:00"]
 
 
 def test_argv_and_environment_beyond_execve_limits_are_refused(daemon: Home) -> None:

@@ -125,9 +125,10 @@ def _due_after(expr: str, tz: str, after_ms: int) -> Iterator[datetime]:
     EST) it gives that hour's first-pass time (01:30 EDT), which is earlier in real time. That
     run belonged to the first pass (cron(8) runs it once), so it is passed over here."""
     start = datetime.fromtimestamp(after_ms / 1000, tz=zone(tz))
-    for due in CronSim(expr, start):
-        if due.timestamp() * 1000 > after_ms:
-            yield due
+    with contextlib.suppress(OverflowError):  # past the end of 9999: there are no more
+        for due in CronSim(expr, start):
+            if due.timestamp() * 1000 > after_ms:
+                yield due
 
 
 def times_after(expr: str, tz: str, after_ms: int) -> Iterator[int]:

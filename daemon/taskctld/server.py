@@ -19,7 +19,6 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +26,9 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from taskctl import API_VERSION, __version__
@@ -38,6 +39,7 @@ from taskctl.api import (
     ErrorBody,
     Event,
     Health,
+    Moment,
     PruneRequest,
     QueueInfo,
     QueueSettings,
@@ -57,7 +59,7 @@ from taskctl.errors import (
     TooMany,
     Unavailable,
 )
-from taskctld.service import Service
+from taskctld.service import Service, Submitted
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
 
@@ -78,6 +80,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+BATCH_BODY = {  # the batch route reads its body itself (see _parse_batch)
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchSpec"}}},
+    }
+}
+VIEWS_PER_CHUNK = 1000  # a batch's answer is built this many tasks at a time
+
+
 class NDJSONResponse(StreamingResponse):
     media_type = "application/x-ndjson"
 
@@ -95,9 +106,10 @@ def _document_errors_as_sent(app: FastAPI) -> None:
             for operation in methods.values():
                 operation.get("responses", {}).pop("422", None)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.setdefault(
-            "Event", Event.model_json_schema(ref_template="#/components/schemas/{model}")
-        )
+        for model in (Event, BatchSpec):
+            schema_of = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema_of.pop("$defs", {}))
+            components.setdefault(model.__name__, schema_of)
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         app.openapi_schema = schema
@@ -150,16 +162,18 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post(
         f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
-        tags=["tasks"],
+        tags=["tasks"], openapi_extra=BATCH_BODY,
     )  # fmt: skip
-    async def submit_batch(batch: BatchSpec) -> Response:
+    async def submit_batch(request: Request) -> Response:
         """Create many tasks in one transaction: all of them, or none and an error naming the
-        first bad one."""
-        done = service.submit(batch.merged())
-        views = service.views(service.store.get_tasks([d.task_id for d in done]))
-        for view, d in zip(views, done, strict=True):
-            view["deduplicated"] = d.deduplicated
-        return json_response(views, 201)
+        first bad one. The body is a `BatchSpec`."""
+        specs = await asyncio.to_thread(_parse_batch, await request.body())
+        places = service.places(specs)
+        tasks = await asyncio.to_thread(service.resolve_all, specs, places)
+        done = service.insert(tasks)
+        return StreamingResponse(
+            _batch_views(service, done), status_code=201, media_type="application/json"
+        )
 
     @app.get(f"{v1}/tasks", response_model=list[Task], responses=ERRORS, tags=["tasks"])
     async def list_tasks(
@@ -227,7 +241,7 @@ def create_app(service: Service) -> FastAPI:
         if task.attempts == 0 and task.state in FINAL_STATES:
             return Response(b"", media_type="application/octet-stream")  # ended without running
         number, path = service.log_path(task, attempt, stream)
-        start = _tail_offset(path, tail) if tail is not None else 0
+        start = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
         if follow:
             chunks = _follow_log(service, task_id, number, stream, start, across=attempt is None)
         else:
@@ -321,11 +335,12 @@ def create_app(service: Service) -> FastAPI:
         name: str,
         n: Annotated[int, Query(ge=1, le=1000)] = 5,
         after: Annotated[
-            datetime | None, Query(description="from this moment (default: now)")
+            Moment | None, Query(description="from this moment (default: now)")
         ] = None,
     ) -> Response:
-        """The next n fire times, in the schedule's zone (RFC 3339 with its offset)."""
-        start = None if after is None else int(_aware(after).timestamp() * 1000)
+        """The next n fire times, in the schedule's zone (RFC 3339 with its offset); fewer
+        when the year 9999 ends first."""
+        start = None if after is None else int(after.timestamp() * 1000)
         return json_response(service.next_fires(name, n, start))
 
     @app.get(f"{v1}/queues", response_model=list[QueueInfo], tags=["queues"])
@@ -380,6 +395,31 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def _parse_batch(body: bytes) -> list[TaskSpec]:
+    """A batch's body, parsed and checked by pydantic's JSON parser (UTF-8, NaN, nesting)
+    and merged with its defaults. Pure CPU, no store: run it in a thread, so that the socket
+    keeps answering while 100,000 tasks are parsed."""
+    try:
+        return BatchSpec.model_validate_json(body).merged()
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
+async def _batch_views(service: Service, done: list[Submitted]) -> AsyncIterator[bytes]:
+    """The created tasks as one JSON array, built and sent a slice at a time: the views of a
+    whole batch at once would take the loop for seconds and the memory of every view."""
+    yield b"["
+    for start in range(0, len(done), VIEWS_PER_CHUNK):
+        part = done[start : start + VIEWS_PER_CHUNK]
+        views = service.views(service.store.get_tasks([d.task_id for d in part]))
+        for view, d in zip(views, part, strict=True):
+            view["deduplicated"] = d.deduplicated
+        text = json.dumps(views, separators=(",", ":"), ensure_ascii=False)[1:-1]
+        yield (b"," if start else b"") + text.encode()
+        await asyncio.sleep(0)  # let other requests in between slices
+    yield b"]"
+
+
 async def _refuse_unknown_query(request: Request) -> None:
     """A misspelt query parameter must not be silently dropped (requests refuse unknown body
     fields the same way)."""
@@ -391,10 +431,6 @@ async def _refuse_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.astimezone()
 
 
 def _parse_labels(raw: list[str]) -> dict[str, str]:
@@ -410,30 +446,32 @@ def _parse_labels(raw: list[str]) -> dict[str, str]:
 # -- logs -----------------------------------------------------------------------------------------
 
 
-def _tail_offset(path: Path, lines: int) -> int:
-    """Offset where the last `lines` lines start; reads backwards in chunks (bounded memory)."""
+TAIL_BLOCK = 1 << 16
+
+
+def tail_offset(path: Path, lines: int, block: int = TAIL_BLOCK) -> int:
+    """Offset where the last `lines` lines start (a last line without a newline counts as one;
+    fewer lines than asked: 0). Reads backwards in blocks and stops at the newline it needs,
+    so the cost is what the tail returns plus one block. Blocking I/O: call it in a thread."""
     try:
-        size = path.stat().st_size
+        f = path.open("rb")
     except FileNotFoundError:
         return 0
-    if lines == 0:
-        return size
-    with path.open("rb") as f:
-        pos, newlines = size, 0
-        # A final newline ends the last line; it does not start a new one.
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if lines == 0:
+            return size
         f.seek(max(0, size - 1))
-        if size and f.read(1) == b"\n":
-            pos -= 1
+        pos = size - 1 if f.read(1) == b"\n" else size  # a final newline starts no line
         while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            chunk = f.read(step)
-            for i in range(len(chunk) - 1, -1, -1):
-                if chunk[i] == 0x0A:
-                    newlines += 1
-                    if newlines == lines:
-                        return pos + i + 1
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk, found = f.read(pos - start), pos - start
+            while (found := chunk.rfind(b"\n", 0, found)) >= 0:
+                lines -= 1
+                if lines == 0:
+                    return start + found + 1
+            pos = start
     return 0
 
 
@@ -641,6 +679,11 @@ class PeerCheckedProtocol(HttpToolsProtocol):
         if getattr(self, "_deadline", None) is not None or not self.transport.is_closing():
             self._arm_deadline()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn answers a request over `limit_concurrency` in plain text; ours is an error
+        # body like every other, so that the CLI can say why (and exit 3, not 1).
+        super()._start_asgi_task(cycle, _busy if app is service_unavailable else app)  # type: ignore[arg-type]
+
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "transport", None) is None:
             return  # refused in connection_made
@@ -693,10 +736,14 @@ class StrictJSON:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
             await self.app(scope, receive, send)
             return
-        cap = MAX_BATCH_BODY if scope["path"].endswith("/tasks/batch") else MAX_BODY
+        batch = scope["path"].endswith("/tasks/batch")
+        cap = MAX_BATCH_BODY if batch else MAX_BODY
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > cap:
             await _send_error(send, PayloadTooLarge(f"request body over the limit of {cap} bytes"))
+            return
+        if batch:  # pydantic's parser checks the same, 4.8 times faster (see _parse_batch)
+            await self.app(scope, receive, send)
             return
         scanner = _JsonScanner(cap)
         started = False
@@ -728,9 +775,19 @@ class StrictJSON:
             await _send_error(send, InvalidRequest(f"invalid JSON body: {e}"))
 
 
-async def _send_error(send: Any, error: TaskctlError) -> None:
+async def _busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The answer to a request over `max_connections` (the connection is then closed)."""
+    busy = Unavailable(
+        "taskctld is busy: it has as many connections as `max_connections` allows; try again"
+    )
+    await _send_error(send, busy, close=True)
+
+
+async def _send_error(send: Any, error: TaskctlError, *, close: bool = False) -> None:
     body = json.dumps(error.to_body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

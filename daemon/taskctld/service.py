@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -138,20 +138,34 @@ class Service:
         A spec with an idempotency key that matches a task not final, or finished within
         `key_retention`, gives that task back (deduplicated) instead of a new one; the same
         key with a different command or options is a Conflict."""
-        now = now_ms()
-        places: dict[tuple[str | None, str], Place] = {}  # checked once per batch, not per task
-        if len({(spec.cwd, spec.queue) for spec in specs}) == 1:  # a fault of all names no task
+        return self.insert(self.resolve_all(specs, self.places(specs)))
+
+    def places(self, specs: Sequence[TaskSpec]) -> dict[tuple[str | None, str], Place]:
+        """Each distinct (cwd, queue) of the specs, checked once: both must exist. A fault
+        that every spec shares names no task; one of a few names the first task it hits."""
+        places: dict[tuple[str | None, str], Place] = {}
+        if len({(spec.cwd, spec.queue) for spec in specs}) == 1:
             places[(specs[0].cwd, specs[0].queue)] = self._where_it_runs(specs[0], check=True)
+        for index, spec in enumerate(specs):
+            if (spec.cwd, spec.queue) not in places:
+                with _naming_task(index, len(specs)):
+                    places[(spec.cwd, spec.queue)] = self._where_it_runs(spec, check=True)
+        return places
+
+    def resolve_all(
+        self, specs: Sequence[TaskSpec], places: dict[tuple[str | None, str], Place]
+    ) -> list[NewTask]:
+        """`resolve` for each spec, with its place checked already by `places`. Touches no
+        store, so a big batch can be resolved in a thread."""
+        now = now_ms()
         tasks = []
         for index, spec in enumerate(specs):
-            try:
-                place = places.get((spec.cwd, spec.queue))
-                if place is None:
-                    place = places[(spec.cwd, spec.queue)] = self._where_it_runs(spec, check=True)
-                tasks.append(self.resolve(spec, now, place=place))
-            except InvalidRequest as e:
-                where = f"task {index + 1}: " if len(specs) > 1 else ""
-                raise InvalidRequest(where + e.message) from None
+            with _naming_task(index, len(specs)):
+                tasks.append(self.resolve(spec, now, place=places[(spec.cwd, spec.queue)]))
+        return tasks
+
+    def insert(self, tasks: list[NewTask]) -> list[Submitted]:
+        """Resolved tasks into the store in one transaction (all or none)."""
         result = self.dispatcher.cycle(lambda now: self._insert_unless_known(tasks, now))
         assert result is not None
         return result
@@ -651,6 +665,15 @@ class Service:
             for state, n in per_queue.items():
                 states[state] += n
         return {"health": self.health(), "states": states, "queues": self.queues()}
+
+
+@contextlib.contextmanager
+def _naming_task(index: int, count: int) -> Iterator[None]:
+    """An InvalidRequest about one task of several says which: `task 3: ...`."""
+    try:
+        yield
+    except InvalidRequest as e:
+        raise InvalidRequest((f"task {index + 1}: " if count > 1 else "") + e.message) from None
 
 
 def _first(*values: Any) -> Any:

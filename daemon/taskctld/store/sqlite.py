@@ -416,9 +416,12 @@ class SqliteStore:
         ever form); raises InvalidRequest naming an unknown one."""
         self._require_transaction()
         self._check_deps_exist(tasks)
-        rows = []
+        rows: list[tuple[Any, ...]] = []
+        env_ids: dict[int, str | None] = {}  # a batch shares one environment object: hash it once
         for t in tasks:
-            env_id = self._store_env(t.env)
+            env_id = env_ids.get(id(t.env), "")
+            if env_id == "":
+                env_id = env_ids[id(t.env)] = self._store_env(t.env)
             rows.append(
                 (
                     t.name, t.queue, t.priority, _initial_state(t, now).value, _dump(t.command),
