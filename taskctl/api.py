@@ -17,10 +17,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.units import parse_duration, parse_size
+from taskctl.wire import from_wire
 
 
 class TaskState(StrEnum):
@@ -98,6 +107,22 @@ Moment = Annotated[datetime, AfterValidator(_moment)]  # every time the API take
 Size = Annotated[int, BeforeValidator(_size), Field(ge=1 << 20, le=1 << 50)]
 TaskIds = Annotated[list[Annotated[int, Field(ge=1, le=(1 << 63) - 1)]], Field(max_length=1000)]
 ExitCodes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=256)]
+# A command's argument, an environment value, a working directory: bytes to the kernel. A JSON
+# string when they are UTF-8, else {"base64": ...} of the exact bytes (see taskctl.wire).
+BYTES_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "object",
+            "properties": {"base64": {"type": "string", "contentEncoding": "base64"}},
+            "required": ["base64"],
+            "additionalProperties": False,
+            "description": "bytes that are not UTF-8",
+        },
+    ]
+}
+Bytes = Annotated[str, BeforeValidator(from_wire), WithJsonSchema(BYTES_SCHEMA)]
+BytesOut = Annotated[str | dict[str, str], WithJsonSchema(BYTES_SCHEMA)]  # in responses
 
 
 class Request(BaseModel):
@@ -133,8 +158,8 @@ class TaskOptions(RetryPolicy, ExecutionLimits):
     name: str | None = Field(None, max_length=200)
     queue: str = Field(DEFAULT_QUEUE, pattern=QUEUE_NAME_PATTERN)
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="higher runs first")
-    cwd: str | None = Field(None, description="absolute path; default: the daemon owner's home")
-    env: dict[str, str] | None = Field(
+    cwd: Bytes | None = Field(None, description="absolute path; default: the daemon owner's home")
+    env: dict[str, Bytes] | None = Field(
         None, description="the task's whole environment; null gives a minimal one"
     )
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
@@ -200,7 +225,7 @@ class Schedule(Response):
     catch_up: str
     paused: bool
     next_due: str | None = Field(None, description="in the schedule's zone")
-    command: list[str]
+    command: list[BytesOut]
     shell: bool = False
     queue: str
     options: dict[str, Any] = Field(
@@ -209,12 +234,13 @@ class Schedule(Response):
     )
     created_at: str
     runs: list[Fire] | None = Field(None, description="recent fires, newest first (show only)")
+    problem: str | None = Field(None, description="why a trigger's watcher is not running")
 
 
 class TaskSpec(TaskOptions):
     """What `POST /v1/tasks` accepts: one command to run."""
 
-    command: list[str] = Field(min_length=1, max_length=100_000)
+    command: list[Bytes] = Field(min_length=1, max_length=100_000)
 
     @field_validator("command")
     @classmethod
@@ -297,11 +323,11 @@ class Task(Response):
     reason: str | None = None
     queue: str
     priority: int
-    command: list[str]
+    command: list[BytesOut]
     shell: bool = False
-    cwd: str
+    cwd: BytesOut
     labels: dict[str, str] = Field(default_factory=dict)
-    env: dict[str, str] | None = Field(None, description="only with show_env=true")
+    env: dict[str, BytesOut] | None = Field(None, description="only with show_env=true")
     created_at: str
     run_at: str | None = None
     started_at: str | None = None

@@ -25,6 +25,7 @@ from typing import Any
 from taskctl import API_VERSION, __version__
 from taskctl.errors import StorageFull, TaskctlError, Unreachable, error_from_body
 from taskctl.paths import Paths
+from taskctl.wire import dumps_request
 
 _CRLF = b"\r\n"
 _MAX_HEADER = 64 * 1024
@@ -148,7 +149,7 @@ class Client:
         self, method: str, path: str, body: Any = None, *, timeout: float | None = 60
     ) -> Response:
         """Send one request and return the response with its body unread (for streams)."""
-        payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        payload = b"" if body is None else dumps_request(body)
         sock = self._connect(timeout)
         try:
             sock.sendall(_request_bytes(method, path, payload))

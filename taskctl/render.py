@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from taskctl.units import duration_text, format_duration, format_size
+from taskctl.wire import shown
 
 STATE_STYLE = {
     "waiting": "magenta",
@@ -53,10 +54,17 @@ def elapsed(start: str | None, end: str | None, now: datetime | None = None) -> 
     return max(0.0, (finish - begin).total_seconds())
 
 
+def safe(value: object) -> str:
+    """Task-supplied text (a name, a label, an argument, a path, an error) made safe to print
+    on one line of a terminal: bytes that are not UTF-8 as \\xNN, control characters (newlines
+    and tabs too) in caret notation, so no field can move the cursor or retitle the window."""
+    return shown(value).translate(_ONE_LINE)
+
+
 def command_text(task: dict[str, Any]) -> str:
     if task.get("shell"):
-        return str(task["command"][0])
-    return shlex.join(task["command"])
+        return safe(task["command"][0])
+    return safe(shlex.join(shown(arg) for arg in task["command"]))
 
 
 def shorten(text: str, width: int) -> str:
@@ -84,7 +92,7 @@ def task_rows(tasks: list[dict[str, Any]], now: datetime | None = None) -> list[
     for t in tasks:
         attempts = t.get("attempts") or []
         duration = elapsed(t.get("started_at"), t.get("finished_at"), now)
-        label = t.get("name") or command_text(t)
+        label = safe(t["name"]) if t.get("name") else command_text(t)
         rows.append(
             (
                 str(t["id"]),
@@ -118,13 +126,14 @@ def print_task_list(tasks: list[dict[str, Any]]) -> None:
         return
     console = _console()
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in LIST_HEADER:
         table.add_column(name, no_wrap=name != "COMMAND", overflow="ellipsis")
-    for row in rows:
+    for row in rows:  # cells as Text: a task's name is never read as rich markup
         state = row[1]
-        table.add_row(*row[:1], f"[{STATE_STYLE.get(state, '')}]{state}[/]", *row[2:])
+        table.add_row(row[0], Text(state, style=STATE_STYLE.get(state, "")), *map(Text, row[2:]))
     if rows:
         console.print(table)
     else:
@@ -138,6 +147,7 @@ def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], empty: str)
             print(plain_table(header, rows))
         return
     from rich.table import Table
+    from rich.text import Text
 
     console = _console()
     if not rows:
@@ -147,7 +157,7 @@ def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], empty: str)
     for name in header:
         table.add_column(name, no_wrap=name != header[-1], overflow="ellipsis")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console.print(table)
 
 
@@ -198,7 +208,7 @@ TRIGGER_HEADER = ("NAME", "PATHS", "GLOB", "DEBOUNCE", "OVERLAP", "STATE", "COMM
 
 
 def _schedule_command(s: dict[str, Any]) -> str:
-    return str(s["command"][0]) if s.get("shell") else shlex.join(s["command"])
+    return command_text(s)
 
 
 def schedule_rows(schedules: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -214,8 +224,9 @@ def schedule_rows(schedules: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 def trigger_rows(triggers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return [
         (
-            t["name"], " ".join(t["paths"]) + (" (recursive)" if t.get("recursive") else ""), t.get("glob") or "*",
-            format_duration(t.get("debounce")), t["overlap"], "paused" if t["paused"] else "active",
+            t["name"], safe(" ".join(t["paths"])) + (" (recursive)" if t.get("recursive") else ""), safe(t.get("glob") or "*"),
+            format_duration(t.get("debounce")), t["overlap"],
+            "failed" if t.get("problem") else "paused" if t["paused"] else "active",
             _schedule_command(t),
         )
         for t in triggers
@@ -231,7 +242,7 @@ def schedule_detail(s: dict[str, Any]) -> str:
         ]
         lines.append(f"  {'catch-up':<12}{s['catch_up']}")
     else:
-        lines.append(f"  {'paths':<12}{' '.join(s['paths'])}")
+        lines.append(f"  {'paths':<12}{safe(' '.join(s['paths']))}")
     lines += [
         f"  {'overlap':<12}{s['overlap']}",
         f"  {'command':<12}{_schedule_command(s)}",
@@ -239,7 +250,8 @@ def schedule_detail(s: dict[str, Any]) -> str:
     ]
     options = s.get("options") or {}
     if options:
-        lines.append(f"  {'options':<12}{' '.join(_option_text(k, v) for k, v in options.items())}")
+        text = " ".join(_option_text(k, v) for k, v in options.items())
+        lines.append(f"  {'options':<12}{safe(text)}")
     runs = s.get("runs") or []
     if runs:
         lines.append("  recent runs")
@@ -265,18 +277,18 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
     """A task in detail, as plain text (rich adds colour on a terminal)."""
     lines = [
         f"task {task['id']}  {task['state']}"
-        + (f" ({task['reason']})" if task.get("reason") else "")
+        + (f" ({safe(task['reason'])})" if task.get("reason") else "")
     ]
 
     def field(name: str, value: Any) -> None:
         if value not in (None, "", [], {}):
             lines.append(f"  {name:<12}{value}")
 
-    field("name", task.get("name"))
+    field("name", safe(task["name"]) if task.get("name") else None)
     field("command", command_text(task) + ("   (via sh -c)" if task.get("shell") else ""))
     field("queue", f"{task['queue']}   priority {task['priority']}")
-    field("cwd", task.get("cwd"))
-    field("labels", " ".join(f"{k}={v}" for k, v in (task.get("labels") or {}).items()))
+    field("cwd", safe(task["cwd"]) if task.get("cwd") else None)
+    field("labels", safe(" ".join(f"{k}={v}" for k, v in (task.get("labels") or {}).items())))
     field("created", f"{task['created_at']} ({ago(task['created_at'], now)} ago)")
     if task["state"] == "scheduled":
         field("next run", task.get("run_at"))
@@ -293,7 +305,7 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
     field("policy", policy)
     if task.get("env") is not None:
         for key, value in sorted(task["env"].items()):
-            field("env", f"{key}={value}")
+            field("env", safe(f"{key}={shown(value)}"))
     attempts = task.get("attempts") or []
     if attempts:
         lines.append("  attempts")
@@ -311,7 +323,7 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
                     format_duration(elapsed(a.get("started_at"), a.get("ended_at"), now)),
                     format_size(a.get("max_rss")),
                     format_duration(cpu) if a.get("outcome") else "-",
-                    a.get("error") or "",
+                    safe(a.get("error") or ""),
                 )
             )
         lines.extend("    " + line for line in plain_table(header, rows).splitlines())
@@ -390,6 +402,7 @@ def _control_table() -> dict[int, str]:
 
 
 _CONTROLS = _control_table()
+_ONE_LINE = {**_CONTROLS, ord("\n"): "^J", ord("\t"): "^I"}
 
 
 def escape_controls(data: bytes) -> str:
@@ -414,7 +427,7 @@ def event_line(e: dict[str, Any]) -> str:
     if e.get("exit_code") is not None:
         extra.append(f"exit {e['exit_code']}")
     if e.get("reason") and e["to_state"] != "succeeded":
-        extra.append(e["reason"])
+        extra.append(safe(e["reason"]))
     return f"{when} task {e['task_id']} [{e.get('queue', '')}] {change}" + (
         f" ({', '.join(extra)})" if extra else ""
     )
@@ -430,12 +443,12 @@ def watch_view(tasks: list[dict[str, Any]], queues: list[dict[str, Any]], status
     for name in LIST_HEADER:
         table.add_column(name, no_wrap=name != "COMMAND", overflow="ellipsis")
     for row in task_rows(tasks):
-        table.add_row(row[0], Text(row[1], style=STATE_STYLE.get(row[1], "")), *row[2:])
+        table.add_row(row[0], Text(row[1], style=STATE_STYLE.get(row[1], "")), *map(Text, row[2:]))
     queue_table = Table(box=None, header_style="bold", pad_edge=False)
     for name in QUEUE_HEADER[:-1]:
         queue_table.add_column(name)
     for row in queue_rows(queues):
-        queue_table.add_row(*row[:-1])
+        queue_table.add_row(*map(Text, row[:-1]))
     return Group(table, Text(""), queue_table, Text(status, style="dim"))
 
 

@@ -291,7 +291,7 @@ def test_times_out_of_range_are_refused_with_a_4xx_and_store_nothing(
     daemon: Home, moment: str
 ) -> None:
     sock = str(daemon.path / "taskctld.sock")
-    daemon.ok("cron", "add", "-n", "c", "* * * * *", "--", "true")
+    daemon.ok("cron", "add", "-n", "c", "0 0 1 1 *", "--", "true")  # never fires during the test
     task = {"command": ["true"], "run_at": moment}
     for path, body in [
         ("/v1/tasks", task),

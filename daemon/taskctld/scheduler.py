@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from taskctl.errors import InvalidRequest, StorageFull, TaskctlError
+from taskctl.wire import is_text
 from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
 
 log = logging.getLogger("taskctld.scheduler")
@@ -270,7 +271,7 @@ class Scheduler:
             return None
         self.changes_dir.mkdir(mode=0o700, exist_ok=True)
         listing = self.changes_dir / f"{schedule_id}-{now}.txt"
-        listing.write_text("".join(f"{p}\n" for p in sorted(changed)))
+        listing.write_bytes(b"".join(os.fsencode(p) + b"\n" for p in sorted(changed)))
         return self.fire_safely(schedule, now, now, {"TASKCTL_CHANGED_PATHS": str(listing)})
 
     def overdue(self, now: int) -> list[str]:
@@ -299,12 +300,21 @@ class TriggerSpec:
         return cls(**json.loads(raw))
 
 
+WATCH_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before a failed watcher is started again
+
+
 class Triggers:
-    """One watchfiles watcher per active trigger; each burst of changes becomes one fire."""
+    """One watchfiles watcher per active trigger; each burst of changes becomes one fire.
+
+    A watcher that fails is started again (after a growing pause), and meanwhile `failures`
+    says why, for `trigger list` and `health`. watchfiles cannot name a file whose name is not
+    UTF-8 (its Rust side gives up on the whole burst): then the watched folders are searched for
+    such names, which are reported as the burst, and the watcher goes on."""
 
     def __init__(self, on_burst: Callable[[int, list[str]], None]) -> None:
         self.on_burst = on_burst
         self.watchers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self.failures: dict[int, str] = {}  # schedule id -> why its watcher is not running
 
     def arm(self, schedule: ScheduleRow) -> None:
         self.disarm(schedule.id)
@@ -315,6 +325,7 @@ class Triggers:
         self.watchers[schedule.id] = (task, stop)
 
     def disarm(self, schedule_id: int) -> None:
+        self.failures.pop(schedule_id, None)
         found = self.watchers.pop(schedule_id, None)
         if found is not None:
             found[1].set()
@@ -325,6 +336,32 @@ class Triggers:
             self.disarm(schedule_id)
 
     async def _watch(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._watch_once(schedule_id, spec, stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if _undecodable_path(e):  # a file whose name is not UTF-8 changed
+                    self._fire(schedule_id, _undecodable_names(spec))
+                    continue
+                pause = WATCH_RETRY[min(failures, len(WATCH_RETRY) - 1)]
+                failures += 1
+                self.failures[schedule_id] = f"its watcher failed ({e}); retrying"
+                log.exception(
+                    "the watcher of trigger %d stopped; retrying in %.0fs", schedule_id, pause
+                )
+                await asyncio.sleep(pause)
+
+    def _fire(self, schedule_id: int, paths: list[str]) -> None:
+        try:
+            self.on_burst(schedule_id, paths)
+        except Exception:  # one failed burst (a full disk, say) must not end the watch
+            log.exception("trigger %d: cannot fire for a burst of changes", schedule_id)
+
+    async def _watch_once(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
         from watchfiles import Change, awatch
 
         quiet_ms = max(1, int(spec.debounce * 1000))
@@ -338,22 +375,45 @@ class Triggers:
                 path, spec.glob
             )
 
-        try:
-            async for changes in awatch(
-                *spec.paths,
-                watch_filter=wanted,
-                recursive=spec.recursive,
-                step=quiet_ms,  # a burst ends after this much quiet...
-                debounce=max(quiet_ms * 20, 2000),  # ...or after this long at most
-                stop_event=stop,
-                rust_timeout=0,
-                yield_on_timeout=False,
-            ):
-                try:
-                    self.on_burst(schedule_id, sorted({path for _, path in changes}))
-                except Exception:  # one failed burst (a full disk, say) must not end the watch
-                    log.exception("trigger %d: cannot fire for a burst of changes", schedule_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("the watcher of trigger %d stopped", schedule_id)
+        watching = awatch(
+            *spec.paths,
+            watch_filter=wanted,
+            recursive=spec.recursive,
+            step=quiet_ms,  # a burst ends after this much quiet...
+            debounce=max(quiet_ms * 20, 2000),  # ...or after this long at most
+            stop_event=stop,
+            rust_timeout=0,
+            yield_on_timeout=False,
+        )
+        self.failures.pop(schedule_id, None)
+        async for changes in watching:
+            self._fire(schedule_id, sorted({path for _, path in changes}))
+
+
+def _undecodable_names(spec: TriggerSpec) -> list[str]:
+    """The entries of the watched paths whose names are not UTF-8 (as surrogate-escaped str),
+    that the trigger's glob takes."""
+    found = []
+    for root in spec.paths:
+        walk = os.walk(root) if spec.recursive else [(root, *_entries(root))]
+        for folder, dirs, files in walk:
+            for name in (*dirs, *files):
+                if not is_text(name) and (spec.glob is None or fnmatch.fnmatch(name, spec.glob)):
+                    found.append(os.path.join(folder, name))
+    return sorted(found)
+
+
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return [], []
+    return [], names
+
+
+def _undecodable_path(error: BaseException) -> bool:
+    """Whether watchfiles failed for a path it could not decode (its error may come wrapped in
+    an exception group by the thread that waits for it)."""
+    if isinstance(error, BaseExceptionGroup):
+        return any(_undecodable_path(e) for e in error.exceptions)
+    return "Unable to decode path" in str(error)

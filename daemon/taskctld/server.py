@@ -792,9 +792,14 @@ async def _send_error(send: Any, error: TaskctlError, *, close: bool = False) ->
     await send({"type": "http.response.body", "body": body})
 
 
+LONE_SURROGATE = 'a lone surrogate escape (bytes that are not UTF-8 go as {"base64": ...})'
+
+
 class _JsonScanner:
     """An incremental check of a JSON text's bytes: UTF-8, depth, no bare N or I (NaN,
-    Infinity) outside strings. Everything else is left to the JSON parser."""
+    Infinity) outside strings, no lone surrogate escape (`\\udcff`: text that stands for no
+    Unicode; bytes that are not UTF-8 travel as {"base64": ...}). Everything else is left to
+    the JSON parser."""
 
     def __init__(self, cap: int) -> None:
         import codecs
@@ -805,6 +810,8 @@ class _JsonScanner:
         self.depth = 0
         self.in_string = False
         self.escaped = False
+        self.hex: str | None = None  # the digits of a \\u escape being read
+        self.want_low = 0  # after a high surrogate: 2 = a backslash must follow, 1 = a u
 
     def feed(self, data: bytes, *, final: bool) -> None:
         self.size += len(data)
@@ -816,8 +823,14 @@ class _JsonScanner:
             raise _BadBody("it is not UTF-8") from None
         for ch in text:
             if self.in_string:
-                if self.escaped:
+                if self.hex is not None:
+                    self._hex_digit(ch)
+                elif self.want_low:
+                    self._low_surrogate_follows(ch)
+                elif self.escaped:
                     self.escaped = False
+                    if ch == "u":
+                        self.hex = ""
                 elif ch == "\\":
                     self.escaped = True
                 elif ch == '"':
@@ -832,6 +845,29 @@ class _JsonScanner:
                 self.depth -= 1
             elif ch in "NI":
                 raise _BadBody("NaN and Infinity are not JSON")
+
+    def _hex_digit(self, ch: str) -> None:
+        assert self.hex is not None
+        self.hex += ch
+        if len(self.hex) < 4:
+            return
+        try:
+            code = int(self.hex, 16)
+        except ValueError:
+            code = 0  # not hex: the JSON parser says so
+        low = 0xDC00 <= code <= 0xDFFF
+        if (self.want_low == -1 and not low) or (self.want_low != -1 and low):
+            raise _BadBody(LONE_SURROGATE)
+        self.want_low = 2 if 0xD800 <= code <= 0xDBFF else 0
+        self.hex = None
+
+    def _low_surrogate_follows(self, ch: str) -> None:
+        """After a high surrogate escape, only `\\u` and a low one may come."""
+        if ch != ("\\" if self.want_low == 2 else "u"):
+            raise _BadBody(LONE_SURROGATE)
+        self.want_low -= 1
+        if self.want_low == 0:
+            self.hex, self.want_low = "", -1  # the low one's digits are read next
 
 
 def _peer_uid(sock: socket.socket) -> int | None:

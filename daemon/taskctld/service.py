@@ -25,6 +25,7 @@ from taskctl.api import FINAL_STATES, QueueSettings, ScheduleSpec, TaskSpec, Tas
 from taskctl.errors import Conflict, InvalidRequest, NotFound, StorageFull, TaskctlError
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339, now_ms
+from taskctl.wire import to_wire
 from taskctld import scheduler
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher
@@ -582,12 +583,14 @@ class Service:
             "overlap": row.overlap,
             "catch_up": row.catch_up,
             "paused": row.paused,
-            "command": template["command"],
+            "command": [to_wire(arg) for arg in template["command"]],
             "shell": template.get("shell", False),
             "queue": template.get("queue", DEFAULT_QUEUE),
             "options": _template_options(template),
             "created_at": ms_to_rfc3339(row.created_at),
         }
+        if row.id in self.triggers.failures:
+            view["problem"] = self.triggers.failures[row.id]
         if row.kind == "cron":
             tz = row.tz or "UTC"
             due = (
@@ -631,6 +634,9 @@ class Service:
             reasons.append(self.runner.problem)
         if silent := self.runner.unanswered():
             reasons.append(silent)
+        failing = self.triggers.failures
+        names = self.store.schedule_names(set(failing)) if failing else {}
+        reasons += [f"trigger {names.get(i, i)}: {why}" for i, why in failing.items()]
         late = self.scheduler.overdue(now_ms())
         if late:
             reasons.append(f"scheduler behind: {', '.join(late)} past due")
@@ -744,13 +750,13 @@ def _check_cwd(cwd: str) -> None:
 def _check_exec_size(command: list[str], env: dict[str, str] | None) -> None:
     """Refuse what execve would refuse (E2BIG), with the reason, at submit time."""
     strings = [*command, *(f"{k}={v}" for k, v in (env or {}).items())]
-    longest = max(strings, key=len)
-    if len(longest.encode()) >= MAX_ARG_STRLEN:
+    sizes = [len(os.fsencode(s)) for s in strings]  # the bytes execve gets
+    if max(sizes) >= MAX_ARG_STRLEN:
         raise InvalidRequest(
-            f"an argument or environment entry is {len(longest.encode())} bytes; "
+            f"an argument or environment entry is {max(sizes)} bytes; "
             f"the limit for one is {MAX_ARG_STRLEN - 1}"
         )
-    total = sum(len(s.encode()) + 1 + 8 for s in strings)  # bytes plus a pointer each
+    total = sum(size + 1 + 8 for size in sizes)  # bytes plus a pointer each
     limit = os.sysconf("SC_ARG_MAX") - 4096  # room for the TASKCTL_* variables we add
     if total > limit:
         raise InvalidRequest(
@@ -765,7 +771,7 @@ def _template_options(template: dict[str, Any]) -> dict[str, Any]:
     """The submit options a schedule's tasks get, where they differ from the defaults."""
     fields = TaskSpec.model_fields
     return {
-        k: v
+        k: to_wire(v) if k == "cwd" and isinstance(v, str) else v
         for k, v in template.items()
         if k not in _SHOWN_APART
         and k in fields

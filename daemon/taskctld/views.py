@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskctl.units import ms_to_rfc3339
+from taskctl.wire import to_wire
 from taskctld.store import AttemptRow, EventRow, TaskRow
 
 
@@ -45,9 +46,9 @@ def task_view(
         "reason": t.reason,
         "queue": t.queue,
         "priority": t.priority,
-        "command": t.command,
+        "command": [to_wire(arg) for arg in t.command],
         "shell": t.shell,
-        "cwd": t.cwd,
+        "cwd": to_wire(t.cwd),
         "labels": t.labels,
         "created_at": ms_to_rfc3339(t.created_at),
         "run_at": ms_to_rfc3339(t.run_at),
@@ -71,7 +72,7 @@ def task_view(
         "due_at": ms_to_rfc3339(t.due_at),
     }
     if env is not None:
-        view["env"] = env
+        view["env"] = {k: to_wire(v) for k, v in env.items()}
     return view
 
 

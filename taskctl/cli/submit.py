@@ -1,5 +1,6 @@
 """`taskctl submit`: create a task from a command line."""
 
+import io
 import json
 import re
 import sys
@@ -122,7 +123,9 @@ def _submit_lines(c: Client, spec: dict[str, Any], json_lines: bool, json_: bool
     line."""
     defaults = {k: v for k, v in spec.items() if k not in ("command", "key")}
     tasks, lines = [], []
-    for number, line in enumerate(sys.stdin, start=1):
+    # Lines are bytes (a shell's), whatever the locale: ones that are not UTF-8 keep their bytes.
+    text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+    for number, line in enumerate(text, start=1):
         if not line.strip():
             continue
         if json_lines:

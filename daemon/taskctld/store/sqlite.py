@@ -222,6 +222,16 @@ def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+def _path_in(path: str) -> str | bytes:
+    """A path for a TEXT column: as text when it is UTF-8, else its bytes (a BLOB), which SQLite
+    keeps as given and gives back as bytes."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
+    return path
+
+
 def env_digest(env: dict[str, str]) -> tuple[str, str]:
     """(content id, JSON): environments are stored once per distinct content."""
     data = json.dumps(env, separators=(",", ":"), sort_keys=True)
@@ -425,7 +435,7 @@ class SqliteStore:
             rows.append(
                 (
                     t.name, t.queue, t.priority, _initial_state(t, now).value, _dump(t.command),
-                    int(t.shell), t.cwd, env_id, _dump(t.labels), t.retries, t.backoff,
+                    int(t.shell), _path_in(t.cwd), env_id, _dump(t.labels), t.retries, t.backoff,
                     t.retry_delay, t.max_delay, _dump(t.retry_on), _dump(t.no_retry_on),
                     t.timeout, t.kill_grace, t.memory_limit, t.run_at or now, now, now, t.key,
                     t.schedule_id, t.due_at, t.key_fingerprint,
@@ -1092,6 +1102,8 @@ def _task_rows(cur: sqlite3.Cursor) -> Iterator[TaskRow]:
                 row[name] = json.loads(row[name])
         row["state"] = TaskState(row["state"])
         row["shell"] = bool(row["shell"])
+        if isinstance(row["cwd"], bytes):
+            row["cwd"] = row["cwd"].decode("utf-8", "surrogateescape")
         row.pop("updated_at")
         yield TaskRow(**row)
 
