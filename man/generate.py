@@ -7,7 +7,9 @@ examples) is here.
 
 from __future__ import annotations
 
+import re
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import typer.main  # noqa: E402
 from taskctl import __version__  # noqa: E402
 from taskctl.cli import build_app  # noqa: E402
 
-DATE = "2026"
+DATE = "DATE"  # a placeholder in the pages' text, filled in by `dated`
 
 
 def esc(text: str) -> str:
@@ -211,9 +213,28 @@ def taskctld_page() -> str:
     return "\n".join(out)
 
 
+def dated(page: str, path: Path) -> str:
+    """The page with the date of its last change in `.TH` ("December 7, 2026", a form mandoc
+    and groff both parse): the date already in `path` while the rest of the page is the same,
+    so regenerating an unchanged page changes nothing, and today's date when it differs."""
+    old = path.read_text() if path.exists() else ""
+    head = re.compile(r'^(\.TH \S+ \d) "([^"]*)"')
+    found = head.match(old)
+    kept = found and re.fullmatch(r"[A-Z][a-z]+ \d{1,2}, \d{4}", found.group(2))
+    unchanged = kept and head.sub(rf'\1 "{DATE}"', old, count=1) == page
+    when = found.group(2) if found and unchanged else _today()
+    return head.sub(rf'\1 "{when}"', page, count=1)
+
+
+def _today() -> str:
+    today = date.today()
+    return f"{today:%B} {today.day}, {today.year}"
+
+
 def main() -> int:
-    (ROOT / "man" / "taskctl.1").write_text(taskctl_page())
-    (ROOT / "man" / "taskctld.8").write_text(taskctld_page())
+    for name, page in (("taskctl.1", taskctl_page()), ("taskctld.8", taskctld_page())):
+        path = ROOT / "man" / name
+        path.write_text(dated(page, path))
     return 0
 
 
