@@ -10,6 +10,7 @@ Errors are turned into a message and an exit code here, in one place (see `taskc
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -51,6 +52,25 @@ def _function(name: str) -> Callable[..., Any]:
     return function
 
 
+def _prose(doc: str | None) -> str | None:
+    """A docstring as help: paragraphs kept, the line breaks inside each one dropped (typer
+    keeps those of all but the first paragraph, which breaks sentences mid-line)."""
+    if not doc:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def _with_prose_help(app: typer.Typer) -> typer.Typer:
+    for info in app.registered_commands:
+        if info.help is None and info.callback is not None:
+            info.help = _prose(info.callback.__doc__)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            _with_prose_help(group.typer_instance)
+    return app
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"taskctl {__version__}")
@@ -68,9 +88,12 @@ def build_app() -> typer.Typer:
         context_settings=_CONTEXT,
     )
     for name, (_, _, settings) in COMMANDS.items():
-        app.command(name, context_settings=settings or None)(_function(name))
+        function = _function(name)
+        app.command(name, context_settings=settings or None, help=_prose(function.__doc__))(
+            function
+        )
     for name, module in GROUPS.items():
-        app.add_typer(importlib.import_module(module).app, name=name)
+        app.add_typer(_with_prose_help(importlib.import_module(module).app), name=name)
 
     @app.callback()
     def _root(
@@ -87,7 +110,10 @@ def _single_command_app(name: str) -> typer.Typer:
     app = typer.Typer(
         add_completion=False, pretty_exceptions_enable=False, context_settings=_CONTEXT
     )
-    app.command(name, context_settings=COMMANDS[name][2] or None)(_function(name))
+    function = _function(name)
+    app.command(name, context_settings=COMMANDS[name][2] or None, help=_prose(function.__doc__))(
+        function
+    )
     return app
 
 

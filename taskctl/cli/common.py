@@ -18,6 +18,12 @@ JsonOption = Annotated[
 ]
 
 
+JsonStreamOption = Annotated[
+    bool,
+    typer.Option("--json", help="Stream NDJSON on stdout: one JSON object per line, as they come."),
+]
+
+
 def client() -> Client:
     return Client()
 

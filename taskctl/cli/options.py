@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import DEFAULT_QUEUE
+from taskctl.cli import complete
 from taskctl.cli.common import duration, exit_codes, pairs, size
 from taskctl.environment import minimal_env
 
@@ -29,6 +30,7 @@ Queue = Annotated[
         "--queue",
         metavar="QUEUE",
         help="Queue to run in (one made by `queue set`, or default).",
+        autocompletion=complete.queues,
     ),
 ]
 Priority = Annotated[
@@ -87,6 +89,7 @@ Backoff = Annotated[
         metavar="fixed|exponential",
         help="fixed or exponential.",
         rich_help_panel=RETRY,
+        autocompletion=complete.backoffs,
     ),
 ]
 RetryDelay = Annotated[

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import render
+from taskctl.cli import complete
 from taskctl.cli.common import (
     EXIT_WAIT_FAILED,
     FINAL_STATES,
@@ -21,18 +22,27 @@ from taskctl.cli.common import (
 from taskctl.client import path_for
 from taskctl.errors import TaskctlError
 
-STATES = ("waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled")
-
 
 def list_tasks(
     state: Annotated[
         list[str] | None,
         typer.Option(
-            "-s", "--state", metavar="STATE", help="Only tasks in this state (repeatable)."
+            "-s",
+            "--state",
+            metavar="STATE",
+            help="Only tasks in this state (repeatable).",
+            autocompletion=complete.states,
         ),
     ] = None,
     queue: Annotated[
-        str | None, typer.Option("-q", "--queue", metavar="QUEUE", help="Only tasks of this queue.")
+        str | None,
+        typer.Option(
+            "-q",
+            "--queue",
+            metavar="QUEUE",
+            help="Only tasks of this queue.",
+            autocompletion=complete.queues,
+        ),
     ] = None,
     label: Annotated[
         list[str] | None,
@@ -51,9 +61,9 @@ def list_tasks(
 ) -> None:
     """Tasks, newest first."""
     for s in state or []:
-        if s not in STATES:
+        if s not in complete.STATES:
             raise typer.BadParameter(
-                f"{s!r} is not one of {', '.join(STATES)}", param_hint="--state"
+                f"{s!r} is not one of {', '.join(complete.STATES)}", param_hint="--state"
             )
     tasks = client().call(
         "GET",

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import DEFAULT_QUEUE, render
+from taskctl.cli import complete
 from taskctl.cli import options as o
 from taskctl.cli.common import JsonOption, client, duration, emit_json, note
 from taskctl.client import path_for
@@ -117,7 +118,12 @@ def list_(json_: JsonOption = False) -> None:
 
 @app.command()
 def rm(
-    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Trigger names.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME...", help="Trigger names.", autocompletion=complete.trigger_names
+        ),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Remove triggers (the tasks they created stay)."""
@@ -132,7 +138,10 @@ def rm(
 
 @app.command()
 def pause(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Trigger name.", autocompletion=complete.trigger_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Stop watching until resumed."""
@@ -142,7 +151,10 @@ def pause(
 
 @app.command()
 def resume(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Trigger name.", autocompletion=complete.trigger_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Watch again (changes made while paused do not fire)."""

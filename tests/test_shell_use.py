@@ -1,0 +1,149 @@
+"""What a demanding shell user hits (issue 17): completion values, help that reads as prose,
+`watch` on a terminal, options after the positional argument, one error style, and `list` that
+never truncates in silence. Every test drives the real `taskctl`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import uuid
+
+import typer.main
+from typer.testing import CliRunner
+
+from taskctl.cli import build_app
+
+from conftest import TASKCTL, Home, need, wait_until
+
+
+def complete(home: Home, words: str) -> subprocess.CompletedProcess[str]:
+    """What bash gets for TAB after `words` (a trailing space: a new word)."""
+    env = {
+        **home.env,
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split(" ")) - 1),
+        "_TASKCTL_COMPLETE": "complete_bash",
+    }
+    env.pop("TASKCTL_NO_AUTOSTART")  # completion must not start a daemon even when it may
+    return subprocess.run([TASKCTL], env=env, capture_output=True, text=True, timeout=30)
+
+
+# -- completion -------------------------------------------------------------------------------
+
+
+def test_completion_offers_states_backoff_kinds_and_policies(home: Home) -> None:
+    assert complete(home, "taskctl list --state f").stdout.split() == ["failed"]
+    assert complete(home, "taskctl submit --backoff ").stdout.split() == ["fixed", "exponential"]
+    assert complete(home, "taskctl cron add --overlap s").stdout.split() == ["skip"]
+    assert complete(home, "taskctl cron add --catch-up l").stdout.split() == ["latest"]
+
+
+def test_completion_offers_queue_and_schedule_names_from_the_daemon(daemon: Home) -> None:
+    daemon.ok("queue", "set", "gpu")
+    daemon.ok("cron", "add", "-n", "nightly", "0 3 * * *", "--", "true")
+    (daemon.path / "w").mkdir()
+    daemon.ok("trigger", "add", "-n", "notes", str(daemon.path / "w"), "--", "true")
+    assert complete(daemon, "taskctl submit -q g").stdout.split() == ["gpu"]
+    assert set(complete(daemon, "taskctl list --queue ").stdout.split()) == {"default", "gpu"}
+    assert complete(daemon, "taskctl queue pause g").stdout.split() == ["gpu"]
+    assert complete(daemon, "taskctl cron rm n").stdout.split() == ["nightly"]
+    assert complete(daemon, "taskctl trigger pause ").stdout.split() == ["notes"]
+
+
+def test_completion_without_a_daemon_is_silent_fast_and_starts_none(home: Home) -> None:
+    began = time.monotonic()
+    done = complete(home, "taskctl submit -q ")
+    took = time.monotonic() - began
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "", "")
+    assert took < 2, took
+    assert not (home.path / "taskctld.sock").exists()
+
+
+# -- help -------------------------------------------------------------------------------------
+
+
+def _leaf_commands() -> list[list[str]]:
+    root = typer.main.get_command(build_app())
+    found = []
+    for name in root.list_commands(None):  # type: ignore[attr-defined]
+        command = root.get_command(None, name)  # type: ignore[attr-defined]
+        subs = command.list_commands(None) if hasattr(command, "list_commands") else []
+        found += [[name, sub] for sub in subs] or [[name]]
+    return found
+
+
+def test_help_paragraphs_are_not_broken_mid_sentence() -> None:
+    """On a wide terminal, each paragraph of a command's help is one line."""
+    runner = CliRunner()
+    broken = []
+    for words in _leaf_commands():
+        out = runner.invoke(build_app(), [*words, "--help"], env={"COLUMNS": "1000"}).output
+        lines = [" ".join(line.split()) for line in out.splitlines()]
+        for line in lines:
+            # a help line that ends inside a sentence and goes on lower-case on the next line
+            at = lines.index(line)
+            follows = lines[at + 1] if at + 1 < len(lines) else ""
+            if line and not line.endswith((".", ":", ")")) and re.match(r"[a-z`(]", follows):
+                broken.append((" ".join(words), line))
+    assert not broken, broken
+
+
+def test_help_says_what_json_prints() -> None:
+    runner = CliRunner()
+    metrics = runner.invoke(build_app(), ["metrics", "--help"], env={"COLUMNS": "200"}).output
+    assert "{name: }" not in metrics and "samples" in metrics
+    watch = runner.invoke(build_app(), ["watch", "--help"], env={"COLUMNS": "200"}).output
+    json_line = next(line for line in watch.splitlines() if "--json" in line)
+    assert "NDJSON" in json_line and "exactly one" not in json_line
+
+
+# -- watch on a terminal ----------------------------------------------------------------------
+
+
+def _tmux_watch(home: Home) -> str:
+    need("tmux")
+    session = f"tc{uuid.uuid4().hex[:8]}"
+    # The command gets its environment from `env`: a tmux server already running (another
+    # test's) would otherwise hand it the server's environment, not this home's.
+    command = ["env", "TERM=xterm", f"TASKCTL_HOME={home.path}", "TASKCTL_NO_AUTOSTART=1"]
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", *command, TASKCTL,
+         "watch"],
+        check=True,
+    )  # fmt: skip
+    return session
+
+
+def _screen(session: str) -> str:
+    return subprocess.run(
+        ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+    ).stdout
+
+
+def _alive(session: str) -> bool:
+    return (
+        subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
+    )
+
+
+def test_q_quits_watch_on_a_terminal(daemon: Home) -> None:
+    session = _tmux_watch(daemon)
+    try:
+        wait_until(lambda: "watching" in _screen(session), timeout=10)
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        wait_until(lambda: not _alive(session), timeout=5)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_watch_on_a_terminal_says_when_the_daemon_is_down(daemon: Home) -> None:
+    session = _tmux_watch(daemon)
+    try:
+        wait_until(lambda: "watching" in _screen(session), timeout=10)
+        daemon.stop()  # a clean stop ends the event stream without an error
+        wait_until(lambda: "lost taskctld" in _screen(session), timeout=5)
+        daemon.start()
+        wait_until(lambda: "reconnected" in _screen(session), timeout=10)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
