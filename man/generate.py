@@ -116,7 +116,7 @@ def taskctl_page() -> str:
         ".SH EXIT STATUS",
         ".TP\n0\nSuccess.",
         ".TP\n1\nA task failed (wait, submit \\-\\-wait), or the daemon is unhealthy (health).",
-        ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist); nothing was changed.",
+        ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist, an invalid config.toml when the daemon starts); nothing was changed.",
         ".TP\n3\nThe daemon is not reachable, or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue as the object of a command (status 99, queue pause nosuch).",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",

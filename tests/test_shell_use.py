@@ -4,11 +4,13 @@ never truncates in silence. Every test drives the real `taskctl`."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
 import uuid
 
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -147,3 +149,97 @@ def test_watch_on_a_terminal_says_when_the_daemon_is_down(daemon: Home) -> None:
         wait_until(lambda: "reconnected" in _screen(session), timeout=10)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+# -- one error style --------------------------------------------------------------------------
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], code: int) -> str:
+    """The error, after checking it is the one style: exit `code`, one `taskctl:` line."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert done.stderr.startswith("taskctl: ") and done.stderr.count("\n") == 1, done.stderr
+    for leak in ("Traceback", "╭", "String should", "Input should", "pattern", "Broken pipe"):
+        assert leak not in done.stderr, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (("submit", "--retries", "x", "--", "true"), "taskctl submit --help"),
+        (("list", "--bogus"), "taskctl list --help"),
+        (("list", "-n", "0"), "taskctl list --help"),
+        (("cron", "add"), "taskctl cron add --help"),
+        (("nosuch",), "taskctl --help"),
+        (("submit", "--backoff", "soon", "--", "true"), "taskctl submit --help"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(home: Home, args: tuple[str, ...], hint: str) -> None:
+    assert f"see {hint}" in _one_line_error(home.run(*args), 2)
+
+
+def test_validation_errors_are_in_plain_words(daemon: Home) -> None:
+    error = _one_line_error(daemon.run("submit", "-q", "bad name", "--", "true"), 2)
+    assert "'bad name' is not a valid name" in error
+    error = _one_line_error(daemon.run("submit", "--memory-limit", "1k", "--", "true"), 2)
+    assert "memory_limit: must be at least 1M" in error
+    assert daemon.json("list") == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("submit", "--retry-on", "0", "--", "true"),
+        ("submit", "-n", "", "--", "true"),
+        ("cron", "add", "--tz", "", "0 3 * * *", "--", "true"),
+        ("cron", "add", "-n", "", "0 3 * * *", "--", "true"),
+    ],
+)
+def test_empty_or_meaningless_values_are_refused(daemon: Home, args: tuple[str, ...]) -> None:
+    _one_line_error(daemon.run(*args), 2)
+    assert daemon.json("list") == [] and daemon.json("cron", "list") == []
+
+
+def test_a_config_error_is_a_usage_error(home: Home) -> None:
+    home.config(concurrency="lots")
+    error = _one_line_error(home.run("daemon", "start"), 2)
+    assert "concurrency: must be a whole number" in error
+
+
+def test_a_request_over_the_size_limit_is_reported_as_such(daemon: Home) -> None:
+    """1.2 MB of environment, captured by submit: the daemon answers 413 before reading it all."""
+    big = {f"BIG{n}": "x" * 120_000 for n in range(10)}
+    error = _one_line_error(daemon.run("submit", "--", "true", env=big), 2)
+    assert "over the limit" in error
+    assert daemon.json("list") == []
+
+
+def test_a_deleted_current_directory_is_one_line(daemon: Home, tmp_path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(
+        ["sh", "-c", f'cd {gone} && rmdir {gone} && exec "{TASKCTL}" submit -- true'],
+        env=daemon.env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "current directory no longer exists" in _one_line_error(done, 2)
+
+
+def test_taskctl_home_that_is_a_file_is_one_line(tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    for autostart in ("0", "1"):
+        env = {**os.environ, "TASKCTL_HOME": str(tmp_path / "file")}
+        env["TASKCTL_NO_AUTOSTART"] = "" if autostart == "1" else "1"
+        done = subprocess.run([TASKCTL, "list"], env=env, capture_output=True, text=True)
+        assert "is not a folder" in _one_line_error(done, 2)
+
+
+def test_cancel_counts_dependents_failed_by_its_own_cascade_as_done(daemon: Home) -> None:
+    first = daemon.submit("sleep", "60")
+    second = daemon.submit("true", options=("--after", str(first)))
+    third = daemon.submit("true", options=("--after", str(second)))
+    done = daemon.run("cancel", str(first), str(second), str(third))
+    assert done.returncode == 0, done.stderr
+    assert "already failed" in done.stderr
+    finished = daemon.submit("true")
+    daemon.wait_final(finished)
+    assert daemon.run("cancel", str(finished)).returncode == 5  # succeeded: not cancellable

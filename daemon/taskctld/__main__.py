@@ -130,8 +130,9 @@ def _await_readiness(r: int) -> int:
     if message.startswith(b"ok"):
         return 0
     text = message.decode(errors="replace").strip() or "exited before it was ready (see its log)"
-    print(f"taskctld: {text}", file=sys.stderr)
-    return 1
+    invalid = text.startswith("invalid: ")  # app.INVALID, without importing the daemon here
+    print(f"taskctld: {text.removeprefix('invalid: ')}", file=sys.stderr)
+    return 2 if invalid else 1
 
 
 def _redirect_stdio(paths: Paths) -> None:

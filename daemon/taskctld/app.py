@@ -45,9 +45,11 @@ def run(paths: Paths, *, ready_fd: int | None) -> int:
     )
     try:
         config = Config.load(paths.config_file)
-    except TaskctlError as e:
-        _tell_starter(ready_fd, e.message)
-        return 1
+    except TaskctlError as e:  # the user's config.toml: a usage error (exit 2), not a fault
+        if ready_fd is None:
+            print(f"taskctld: {e.message}", file=sys.stderr)
+        _tell_starter(ready_fd, INVALID + e.message)
+        return e.exit_code
     try:
         return asyncio.run(_serve(paths, config, ready_fd))
     except TaskctlError as e:
@@ -196,6 +198,9 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, shutdown: asyncio.E
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+
+INVALID = "invalid: "  # a readiness message that blames the user's input (exit status 2)
 
 
 def _tell_starter(ready_fd: int | None, message: str) -> None:

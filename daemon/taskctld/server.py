@@ -60,6 +60,7 @@ from taskctl.errors import (
 from taskctld.service import Service
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
+from taskctld.wording import describe
 
 log = logging.getLogger("taskctld.server")
 
@@ -583,7 +584,7 @@ def _validation_message(exc: RequestValidationError) -> str:
         if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
             prefix, loc = f"task {loc[1] + 1}: ", loc[2:]
         where = ".".join(str(p) for p in loc)
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = describe(dict(err))
         parts.append(prefix + (f"{where}: {msg}" if where else msg))
     return "invalid request: " + "; ".join(parts)
 

@@ -14,7 +14,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -125,14 +125,33 @@ def main() -> None:
         completion_init()
     try:
         if args and args[0] in COMMANDS:
-            _single_command_app(args[0])(args=args[1:], prog_name=f"taskctl {args[0]}")
+            app, prog = _single_command_app(args[0]), f"taskctl {args[0]}"
+            status = app(args=args[1:], prog_name=prog, standalone_mode=False)
         else:
-            build_app()(args=args, prog_name="taskctl")
+            status = build_app()(args=args, prog_name="taskctl", standalone_mode=False)
     except TaskctlError as e:
         print(f"taskctl: {e.message}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except typer.TyperException as e:  # click's usage errors, and ours raised as BadParameter
+        _report_usage_error(e)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(141)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _report_usage_error(e: typer.TyperException) -> NoReturn:
+    """One line, as every other error: `taskctl: what is wrong; see taskctl CMD --help`, exit 2
+    (typer would draw a box around it, beside the one-line errors of everything else)."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare `taskctl cron`: its help is the answer
+        print(e.format_message(), file=sys.stderr)
+        sys.exit(2)
+    lines = [line.strip().rstrip(".") for line in e.format_message().splitlines()]
+    message = "; ".join(line for line in lines if line)
+    message = message[:1].lower() + message[1:] if message[1:2].islower() else message
+    ctx = getattr(e, "ctx", None)
+    hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    print(f"taskctl: {message}{hint}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 2))

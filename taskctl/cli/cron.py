@@ -78,6 +78,10 @@ def add(
         command = command[1:]
     if not command:
         raise typer.BadParameter("give the command after --", param_hint="COMMAND")
+    if tz is not None and not tz.strip():
+        raise typer.BadParameter(
+            "give a zone such as Europe/Berlin, or leave it out", param_hint="--tz"
+        )
     _choice(overlap, ("skip", "queue", "allow"), "--overlap")
     _choice(catch_up, ("none", "latest", "all"), "--catch-up")
     task = o.task_spec(

@@ -10,6 +10,7 @@ from taskctl import DEFAULT_QUEUE
 from taskctl.cli import complete
 from taskctl.cli.common import duration, exit_codes, pairs, size
 from taskctl.environment import minimal_env
+from taskctl.errors import InvalidRequest
 
 EXEC = "Execution"
 RETRY = "Retries"
@@ -203,7 +204,7 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
         "queue": o.get("queue", DEFAULT_QUEUE),
         "priority": o.get("priority", 0),
         "shell": bool(o.get("shell")),
-        "cwd": os.path.abspath(o["cwd"]) if o.get("cwd") else os.getcwd(),
+        "cwd": absolute(o["cwd"]) if o.get("cwd") else current_dir(),
         "env": {
             **(minimal_env() if o.get("no_env") else dict(os.environ)),
             **pairs(o.get("env"), "--env"),
@@ -212,6 +213,8 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
     }
     if o.get("backoff") is not None and o["backoff"] not in ("fixed", "exponential"):
         raise typer.BadParameter("must be fixed or exponential", param_hint="--backoff")
+    if o.get("name") == "":
+        raise typer.BadParameter("a name must not be empty", param_hint="--name")
     if o.get("delay") is not None and o.get("at") is not None:
         raise typer.BadParameter("give either --delay or --at", param_hint="--at")
     optional = {
@@ -232,6 +235,21 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
+
+
+def current_dir() -> str:
+    """The shell's current directory; a usage error when it has been deleted under it."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise InvalidRequest(
+            "the current directory no longer exists: cd to one that does, or give -C DIR"
+        ) from None
+
+
+def absolute(path: str) -> str:
+    """As `os.path.abspath`, with `current_dir`'s error."""
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(current_dir(), path))
 
 
 def task_ids(values: list[str] | None, option: str) -> list[int]:

@@ -19,8 +19,8 @@ from taskctl.cli.common import (
     note,
     wait_final,
 )
-from taskctl.client import path_for
-from taskctl.errors import TaskctlError
+from taskctl.client import Client, path_for
+from taskctl.errors import Conflict, TaskctlError
 
 
 def list_tasks(
@@ -122,18 +122,33 @@ def _each(task_ids: list[str], action: str, json_: bool) -> None:
     for task_id in ids(task_ids):
         try:
             task = c.call("POST", path_for("tasks", task_id, action), timeout=None)
+            said = task["state"]
         except TaskctlError as e:
-            named = str(task_id) in e.message.split()  # most messages name the task already
-            note(f"taskctl: {e.message}" if named else f"taskctl: task {task_id}: {e.message}")
-            failure = failure or e
-            continue
+            done = _already_cancelled(c, task_id) if isinstance(e, Conflict) else None
+            if done is None:
+                named = str(task_id) in e.message.split()  # most messages name the task already
+                note(f"taskctl: {e.message}" if named else f"taskctl: task {task_id}: {e.message}")
+                failure = failure or e
+                continue
+            task, said = done
         results.append(task)
         if not json_:
-            note(f"task {task_id}: {task['state']}")
+            note(f"task {task_id}: {said}")
     if json_:
         emit_json(results[0] if len(task_ids) == 1 and results else results)
     if failure is not None:
         raise typer.Exit(failure.exit_code)
+
+
+def _already_cancelled(c: Client, task_id: int) -> tuple[dict[str, Any], str] | None:
+    """For a cancel the daemon refused: the task and what to say, if it failed because a task it
+    depends on did not succeed, as when this same `cancel` has just cancelled that one and the
+    cascade got there first. It never ran and never will, which is all cancel asks, so that is
+    not a conflict. Any other final task is (exit 5), a cancelled one included."""
+    task: dict[str, Any] = c.call("GET", path_for("tasks", task_id))
+    if task["state"] == "failed" and task.get("reason") == "dependency_failed":
+        return task, "already failed (a task it depends on did not succeed)"
+    return None
 
 
 def cancel(
@@ -141,7 +156,10 @@ def cancel(
     json_: JsonOption = False,
 ) -> None:
     """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
-    SIGKILL after their grace period)."""
+    SIGKILL after their grace period).
+
+    A task already failed because a task it depends on did not succeed counts as done (as when
+    the cancel of that one reached it first); any other finished task is a conflict (exit 5)."""
     _each(task_ids, "cancel", json_)
 
 

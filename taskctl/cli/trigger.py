@@ -1,7 +1,6 @@
 """`taskctl trigger`: run a task when files change (what systemd path units, incron and entr do),
 with the same queue, policies and logs as any task."""
 
-import os
 import sys
 from typing import Annotated, Any
 
@@ -79,7 +78,7 @@ def add(
         kill_grace=kill_grace, memory_limit=memory_limit,
     )  # fmt: skip
     body: dict[str, Any] = {
-        "kind": "trigger", "name": name, "paths": [os.path.abspath(p) for p in paths], "glob": glob,
+        "kind": "trigger", "name": name, "paths": [o.absolute(p) for p in paths], "glob": glob,
         "recursive": recursive, "debounce": duration(debounce, "--debounce"), "overlap": overlap, "task": task,
     }  # fmt: skip
     trigger = client().call(
