@@ -243,3 +243,29 @@ def test_cancel_counts_dependents_failed_by_its_own_cascade_as_done(daemon: Home
     finished = daemon.submit("true")
     daemon.wait_final(finished)
     assert daemon.run("cancel", str(finished)).returncode == 5  # succeeded: not cancellable
+
+
+# -- options after the positional argument ----------------------------------------------------
+
+
+def test_with_a_double_dash_options_after_the_positional_are_taskctls(daemon: Home) -> None:
+    """The issue's own line: the zone and the name were stored as the command."""
+    daemon.ok("cron", "add", "30 2 * * *", "--tz", "America/New_York", "--name", "spring",
+              "--", "./x")  # fmt: skip
+    schedule = daemon.json("cron", "show", "spring")
+    assert (schedule["tz"], schedule["command"]) == ("America/New_York", ["./x"])
+    task_id = int(daemon.ok("submit", "echo", "--name", "greet", "--", "hi", "--name").strip())
+    task = daemon.task(task_id)
+    assert (task["name"], task["command"]) == ("greet", ["echo", "hi", "--name"])
+    (daemon.path / "w").mkdir()
+    daemon.ok("trigger", "add", str(daemon.path / "w"), "-n", "docs", "--", "make", "-n", "x")
+    (trigger,) = daemon.json("trigger", "list")
+    assert (trigger["name"], trigger["command"]) == ("docs", ["make", "-n", "x"])
+
+
+def test_without_a_double_dash_the_command_starts_at_its_first_word(daemon: Home) -> None:
+    """`taskctl submit make build` and `submit echo -n hi`: the options after the command's
+    first word are the command's."""
+    for words in (["make", "build"], ["echo", "-n", "hi"], ["ls", "--name", "x"]):
+        task = daemon.task(int(daemon.ok("submit", *words).strip()))
+        assert task["command"] == words and task["name"] is None, task

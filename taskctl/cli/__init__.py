@@ -52,6 +52,15 @@ def _function(name: str) -> Callable[..., Any]:
     return function
 
 
+def _class(name: str) -> Any:
+    """`submit` reads its words as `cron add` and `trigger add` do (see CommandAfterDashDash)."""
+    if name != "submit":
+        return None
+    from taskctl.cli.options import CommandAfterDashDash
+
+    return CommandAfterDashDash
+
+
 def _prose(doc: str | None) -> str | None:
     """A docstring as help: paragraphs kept, the line breaks inside each one dropped (typer
     keeps those of all but the first paragraph, which breaks sentences mid-line)."""
@@ -89,9 +98,9 @@ def build_app() -> typer.Typer:
     )
     for name, (_, _, settings) in COMMANDS.items():
         function = _function(name)
-        app.command(name, context_settings=settings or None, help=_prose(function.__doc__))(
-            function
-        )
+        app.command(
+            name, cls=_class(name), context_settings=settings or None, help=_prose(function.__doc__)
+        )(function)
     for name, module in GROUPS.items():
         app.add_typer(_with_prose_help(importlib.import_module(module).app), name=name)
 
@@ -111,9 +120,12 @@ def _single_command_app(name: str) -> typer.Typer:
         add_completion=False, pretty_exceptions_enable=False, context_settings=_CONTEXT
     )
     function = _function(name)
-    app.command(name, context_settings=COMMANDS[name][2] or None, help=_prose(function.__doc__))(
-        function
-    )
+    app.command(
+        name,
+        cls=_class(name),
+        context_settings=COMMANDS[name][2] or None,
+        help=_prose(function.__doc__),
+    )(function)
     return app
 
 

@@ -35,7 +35,7 @@ CatchUp = Annotated[
 ]
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command(cls=o.CommandAfterDashDash, context_settings={"allow_interspersed_args": False})
 def add(
     spec: Annotated[
         str,

@@ -5,6 +5,7 @@ import os
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.cli import complete
@@ -15,6 +16,21 @@ from taskctl.errors import InvalidRequest
 EXEC = "Execution"
 RETRY = "Retries"
 WHEN = "Scheduling"
+
+
+class CommandAfterDashDash(TyperCommand):
+    """How `submit`, `cron add` and `trigger add` read their words.
+
+    With a `--`, every word before it is taskctl's, options included, wherever they stand:
+    `cron add '30 2 * * *' --tz America/New_York -- ./x` takes the zone; every word after it is
+    the command's. Without one, the command starts at the first word that is not an option
+    (`taskctl submit make -j4`: `-j4` is make's)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        if "--" in args:
+            ctx.allow_interspersed_args = True
+        return super().parse_args(ctx, args)
+
 
 Command = Annotated[
     list[str],

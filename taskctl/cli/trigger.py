@@ -16,7 +16,7 @@ from taskctl.errors import InvalidRequest
 app = typer.Typer(help="File triggers: add, list, rm, pause, resume.", no_args_is_help=True)
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+@app.command(cls=o.CommandAfterDashDash, context_settings={"allow_interspersed_args": True})
 def add(
     words: Annotated[
         list[str], typer.Argument(help="PATH... -- COMMAND [ARG...]", metavar="PATH... -- CMD...")
