@@ -151,7 +151,7 @@ taskctl submit --timeout 30m --memory-limit 2G -- ./convert.sh big.mov
 taskctl cron add -n backup --tz Europe/Berlin '30 2 * * *' -- ./backup.sh
 taskctl trigger add ~/notes --glob '*.md' -- make site
 seq 100 | sed 's/^/echo /' | taskctl submit --stdin -q bulk
-taskctl list --json | jq '.[] | select(.state == "failed") | .id'
+taskctl list --all --json | jq '.[] | select(.state == "failed") | .id'
 taskctl logs -f 42"""
         ),
         ".fi",

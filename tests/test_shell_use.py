@@ -4,6 +4,7 @@ never truncates in silence. Every test drives the real `taskctl`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -269,3 +270,24 @@ def test_without_a_double_dash_the_command_starts_at_its_first_word(daemon: Home
     for words in (["make", "build"], ["echo", "-n", "hi"], ["ls", "--name", "x"]):
         task = daemon.task(int(daemon.ok("submit", *words).strip()))
         assert task["command"] == words and task["name"] is None, task
+
+
+# -- list never truncates in silence ----------------------------------------------------------
+
+
+def test_list_says_when_more_tasks_match_than_it_shows(daemon: Home) -> None:
+    """The README's `list --json | jq 'select(.state == "failed")'` found 0 of 6 failed tasks:
+    the 6 were older than the newest 100, and nothing said so."""
+    lines = ["exit 1"] * 6 + ["true"] * 100
+    ids = [int(i) for i in daemon.ok("submit", "--stdin", input="\n".join(lines) + "\n").split()]
+    daemon.wait_all_final(ids)
+    done = daemon.run("list", "--json")
+    assert len(json.loads(done.stdout)) == 100  # stdout: still exactly one JSON array
+    assert "6 more tasks match than the 100 shown" in done.stderr
+    assert "--limit 106" in done.stderr and "--all" in done.stderr
+    assert "6 more" in daemon.run("list").stderr  # the same for people
+    every = daemon.json("list", "--all")
+    assert len(every) == 106 and sum(t["state"] == "failed" for t in every) == 6
+    quiet = daemon.run("list", "--state", "failed", "--json")
+    assert len(json.loads(quiet.stdout)) == 6 and quiet.stderr == ""
+    assert daemon.run("list", "-n", "106").stderr == ""

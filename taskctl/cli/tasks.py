@@ -51,30 +51,62 @@ def list_tasks(
         ),
     ] = None,
     limit: Annotated[
-        int,
-        typer.Option("-n", "--limit", metavar="N", min=1, max=100_000, help="At most this many."),
-    ] = 100,
+        int | None,
+        typer.Option(
+            "-n",
+            "--limit",
+            metavar="N",
+            min=1,
+            max=100_000,
+            help="At most this many (default 100).",
+        ),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every task that matches.")] = False,
     show_env: Annotated[
         bool, typer.Option("--show-env", help="Include environments in --json.")
     ] = False,
     json_: JsonOption = False,
 ) -> None:
-    """Tasks, newest first."""
+    """Tasks, newest first: the newest 100 unless told otherwise. When more match, a notice on
+    stderr says how many and how to see them (stdout stays the list, or one JSON array)."""
     for s in state or []:
         if s not in complete.STATES:
             raise typer.BadParameter(
                 f"{s!r} is not one of {', '.join(complete.STATES)}", param_hint="--state"
             )
-    tasks = client().call(
-        "GET",
-        path_for(
-            "tasks", state=state, queue=queue, label=label, limit=limit, show_env=show_env or None
-        ),
-    )
+    if all_ and limit is not None:
+        raise typer.BadParameter("give --limit or --all, not both", param_hint="--all")
+    query = {"state": state, "queue": queue, "label": label, "show_env": show_env or None}
+    tasks, total = _fetch_tasks(client(), query, None if all_ else limit or 100)
     if json_:
         emit_json(tasks)
     else:
         render.print_task_list(tasks)
+    if total > len(tasks):
+        note(
+            f"taskctl: {total - len(tasks)} more tasks match than the {len(tasks)} shown; "
+            f"see them with --limit {min(total, 100_000)} or --all"
+        )
+
+
+_PAGE = 10_000
+
+
+def _fetch_tasks(c: Client, query: dict[str, Any], limit: int | None) -> tuple[list[Any], int]:
+    """The newest `limit` tasks that match (None: all, a page at a time) and how many match in
+    all (the daemon's X-Total-Count; a daemon without it: as many as it gave)."""
+    tasks: list[Any] = []
+    total = None
+    while True:
+        size = _PAGE if limit is None else limit
+        before = tasks[-1]["id"] if tasks else None
+        response = c.open("GET", path_for("tasks", **query, limit=size, before=before))
+        if total is None:
+            total = int(response.headers.get("x-total-count", 0))
+        page = response.json()
+        tasks += page
+        if limit is not None or len(page) < size:
+            return tasks, max(total, len(tasks))
 
 
 def status(
