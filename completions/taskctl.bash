@@ -1,4 +1,3 @@
-
 _taskctl_completion() {
     local IFS=$'
 '

@@ -7,7 +7,9 @@ examples) is here.
 
 from __future__ import annotations
 
+import re
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import typer.main  # noqa: E402
 from taskctl import __version__  # noqa: E402
 from taskctl.cli import build_app  # noqa: E402
 
-DATE = "2026"
+DATE = "DATE"  # a placeholder in the pages' text, filled in by `dated`
 
 
 def esc(text: str) -> str:
@@ -114,7 +116,7 @@ def taskctl_page() -> str:
         ".SH EXIT STATUS",
         ".TP\n0\nSuccess.",
         ".TP\n1\nA task failed (wait, submit \\-\\-wait), or the daemon is unhealthy (health).",
-        ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist); nothing was changed.",
+        ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist, an invalid config.toml when the daemon starts); nothing was changed.",
         ".TP\n3\nThe daemon is not reachable, or busy (as many connections as max_connections allows), or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue as the object of a command (status 99, queue pause nosuch).",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",
@@ -149,7 +151,7 @@ taskctl submit --timeout 30m --memory-limit 2G -- ./convert.sh big.mov
 taskctl cron add -n backup --tz Europe/Berlin '30 2 * * *' -- ./backup.sh
 taskctl trigger add ~/notes --glob '*.md' -- make site
 seq 100 | sed 's/^/echo /' | taskctl submit --stdin -q bulk
-taskctl list --json | jq '.[] | select(.state == "failed") | .id'
+taskctl list --all --json | jq '.[] | select(.state == "failed") | .id'
 taskctl logs -f 42"""
         ),
         ".fi",
@@ -211,9 +213,28 @@ def taskctld_page() -> str:
     return "\n".join(out)
 
 
+def dated(page: str, path: Path) -> str:
+    """The page with the date of its last change in `.TH` ("December 7, 2026", a form mandoc
+    and groff both parse): the date already in `path` while the rest of the page is the same,
+    so regenerating an unchanged page changes nothing, and today's date when it differs."""
+    old = path.read_text() if path.exists() else ""
+    head = re.compile(r'^(\.TH \S+ \d) "([^"]*)"')
+    found = head.match(old)
+    kept = found and re.fullmatch(r"[A-Z][a-z]+ \d{1,2}, \d{4}", found.group(2))
+    unchanged = kept and head.sub(rf'\1 "{DATE}"', old, count=1) == page
+    when = found.group(2) if found and unchanged else _today()
+    return head.sub(rf'\1 "{when}"', page, count=1)
+
+
+def _today() -> str:
+    today = date.today()
+    return f"{today:%B} {today.day}, {today.year}"
+
+
 def main() -> int:
-    (ROOT / "man" / "taskctl.1").write_text(taskctl_page())
-    (ROOT / "man" / "taskctld.8").write_text(taskctld_page())
+    for name, page in (("taskctl.1", taskctl_page()), ("taskctld.8", taskctld_page())):
+        path = ROOT / "man" / name
+        path.write_text(dated(page, path))
     return 0
 
 

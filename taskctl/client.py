@@ -15,6 +15,7 @@ from __future__ import annotations
 # `_socket` rather than `socket`: the wrapper module converts its constants to enums at import,
 # which costs the CLI about 1.5 ms; the C module has everything a Unix-socket client needs.
 import _socket as socket
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from taskctl import API_VERSION, __version__
-from taskctl.errors import StorageFull, TaskctlError, Unreachable, error_from_body
+from taskctl.errors import InvalidRequest, StorageFull, TaskctlError, Unreachable, error_from_body
 from taskctl.paths import Paths
 from taskctl.wire import dumps_request
 
@@ -152,7 +153,9 @@ class Client:
         payload = b"" if body is None else dumps_request(body)
         sock = self._connect(timeout)
         try:
-            sock.sendall(_request_bytes(method, path, payload))
+            # Refused before it was whole (over the size limit)? Its answer says why: read it.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(_request_bytes(method, path, payload))
             response = _read_head(sock)
         except TimeoutError:
             sock.close()
@@ -188,6 +191,11 @@ class Client:
     def _connect(self, timeout: float | None) -> socket.socket:
         try:
             return self._connect_once(timeout)
+        except NotADirectoryError:
+            raise InvalidRequest(
+                f"{self.paths.runtime} is not a folder: TASKCTL_HOME (or XDG_RUNTIME_DIR) must "
+                "name a folder"
+            ) from None
         except (FileNotFoundError, ConnectionRefusedError):
             if not self.autostart:
                 raise Unreachable(
@@ -281,6 +289,8 @@ def start_daemon(paths: Paths, *, timeout: float = _START_TIMEOUT) -> None:
         )
         if done.returncode == StorageFull.exit_code:  # taskctld's exit code for a full disk
             raise StorageFull(f"could not start taskctld: {reason}")
+        if done.returncode == 2:  # its config is wrong: the user's to fix, not unreachable
+            raise InvalidRequest(f"cannot start taskctld: {reason}")
         raise Unreachable(f"could not start taskctld: {reason}")
     deadline = time.monotonic() + 5
     while not Client(paths, autostart=False).ping():

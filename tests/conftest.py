@@ -44,6 +44,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def need(*tools: str) -> None:
+    """Skip the calling test when a program it drives is not installed, with one line naming it
+    (pytest folds the skips of every test that lacks it into that line). `make test` installs
+    nothing; `.ci/run` installs them all (`.ci/tools`) and fails when any test was skipped."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (.ci/tools installs it)")
+
+
 def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
     """A plain HTTP/1.1 GET over the Unix socket: curl when installed, else a raw socket."""
     if shutil.which("curl"):

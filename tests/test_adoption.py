@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 
@@ -14,7 +13,7 @@ from taskctl.units import now_ms
 from taskctld.procfs import ProcessId, read_boot_id
 from taskctld.runner import _kill_orphan
 
-from conftest import Home, wait_until
+from conftest import Home, need, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -120,8 +119,9 @@ def test_no_supervisor_means_nothing_is_claimed_until_a_new_one_starts(daemon: H
     """Our supervisor dies and a new one cannot start (its socket cannot be made here): health
     says why, tasks wait queued rather than `running` with no process, and the daemon keeps
     trying, so they run once it can."""
-    if os.geteuid() != 0 or not shutil.which("chattr"):
-        pytest.fail("making a folder immutable for this test needs root and chattr")
+    need("chattr")
+    if os.geteuid() != 0:
+        pytest.fail("making a folder immutable for this test needs root")
     subprocess.run(["chattr", "+i", str(daemon.path)], check=True)
     try:
         for sup in _supervisors(daemon):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import typer.main
 
 from taskctl.cli import build_app
 
-from conftest import TASKCTL
+from conftest import TASKCTL, need
 
 ROOT = Path(__file__).resolve().parent.parent
 SHELLS = ("bash", "zsh", "fish")
@@ -42,13 +41,37 @@ def _leaf_commands() -> Iterator[tuple[str, click.Command]]:
         yield path, command
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-def test_completion_scripts_match_the_cli(shell: str) -> None:
-    env = {**os.environ, "_TASKCTL_COMPLETE": f"source_{shell}"}
-    fresh = subprocess.run([TASKCTL], env=env, capture_output=True, text=True, check=True).stdout
-    assert (ROOT / "completions" / f"taskctl.{shell}").read_text() == fresh, (
-        "run `make completions`"
+def test_completion_scripts_match_the_cli(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "completions" / "generate.py"), tmp_path], check=True
     )
+    for shell in SHELLS:
+        fresh = (tmp_path / f"taskctl.{shell}").read_text()
+        assert (ROOT / "completions" / f"taskctl.{shell}").read_text() == fresh, (
+            "run `make completions`"
+        )
+        assert fresh.startswith("#compdef taskctl\n") or shell != "zsh"
+
+
+def test_zsh_completion_installed_as_the_readme_says_completes(tmp_path: Path) -> None:
+    """README: copy it to a folder on $fpath as `_taskctl`, then compinit. compinit registers it
+    only when `#compdef` is its first line, and the first TAB runs the file's body."""
+    need("zsh")
+    (tmp_path / "_taskctl").write_text((ROOT / "completions" / "taskctl.zsh").read_text())
+    stubs = "".join(f"{f}() {{ print -r -- $@; }}; " for f in ("_arguments", "_describe"))
+    done = subprocess.run(
+        [
+            "zsh", "-fc",
+            f"fpath=({tmp_path} $fpath); autoload -Uz compinit; compinit -u -D; "
+            "print -r -- registered=${_comps[taskctl]}; "
+            f"words=(taskctl cr); CURRENT=2; {stubs} _taskctl",
+        ],
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "registered=_taskctl" in done.stdout.splitlines()
+    assert '"cron"' in done.stdout  # completed on the first TAB
 
 
 def test_completion_completes_the_current_commands() -> None:
@@ -83,9 +106,7 @@ def test_completion_completes_the_current_commands() -> None:
     ],
 )
 def test_completion_scripts_load_in_their_shells(shell: str, load: str) -> None:
-    assert shutil.which(shell), (
-        f"{shell} is missing: `make test` installs it where it may (.ci/tools)"
-    )
+    need(shell)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -105,8 +126,17 @@ def test_man_pages_match_the_cli(tmp_path: Path) -> None:
     assert before == after, "run `make man`"
 
 
+def test_mandoc_lint_finds_nothing_to_warn_about() -> None:
+    need("mandoc")
+    pages = [str(ROOT / "man" / p) for p in ("taskctl.1", "taskctld.8")]
+    done = subprocess.run(
+        ["mandoc", "-T", "lint", "-W", "warning", *pages], capture_output=True, text=True
+    )
+    assert done.stdout + done.stderr == "", done.stdout + done.stderr
+
+
 def test_the_man_page_renders_every_command() -> None:
-    assert shutil.which("man"), "man-db is needed to render the page"
+    need("man")
     rendered = subprocess.run(
         ["man", "-l", str(ROOT / "man" / "taskctl.1")],
         capture_output=True,
@@ -154,3 +184,18 @@ def test_every_option_and_argument_names_what_it_takes() -> None:
             if not is_flag and param.name != "help" and not param.metavar:
                 missing.append(f"{path} {param.opts[-1]}")
     assert not missing, f"no metavar: {missing}"
+
+
+def test_the_readme_pipelines_into_submit_stdin_make_commands() -> None:
+    """`seq 1000 | sed ... | taskctl submit --stdin`: what feeds taskctl runs and gives lines."""
+    readme = (ROOT / "README.md").read_text()
+    feeds = [
+        line.split("| taskctl submit --stdin")[0].rpartition(";")[2].strip()
+        for line in readme.splitlines()
+        if "| taskctl submit --stdin" in line
+    ]
+    assert feeds
+    for feed in feeds:
+        done = subprocess.run(["bash", "-c", feed], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and not done.stderr, (feed, done.stderr)
+        assert done.stdout and all(line.strip() for line in done.stdout.splitlines()), feed

@@ -16,7 +16,7 @@ from pathlib import Path
 from taskctl.paths import Paths
 from taskctl.units import now_ms, rfc3339_to_ms
 
-from conftest import TASKCTL, Home, figure, http_get, wait_until
+from conftest import TASKCTL, Home, figure, http_get, need, wait_until
 
 
 def _watch(home: Home, *args: str) -> subprocess.Popen[str]:
@@ -68,6 +68,7 @@ def test_watch_reconnects_when_the_daemon_restarts(daemon: Home) -> None:
 
 
 def test_watch_in_a_terminal_updates_without_a_keypress(daemon: Home) -> None:
+    need("tmux")
     session = f"tc{uuid.uuid4().hex[:8]}"
     env = {**daemon.env, "TERM": "xterm"}
     subprocess.run(
@@ -175,12 +176,9 @@ def test_metrics_parse_and_count_what_list_shows(daemon: Home) -> None:
         timeout=60,
     )
     tasks = daemon.json("list", "-n", "200")
-    text = subprocess.run(
-        ["curl", "-sS", "--unix-socket", str(daemon.path / "taskctld.sock"), "http://t/metrics"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    status, body = http_get(str(daemon.path / "taskctld.sock"), "/metrics")
+    assert status == 200
+    text = body.decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     by_state = Counter(t["state"] for t in tasks)
     gauge = {

@@ -48,8 +48,10 @@ def run(paths: Paths, *, ready_fd: int | None, lock_fd: int | None = None) -> in
     )
     try:
         config = Config.load(paths.config_file)
-    except TaskctlError as e:
-        return _fail(ready_fd, lock_fd, e.message)
+    except TaskctlError as e:  # the user's config.toml: a usage error (exit 2), not a fault
+        if ready_fd is None:
+            print(f"taskctld: {e.message}", file=sys.stderr)
+        return _fail(ready_fd, lock_fd, e.message, e.exit_code)
     try:
         return asyncio.run(_serve(paths, config, ready_fd))
     except StorageFull as e:

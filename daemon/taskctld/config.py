@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 
 from taskctl.api import Backoff, Duration, Request
 from taskctl.errors import InvalidRequest
+from taskctld.wording import describe
 
 
 def _cpu_count() -> int:
@@ -75,4 +76,4 @@ class Config(Request):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"{path}: {where}: {first['msg']}") from None
+            raise InvalidRequest(f"{path}: {where}: {describe(dict(first))}") from None

@@ -62,10 +62,12 @@ from taskctl.errors import (
 from taskctld.service import Service, Submitted
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
+from taskctld.wording import describe
 
 log = logging.getLogger("taskctld.server")
 
 MAX_BODY = 1 << 20
+TOTAL_COUNT = "X-Total-Count"  # on GET /v1/tasks: how many tasks the filter matches in all
 MAX_BATCH_BODY = 64 << 20
 MAX_WATCHERS = 64  # concurrent event streams
 MAX_ID = (1 << 63) - 1  # SQLite's integers
@@ -184,7 +186,8 @@ def create_app(service: Service) -> FastAPI:
         before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
         show_env: bool = False,
     ) -> Response:
-        """Tasks, newest first."""
+        """Tasks, newest first. `X-Total-Count` says how many match beyond `limit`, so that a
+        client never shows fewer than there are without saying so."""
         where = TaskFilter(
             states=state or (),
             queue=queue,
@@ -192,7 +195,11 @@ def create_app(service: Service) -> FastAPI:
             limit=limit,
             before_id=before,
         )
-        return json_response(service.views(service.list_tasks(where), show_env=show_env))
+        rows = service.list_tasks(where)
+        response = json_response(service.views(rows, show_env=show_env))
+        total = len(rows) if len(rows) < limit else service.count_tasks(where)
+        response.headers[TOTAL_COUNT] = str(total)
+        return response
 
     @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
     async def get_task(task_id: TaskId, show_env: bool = False) -> Response:
@@ -621,7 +628,7 @@ def _validation_message(exc: RequestValidationError) -> str:
         if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
             prefix, loc = f"task {loc[1] + 1}: ", loc[2:]
         where = ".".join(str(p) for p in loc)
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = describe(dict(err))
         parts.append(prefix + (f"{where}: {msg}" if where else msg))
     return "invalid request: " + "; ".join(parts)
 

@@ -290,6 +290,9 @@ class Service:
     def list_tasks(self, where: TaskFilter) -> list[TaskRow]:
         return self.store.list_tasks(where)
 
+    def count_tasks(self, where: TaskFilter) -> int:
+        return self.store.count_tasks(where)
+
     # -- cancel and wait ------------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRow:

@@ -18,6 +18,12 @@ JsonOption = Annotated[
 ]
 
 
+JsonStreamOption = Annotated[
+    bool,
+    typer.Option("--json", help="Stream NDJSON on stdout: one JSON object per line, as they come."),
+]
+
+
 def client() -> Client:
     return Client()
 
@@ -69,8 +75,10 @@ def exit_codes(text: str | None, option: str) -> list[int] | None:
         raise typer.BadParameter(
             f"{text!r} must be exit codes like 75,111", param_hint=option
         ) from None
-    if not codes or any(not 0 <= c <= 255 for c in codes):
-        raise typer.BadParameter("exit codes are 0-255", param_hint=option)
+    if not codes or any(not 1 <= c <= 255 for c in codes):
+        raise typer.BadParameter(
+            "exit codes of a failure are 1-255 (0 is success, never retried)", param_hint=option
+        )
     return codes
 
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import DEFAULT_QUEUE, render
+from taskctl.cli import complete
 from taskctl.cli import options as o
 from taskctl.cli.common import JsonOption, client, emit_json, note
 from taskctl.client import path_for
@@ -20,6 +21,7 @@ Overlap = Annotated[
         "--overlap",
         metavar="skip|queue|allow",
         help="When the previous run is unfinished: skip this one, queue it behind, or allow both.",
+        autocompletion=complete.overlaps,
     ),
 ]
 CatchUp = Annotated[
@@ -28,11 +30,12 @@ CatchUp = Annotated[
         "--catch-up",
         metavar="none|latest|all",
         help="Times missed while the daemon was down: none, latest (run the newest once), all.",
+        autocompletion=complete.catch_ups,
     ),
 ]
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command(cls=o.CommandAfterDashDash, context_settings={"allow_interspersed_args": False})
 def add(
     spec: Annotated[
         str,
@@ -75,6 +78,10 @@ def add(
         command = command[1:]
     if not command:
         raise typer.BadParameter("give the command after --", param_hint="COMMAND")
+    if tz is not None and not tz.strip():
+        raise typer.BadParameter(
+            "give a zone such as Europe/Berlin, or leave it out", param_hint="--tz"
+        )
     _choice(overlap, ("skip", "queue", "allow"), "--overlap")
     _choice(catch_up, ("none", "latest", "all"), "--catch-up")
     task = o.task_spec(
@@ -116,7 +123,10 @@ def list_(json_: JsonOption = False) -> None:
 
 @app.command()
 def show(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Schedule name.", autocompletion=complete.cron_names),
+    ],
     runs: Annotated[
         int,
         typer.Option("--runs", metavar="N", min=0, max=1000, help="How many recent runs to show."),
@@ -133,7 +143,12 @@ def show(
 
 @app.command()
 def rm(
-    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Schedule names.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME...", help="Schedule names.", autocompletion=complete.cron_names
+        ),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Remove schedules (the tasks they created stay)."""
@@ -148,7 +163,10 @@ def rm(
 
 @app.command()
 def pause(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Schedule name.", autocompletion=complete.cron_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Stop firing until resumed."""
@@ -157,7 +175,10 @@ def pause(
 
 @app.command()
 def resume(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Schedule name.", autocompletion=complete.cron_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Fire again, from now on (the time spent paused is not caught up)."""
@@ -166,7 +187,10 @@ def resume(
 
 @app.command("next")
 def next_(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Schedule name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Schedule name.", autocompletion=complete.cron_names),
+    ],
     n: Annotated[
         int, typer.Option("-n", metavar="N", min=1, max=1000, help="How many fire times.")
     ] = 5,

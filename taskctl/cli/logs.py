@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from taskctl import render
-from taskctl.cli.common import FINAL_STATES, JsonOption, client, die, emit_json, ids
+from taskctl.cli.common import FINAL_STATES, client, die, emit_json, ids
 from taskctl.client import Client, path_for
 from taskctl.errors import Unavailable, Unreachable
 
@@ -34,7 +34,12 @@ def logs(
     raw: Annotated[
         bool, typer.Option("--raw", help="Write the bytes as they are, even to a terminal.")
     ] = False,
-    json_: JsonOption = False,
+    json_: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="One JSON object on stdout (with --follow: NDJSON, one per chunk)."
+        ),
+    ] = False,
 ) -> None:
     """Print an attempt's output. On a terminal, control sequences are shown escaped so a task
     cannot rewrite your screen; in a pipe (or with --raw) the bytes pass through unchanged.

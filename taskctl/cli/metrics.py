@@ -6,7 +6,8 @@ from taskctl.cli.common import JsonOption, client, emit_json
 
 
 def metrics(json_: JsonOption = False) -> None:
-    """Print the metrics in Prometheus text format (with --json: {name: [samples]})."""
+    """Print the metrics in Prometheus text format; with --json, one object that maps each
+    metric family to its samples."""
     text = client().open("GET", "/metrics").read().decode()
     if not json_:
         sys.stdout.write(text)

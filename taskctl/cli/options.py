@@ -5,14 +5,32 @@ import os
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from taskctl import DEFAULT_QUEUE
+from taskctl.cli import complete
 from taskctl.cli.common import duration, exit_codes, pairs, size
 from taskctl.environment import minimal_env
+from taskctl.errors import InvalidRequest
 
 EXEC = "Execution"
 RETRY = "Retries"
 WHEN = "Scheduling"
+
+
+class CommandAfterDashDash(TyperCommand):
+    """How `submit`, `cron add` and `trigger add` read their words.
+
+    With a `--`, every word before it is taskctl's, options included, wherever they stand:
+    `cron add '30 2 * * *' --tz America/New_York -- ./x` takes the zone; every word after it is
+    the command's. Without one, the command starts at the first word that is not an option
+    (`taskctl submit make -j4`: `-j4` is make's)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        if "--" in args:
+            ctx.allow_interspersed_args = True
+        return super().parse_args(ctx, args)
+
 
 Command = Annotated[
     list[str],
@@ -29,6 +47,7 @@ Queue = Annotated[
         "--queue",
         metavar="QUEUE",
         help="Queue to run in (one made by `queue set`, or default).",
+        autocompletion=complete.queues,
     ),
 ]
 Priority = Annotated[
@@ -87,6 +106,7 @@ Backoff = Annotated[
         metavar="fixed|exponential",
         help="fixed or exponential.",
         rich_help_panel=RETRY,
+        autocompletion=complete.backoffs,
     ),
 ]
 RetryDelay = Annotated[
@@ -200,7 +220,7 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
         "queue": o.get("queue", DEFAULT_QUEUE),
         "priority": o.get("priority", 0),
         "shell": bool(o.get("shell")),
-        "cwd": os.path.abspath(o["cwd"]) if o.get("cwd") else os.getcwd(),
+        "cwd": absolute(o["cwd"]) if o.get("cwd") else current_dir(),
         "env": {
             **(minimal_env() if o.get("no_env") else dict(os.environ)),
             **pairs(o.get("env"), "--env"),
@@ -209,6 +229,8 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
     }
     if o.get("backoff") is not None and o["backoff"] not in ("fixed", "exponential"):
         raise typer.BadParameter("must be fixed or exponential", param_hint="--backoff")
+    if o.get("name") == "":
+        raise typer.BadParameter("a name must not be empty", param_hint="--name")
     if o.get("delay") is not None and o.get("at") is not None:
         raise typer.BadParameter("give either --delay or --at", param_hint="--at")
     optional = {
@@ -229,6 +251,21 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
+
+
+def current_dir() -> str:
+    """The shell's current directory; a usage error when it has been deleted under it."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise InvalidRequest(
+            "the current directory no longer exists: cd to one that does, or give -C DIR"
+        ) from None
+
+
+def absolute(path: str) -> str:
+    """As `os.path.abspath`, with `current_dir`'s error."""
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(current_dir(), path))
 
 
 def task_ids(values: list[str] | None, option: str) -> list[int]:

@@ -5,12 +5,15 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import render
+from taskctl.cli import complete
 from taskctl.cli.common import JsonOption, client, duration, emit_json, note
 from taskctl.client import path_for
 
 app = typer.Typer(help="Queues: list, set, pause, resume.", no_args_is_help=True)
 
-NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Queue name.")]
+NameArg = Annotated[
+    str, typer.Argument(metavar="NAME", help="Queue name.", autocompletion=complete.queues)
+]
 
 
 @app.command("list")
@@ -43,7 +46,10 @@ def set_(
     backoff: Annotated[
         str | None,
         typer.Option(
-            "--backoff", metavar="fixed|exponential", help="Default backoff: fixed or exponential."
+            "--backoff",
+            metavar="fixed|exponential",
+            help="Default backoff: fixed or exponential.",
+            autocompletion=complete.backoffs,
         ),
     ] = None,
     retry_delay: Annotated[

@@ -75,7 +75,9 @@ def submit(
     """Create a task; prints its id (or the task with --json).
 
     The command line is kept exactly as given; put `--` before it so its options are not
-    taken for taskctl's. The current directory and environment are captured.
+    taken for taskctl's. With a `--`, every word before it is taskctl's, options included;
+    without one, the command starts at its first word that is not an option. The current
+    directory and environment are captured.
     """
     wait = wait or follow
     if stdin == bool(command):

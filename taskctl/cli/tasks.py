@@ -5,6 +5,7 @@ from typing import Annotated, Any
 import typer
 
 from taskctl import render
+from taskctl.cli import complete
 from taskctl.cli.common import (
     EXIT_WAIT_FAILED,
     FINAL_STATES,
@@ -18,21 +19,30 @@ from taskctl.cli.common import (
     note,
     wait_final,
 )
-from taskctl.client import path_for
-from taskctl.errors import TaskctlError
-
-STATES = ("waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled")
+from taskctl.client import Client, path_for
+from taskctl.errors import Conflict, TaskctlError
 
 
 def list_tasks(
     state: Annotated[
         list[str] | None,
         typer.Option(
-            "-s", "--state", metavar="STATE", help="Only tasks in this state (repeatable)."
+            "-s",
+            "--state",
+            metavar="STATE",
+            help="Only tasks in this state (repeatable).",
+            autocompletion=complete.states,
         ),
     ] = None,
     queue: Annotated[
-        str | None, typer.Option("-q", "--queue", metavar="QUEUE", help="Only tasks of this queue.")
+        str | None,
+        typer.Option(
+            "-q",
+            "--queue",
+            metavar="QUEUE",
+            help="Only tasks of this queue.",
+            autocompletion=complete.queues,
+        ),
     ] = None,
     label: Annotated[
         list[str] | None,
@@ -41,30 +51,62 @@ def list_tasks(
         ),
     ] = None,
     limit: Annotated[
-        int,
-        typer.Option("-n", "--limit", metavar="N", min=1, max=100_000, help="At most this many."),
-    ] = 100,
+        int | None,
+        typer.Option(
+            "-n",
+            "--limit",
+            metavar="N",
+            min=1,
+            max=100_000,
+            help="At most this many (default 100).",
+        ),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every task that matches.")] = False,
     show_env: Annotated[
         bool, typer.Option("--show-env", help="Include environments in --json.")
     ] = False,
     json_: JsonOption = False,
 ) -> None:
-    """Tasks, newest first."""
+    """Tasks, newest first: the newest 100 unless told otherwise. When more match, a notice on
+    stderr says how many and how to see them (stdout stays the list, or one JSON array)."""
     for s in state or []:
-        if s not in STATES:
+        if s not in complete.STATES:
             raise typer.BadParameter(
-                f"{s!r} is not one of {', '.join(STATES)}", param_hint="--state"
+                f"{s!r} is not one of {', '.join(complete.STATES)}", param_hint="--state"
             )
-    tasks = client().call(
-        "GET",
-        path_for(
-            "tasks", state=state, queue=queue, label=label, limit=limit, show_env=show_env or None
-        ),
-    )
+    if all_ and limit is not None:
+        raise typer.BadParameter("give --limit or --all, not both", param_hint="--all")
+    query = {"state": state, "queue": queue, "label": label, "show_env": show_env or None}
+    tasks, total = _fetch_tasks(client(), query, None if all_ else limit or 100)
     if json_:
         emit_json(tasks)
     else:
         render.print_task_list(tasks)
+    if total > len(tasks):
+        note(
+            f"taskctl: {total - len(tasks)} more tasks match than the {len(tasks)} shown; "
+            f"see them with --limit {min(total, 100_000)} or --all"
+        )
+
+
+_PAGE = 10_000
+
+
+def _fetch_tasks(c: Client, query: dict[str, Any], limit: int | None) -> tuple[list[Any], int]:
+    """The newest `limit` tasks that match (None: all, a page at a time) and how many match in
+    all (the daemon's X-Total-Count; a daemon without it: as many as it gave)."""
+    tasks: list[Any] = []
+    total = None
+    while True:
+        size = _PAGE if limit is None else limit
+        before = tasks[-1]["id"] if tasks else None
+        response = c.open("GET", path_for("tasks", **query, limit=size, before=before))
+        if total is None:
+            total = int(response.headers.get("x-total-count", 0))
+        page = response.json()
+        tasks += page
+        if limit is not None or len(page) < size:
+            return tasks, max(total, len(tasks))
 
 
 def status(
@@ -112,18 +154,33 @@ def _each(task_ids: list[str], action: str, json_: bool) -> None:
     for task_id in ids(task_ids):
         try:
             task = c.call("POST", path_for("tasks", task_id, action), timeout=None)
+            said = task["state"]
         except TaskctlError as e:
-            named = str(task_id) in e.message.split()  # most messages name the task already
-            note(f"taskctl: {e.message}" if named else f"taskctl: task {task_id}: {e.message}")
-            failure = failure or e
-            continue
+            done = _already_cancelled(c, task_id) if isinstance(e, Conflict) else None
+            if done is None:
+                named = str(task_id) in e.message.split()  # most messages name the task already
+                note(f"taskctl: {e.message}" if named else f"taskctl: task {task_id}: {e.message}")
+                failure = failure or e
+                continue
+            task, said = done
         results.append(task)
         if not json_:
-            note(f"task {task_id}: {task['state']}")
+            note(f"task {task_id}: {said}")
     if json_:
         emit_json(results[0] if len(task_ids) == 1 and results else results)
     if failure is not None:
         raise typer.Exit(failure.exit_code)
+
+
+def _already_cancelled(c: Client, task_id: int) -> tuple[dict[str, Any], str] | None:
+    """For a cancel the daemon refused: the task and what to say, if it failed because a task it
+    depends on did not succeed, as when this same `cancel` has just cancelled that one and the
+    cascade got there first. It never ran and never will, which is all cancel asks, so that is
+    not a conflict. Any other final task is (exit 5), a cancelled one included."""
+    task: dict[str, Any] = c.call("GET", path_for("tasks", task_id))
+    if task["state"] == "failed" and task.get("reason") == "dependency_failed":
+        return task, "already failed (a task it depends on did not succeed)"
+    return None
 
 
 def cancel(
@@ -131,7 +188,10 @@ def cancel(
     json_: JsonOption = False,
 ) -> None:
     """Cancel tasks; running ones are stopped with their whole process tree (SIGTERM, then
-    SIGKILL after their grace period)."""
+    SIGKILL after their grace period).
+
+    A task already failed because a task it depends on did not succeed counts as done (as when
+    the cancel of that one reached it first); any other finished task is a conflict (exit 5)."""
     _each(task_ids, "cancel", json_)
 
 

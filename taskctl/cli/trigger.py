@@ -1,13 +1,13 @@
 """`taskctl trigger`: run a task when files change (what systemd path units, incron and entr do),
 with the same queue, policies and logs as any task."""
 
-import os
 import sys
 from typing import Annotated, Any
 
 import typer
 
 from taskctl import DEFAULT_QUEUE, render
+from taskctl.cli import complete
 from taskctl.cli import options as o
 from taskctl.cli.common import JsonOption, client, duration, emit_json, note
 from taskctl.client import path_for
@@ -16,7 +16,7 @@ from taskctl.errors import InvalidRequest
 app = typer.Typer(help="File triggers: add, list, rm, pause, resume.", no_args_is_help=True)
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+@app.command(cls=o.CommandAfterDashDash, context_settings={"allow_interspersed_args": True})
 def add(
     words: Annotated[
         list[str], typer.Argument(help="PATH... -- COMMAND [ARG...]", metavar="PATH... -- CMD...")
@@ -78,7 +78,7 @@ def add(
         kill_grace=kill_grace, memory_limit=memory_limit,
     )  # fmt: skip
     body: dict[str, Any] = {
-        "kind": "trigger", "name": name, "paths": [os.path.abspath(p) for p in paths], "glob": glob,
+        "kind": "trigger", "name": name, "paths": [o.absolute(p) for p in paths], "glob": glob,
         "recursive": recursive, "debounce": duration(debounce, "--debounce"), "overlap": overlap, "task": task,
     }  # fmt: skip
     trigger = client().call(
@@ -117,7 +117,12 @@ def list_(json_: JsonOption = False) -> None:
 
 @app.command()
 def rm(
-    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Trigger names.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME...", help="Trigger names.", autocompletion=complete.trigger_names
+        ),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Remove triggers (the tasks they created stay)."""
@@ -132,7 +137,10 @@ def rm(
 
 @app.command()
 def pause(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Trigger name.", autocompletion=complete.trigger_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Stop watching until resumed."""
@@ -142,7 +150,10 @@ def pause(
 
 @app.command()
 def resume(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Trigger name.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="Trigger name.", autocompletion=complete.trigger_names),
+    ],
     json_: JsonOption = False,
 ) -> None:
     """Watch again (changes made while paused do not fire)."""

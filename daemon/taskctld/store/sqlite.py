@@ -738,25 +738,14 @@ class SqliteStore:
         return [by_id[i] for i in ids if i in by_id]
 
     def list_tasks(self, where: TaskFilter) -> list[TaskRow]:
-        clauses: list[str] = []
-        params: list[object] = []
-        if where.states:
-            clauses.append(f"state IN ({_marks(len(where.states))})")
-            params += [s.value for s in where.states]
-        if where.queue is not None:
-            clauses.append("queue = ?")
-            params.append(where.queue)
-        for key, value in where.labels.items():
-            clauses.append("json_extract(labels, ?) = ?")
-            params += [f'$."{key}"', value]
-        if where.before_id is not None:
-            clauses.append("id < ?")
-            params.append(where.before_id)
-        sql = "SELECT * FROM tasks"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY id DESC LIMIT ?"
+        sql, params = _task_filter_sql(where)
+        sql = "SELECT * FROM tasks" + sql + " ORDER BY id DESC LIMIT ?"
         return list(_task_rows(self.conn.execute(sql, [*params, where.limit])))
+
+    def count_tasks(self, where: TaskFilter) -> int:
+        """How many tasks `where` matches, whatever its limit."""
+        sql, params = _task_filter_sql(where)
+        return int(self.conn.execute("SELECT count(*) FROM tasks" + sql, params).fetchone()[0])
 
     def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]:
         found: dict[int, list[AttemptRow]] = {i: [] for i in ids}
@@ -1128,3 +1117,23 @@ def _attempt_rows(cur: sqlite3.Cursor) -> Iterator[AttemptRow]:
         if row["outcome"] is not None:
             row["outcome"] = Outcome(row["outcome"])
         yield AttemptRow(**row)
+
+
+def _task_filter_sql(where: TaskFilter) -> tuple[str, list[object]]:
+    """The WHERE clause (or "") and its parameters for `where`, its limit aside."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if where.states:
+        clauses.append(f"state IN ({_marks(len(where.states))})")
+        params += [s.value for s in where.states]
+    if where.queue is not None:
+        clauses.append("queue = ?")
+        params.append(where.queue)
+    for key, value in where.labels.items():
+        clauses.append("json_extract(labels, ?) = ?")
+        params += [f'$."{key}"', value]
+    if where.before_id is not None:
+        clauses.append("id < ?")
+        params.append(where.before_id)
+    sql = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return sql, params
