@@ -286,3 +286,17 @@ def test_health_json_has_what_monitors_need(daemon: Home) -> None:
         "queued",
     ):
         assert field in report, field
+
+
+def test_the_daemon_log_is_rotated_while_it_runs(home: Home) -> None:
+    """Past `log_size`, taskctld.log moves to taskctld.log.1 and the daemon writes on in a new
+    one, without a restart."""
+    home.config(log_size="64K")
+    home.start()
+    log, old = home.path / "taskctld.log", home.path / "taskctld.log.1"
+    with log.open("a") as f:
+        f.write("filler line\n" * 8000)  # about 96 KiB
+    wait_until(lambda: old.exists() and "filler line" in old.read_text(), timeout=30)
+    home.stop()
+    fresh = log.read_text()
+    assert "filler line" not in fresh and "stopping" in fresh

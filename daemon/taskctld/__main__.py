@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
 import os
@@ -21,8 +20,6 @@ import sys
 from taskctl import __version__
 from taskctl.environment import TASK_MARKERS
 from taskctl.paths import Paths
-
-LOG_ROTATE_AT = 10 << 20
 
 
 class StartupError(Exception):
@@ -119,7 +116,10 @@ def daemonize(paths: Paths) -> int:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)  # the daemon can never reacquire a controlling terminal
-    _redirect_stdio(paths)
+    from taskctld import logfile
+    from taskctld.config import Config
+
+    logfile.attach(paths.daemon_log, Config.log_size_of(paths.config_file))
     return w
 
 
@@ -137,20 +137,6 @@ def _await_readiness(r: int) -> int:
     text = text.strip() or "exited before it was ready (see its log)"
     print(f"taskctld: {text}", file=sys.stderr)
     return int(code)
-
-
-def _redirect_stdio(paths: Paths) -> None:
-    log = paths.daemon_log
-    with contextlib.suppress(OSError):
-        if log.stat().st_size > LOG_ROTATE_AT:
-            log.replace(log.with_name(log.name + ".1"))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(devnull, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(devnull)
-    os.close(out)
 
 
 if __name__ == "__main__":

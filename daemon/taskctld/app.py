@@ -23,6 +23,7 @@ import uvicorn
 
 from taskctl.errors import StorageFull, TaskctlError
 from taskctl.paths import Paths
+from taskctld import logfile
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
 from taskctld.events import EventHub
@@ -121,6 +122,8 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     await server.startup(sockets=[sock])
     dispatch = asyncio.create_task(dispatcher.run())
     maintenance = asyncio.create_task(_maintain(service))
+    if ready_fd is not None:  # detached: our stdout and stderr are taskctld.log
+        rotation = asyncio.create_task(logfile.keep_rotating(paths.daemon_log, config.log_size))
     dispatcher.wake()
     install_signal_handlers(loop, shutdown)
     _tell_starter(ready_fd, READY)
@@ -146,6 +149,8 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     await server.shutdown()
     dispatch.cancel()
     maintenance.cancel()
+    if ready_fd is not None:
+        rotation.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await dispatch
     with contextlib.suppress(TaskctlError):

@@ -18,6 +18,7 @@ Every key is optional; an unknown key or a bad value stops the daemon with a mes
     request_timeout = "10s"    # a client must send its whole request within this
     max_connections = 256      # connections at once; more are answered 503
     hold = false               # accept tasks but start none (a maintenance switch)
+    log_size = "10M"           # taskctld.log is rotated to taskctld.log.1 past this size
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class Config(Request):
     request_timeout: Duration = 10.0  # a request must arrive whole within this
     max_connections: int = Field(256, ge=1, le=100_000)
     hold: bool = False  # accept tasks but start none (a maintenance switch)
+    log_size: int = Field(10 << 20, ge=64 << 10)  # the daemon's log is rotated past this
+
+    @classmethod
+    def log_size_of(cls, path: Path) -> int:
+        """The log size limit, before anything else is set up (the default if the file is
+        bad: the start then fails with the reason, in the log)."""
+        try:
+            return cls.load(path).log_size
+        except InvalidRequest:
+            return int(cls.model_fields["log_size"].default)
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -64,13 +75,14 @@ class Config(Request):
             raw = tomllib.loads(path.read_text()) if path.exists() else {}
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequest(f"cannot read {path}: {e}") from None
-        if isinstance(raw.get("log_cap"), str):
-            from taskctl.units import parse_size
+        for key in ("log_cap", "log_size"):
+            if isinstance(raw.get(key), str):
+                from taskctl.units import parse_size
 
-            try:
-                raw["log_cap"] = parse_size(raw["log_cap"])
-            except ValueError as e:
-                raise InvalidRequest(f"{path}: log_cap: {e}") from None
+                try:
+                    raw[key] = parse_size(raw[key])
+                except ValueError as e:
+                    raise InvalidRequest(f"{path}: {key}: {e}") from None
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
