@@ -74,6 +74,20 @@ taskctl submit -q gpuu -- true && { echo "expected a refusal"; exit 1; } || code
 echo "(exit code $code: nothing was created)"
 show taskctl queue list
 
+step "nothing a task starts outlives it, and bytes are bytes"
+long="300.$$"  # a duration no other process here sleeps for
+submitted taskctl submit -n escapee --timeout 1s --kill-grace 200ms -- sh -c "setsid -f sleep $long; sleep $long"
+typed taskctl wait "$id"
+taskctl wait "$id" && { echo "expected a timeout"; exit 1; } || code=$?
+echo "(exit code $code: it timed out)"
+if pgrep -f "^sleep $long\$" >/dev/null; then echo "a descendant outlived its task"; exit 1; fi
+taskctl daemon status | grep containment
+odd=$(printf 'caf\xe9')  # Latin-1, not UTF-8: a name a shell user may well have
+submitted taskctl submit -n latin1 -- printf '%s' "$odd"
+show taskctl wait "$id"
+[ "$(taskctl logs --raw "$id")" = "$odd" ] && echo "(the task printed the exact bytes it was given)"
+show taskctl status "$id"
+
 step "everything, as people and as scripts see it"
 show taskctl list
 printf '$ taskctl list --json | python3 -c ...\n'
