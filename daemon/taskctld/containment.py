@@ -85,7 +85,7 @@ def home_for(state_dir: Path) -> tuple[Path | None, str]:
     return home, ""
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path | str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, data)
@@ -97,10 +97,13 @@ def populated(cgroup: Path) -> bool:
     """Whether any live process is in the cgroup or below it (zombies do not count). A
     cgroup that does not exist holds nobody."""
     try:
-        with open(cgroup / "cgroup.events", "rb") as f:
-            return b"populated 1" in f.read()
+        fd = os.open(f"{cgroup}/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    try:
+        return b"populated 1" in os.read(fd, 256)
+    finally:
+        os.close(fd)
 
 
 def members(cgroup: Path) -> list[int]:
@@ -146,19 +149,26 @@ def wait_empty(cgroup: Path, timeout: float) -> bool:
 
 
 def remove(cgroup: Path) -> bool:
-    """Remove an empty cgroup and the empty ones below it; False if some process is left."""
-    if not cgroup.is_dir():
-        return True
-    ok = True
-    for child in cgroup.iterdir():
-        if child.is_dir():
-            ok = remove(child) and ok
+    """Remove an empty cgroup and the empty ones below it; False if some process is left.
+    A leaf (an attempt's cgroup) is one rmdir: listing a cgroup costs a stat per control file."""
     try:
-        cgroup.rmdir()
+        os.rmdir(cgroup)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise
+    ok = True
+    for entry in os.scandir(cgroup):  # cgroups below it, or processes in it
+        if entry.is_dir(follow_symlinks=False):
+            ok = remove(Path(entry.path)) and ok
+    try:
+        os.rmdir(cgroup)
     except FileNotFoundError:
         pass
     except OSError as e:
-        if e.errno != errno.EBUSY:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
             raise
         return False
     return ok
@@ -187,8 +197,10 @@ def leftover_supervisors(home: Path, alive: set[int]) -> list[Path]:
 
 
 class Cgroups:
-    """The supervisor's cgroups: its own folder under the daemon's home, one child per attempt,
-    and the descriptor it returns through after each spawn."""
+    """The supervisor's cgroups: its own folder under the daemon's home, one child per running
+    attempt, and the descriptor it returns through after each spawn. An attempt's cgroup, once
+    empty, is kept for the next attempt (an mkdir and an rmdir less per task); which cgroup an
+    attempt ran in is in the journal, and all of them are under the supervisor's folder."""
 
     def __init__(self, home: Path, pid: int) -> None:
         mount, mine = cgroup2_mount(), own_cgroup()
@@ -196,6 +208,8 @@ class Cgroups:
             raise OSError(errno.ENOENT, "no cgroup v2 hierarchy")
         self.root = home / f"sup-{pid}"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.free: list[Path] = []  # empty cgroups, ready for the next attempt
+        self.made = 0
         self.back = os.open(mount / mine.lstrip("/") / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         try:  # prove that we may move ourselves there and back before any attempt relies on it
             probe = self.make("probe")
@@ -209,13 +223,30 @@ class Cgroups:
 
     def make(self, name: str) -> Path:
         path = self.root / name
-        path.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
         return path
+
+    def take(self) -> Path:
+        """An empty cgroup for an attempt."""
+        if self.free:
+            return self.free.pop()
+        self.made += 1
+        return self.make(f"a{self.made}")
+
+    def give_back(self, cgroup: Path) -> None:
+        """An attempt's cgroup after its end: kept for the next one if it is empty (it always
+        is: an attempt ends only once its cgroup is), else removed when it can be."""
+        if populated(cgroup):
+            with contextlib.suppress(OSError):
+                remove(cgroup)
+        else:
+            self.free.append(cgroup)
 
     @contextlib.contextmanager
     def inside(self, cgroup: Path) -> Iterator[None]:
         """Run the body with this process in `cgroup`: what it spawns is born there."""
-        _write(cgroup / "cgroup.procs", b"0")
+        _write(f"{cgroup}/cgroup.procs", b"0")
         try:
             yield
         finally:

@@ -648,12 +648,11 @@ class Supervisor:
     def _cgroup_for(self, spec: AttemptSpec) -> Path | None:
         if self.cgroups is None:
             return None
-        return self.cgroups.make(f"{spec.task_id}.{spec.attempt}")
+        return self.cgroups.take()
 
     def _remove_cgroup(self, cgroup: Path | None) -> None:
-        if cgroup is not None:
-            with contextlib.suppress(OSError):
-                containment.remove(cgroup)
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.give_back(cgroup)
 
     def _start_process(self, spec: AttemptSpec, cgroup: Path | None) -> tuple[int, list[LogSink]]:
         """Start the command: own process group (and cgroup), stdin /dev/null, output into
