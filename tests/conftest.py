@@ -53,6 +53,14 @@ def need(*tools: str) -> None:
         pytest.skip(f"{', '.join(missing)} not installed (.ci/tools installs it)")
 
 
+def need_root(purpose: str) -> None:
+    """Skip the calling test when it does not run as root, with one line naming what root is
+    for (`purpose`: "to mount a tmpfs", say). An ordinary user's `make test` skips these;
+    `.ci/run` runs as root and fails when any test was skipped, so CI still runs them all."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root {purpose} (.ci/run runs as root)")
+
+
 def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
     """A plain HTTP/1.1 GET over the Unix socket: curl when installed, else a raw socket."""
     if shutil.which("curl"):
@@ -231,8 +239,7 @@ class Home:
 def small_disk(home: Home, size: str = "16m") -> Iterator[None]:
     """The home's folder on a small tmpfs of its own, so that a test can fill it; skipped
     (one line) without root, which mounting needs. Unmounted after the home's cleanup."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the test mounts a small tmpfs as the home")
+    need_root("to mount a tmpfs as the home")
     mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(home.path)]
     subprocess.run(mount, check=True)
     try:
