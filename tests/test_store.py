@@ -29,15 +29,72 @@ def _submit(store: SqliteStore, n: int = 1, **kw: object) -> list[int]:
         return store.submit([NewTask(command=["true"], cwd="/", **kw) for _ in range(n)], now=1000)  # type: ignore[arg-type]
 
 
-def test_every_pair_of_states_is_either_allowed_or_refused(store: SqliteStore) -> None:
-    everything = [*TaskState]
-    allowed = {(a, b) for a, b in itertools.product(everything, everything) if states.allowed(a, b)}
-    assert (TaskState.QUEUED, TaskState.RUNNING) in allowed
-    assert (TaskState.SUCCEEDED, TaskState.RUNNING) not in allowed
-    assert all(not states.allowed(s, TaskState.WAITING) for s in everything)
+# The state machine as ARCHITECTURE.md draws it, written out cell by cell: `x` where a task may
+# move from the row's state to the column's. Kept apart from `states.TRANSITIONS` on purpose: a
+# pair added to (or dropped from) the table must show up here as a failing test.
+TABLE = """
+              waiting scheduled queued running succeeded failed cancelled
+    (submit)     x        x       x       .        .        .       .
+    waiting      .        x       x       .        .        x       x
+    scheduled    .        .       x       .        .        .       x
+    queued       .        .       .       x        .        .       x
+    running      .        x       x       .        x        x       x
+    succeeded    .        .       x       .        .        .       .
+    failed       .        .       x       .        .        .       .
+    cancelled    .        .       x       .        .        .       .
+"""
+
+
+def _table() -> set[tuple[TaskState | None, TaskState]]:
+    header, *rows = (line.split() for line in TABLE.strip().splitlines())
+    cells = set()
+    for name, *marks in rows:
+        old = None if name == "(submit)" else TaskState(name)
+        cells |= {
+            (old, TaskState(new)) for new, mark in zip(header, marks, strict=True) if mark == "x"
+        }
+    return cells
+
+
+def test_the_transition_table_is_the_documented_one() -> None:
+    assert _table() == states.TRANSITIONS
+
+
+def _row(store: SqliteStore, task_id: int) -> tuple[object, ...]:
+    return tuple(store.conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
+
+
+def _events(store: SqliteStore) -> list[tuple[object, ...]]:
+    sql = "SELECT task_id, from_state, to_state, reason FROM events ORDER BY id"
+    return [tuple(row) for row in store.conn.execute(sql)]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), list(itertools.product(TaskState, TaskState)), ids=lambda s: str(s)
+)
+def test_move_allows_exactly_the_pairs_in_the_table(
+    store: SqliteStore, old: TaskState, new: TaskState
+) -> None:
+    """Every (from, to) cell: the row is put in `old` directly (not through `move`, so that the
+    setup does not depend on the table) and `move` either moves it, with one event, or refuses
+    and leaves the row and the events as they were."""
     (task_id,) = _submit(store)
-    with store.transaction(), pytest.raises(RuntimeError, match="not in the state machine"):
-        store.move(task_id, TaskState.QUEUED, TaskState.SUCCEEDED, 2000)
+    with store.transaction():
+        store.conn.execute("UPDATE tasks SET state = ? WHERE id = ?", (old.value, task_id))
+    before, events = _row(store, task_id), _events(store)
+    with store.transaction():
+        if (old, new) in _table():
+            assert store.move(task_id, old, new, 2000, reason="walk")
+        else:
+            with pytest.raises(RuntimeError, match="not in the state machine"):
+                store.move(task_id, old, new, 2000, reason="walk")
+    if (old, new) in _table():
+        after = store.get_task(task_id)
+        assert after is not None and (after.state, after.reason) == (new, "walk")
+        assert _events(store) == [*events, (task_id, old.value, new.value, "walk")]
+    else:
+        assert _row(store, task_id) == before
+        assert _events(store) == events
 
 
 def test_move_is_conditional_on_the_current_state(store: SqliteStore) -> None:
