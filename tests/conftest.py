@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from taskctld import containment
+from taskctld.store import TaskRow
 
 BIN = Path(sys.executable).parent
 TASKCTL = str(BIN / "taskctl")
@@ -59,6 +60,46 @@ def need_root(purpose: str) -> None:
     `.ci/run` runs as root and fails when any test was skipped, so CI still runs them all."""
     if os.geteuid() != 0:
         pytest.skip(f"needs root {purpose} (.ci/run runs as root)")
+
+
+class ScriptedRunner:
+    """The dispatcher's runner (`dispatcher.Launcher`) for unit tests, without a supervisor:
+    records what the dispatcher asked of it; the test scripts the supervisor's reports. `up`
+    False: no supervisor takes work."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[object, ...]] = []
+        self.up = True
+
+    def ready(self) -> bool:
+        return self.up
+
+    def runs_on_current(self, key: tuple[int, int]) -> bool:
+        return True
+
+    def start(self, task: TaskRow, env: object) -> None:
+        self.asked.append(("start", task.id))
+
+    def hold(self, task: TaskRow, env: object, after: tuple[int, int], token: int) -> bool:
+        self.asked.append(("hold", task.id, after))
+        return True
+
+    def unhold(self, key: tuple[int, int], token: int) -> None:
+        self.asked.append(("unhold", *key))
+
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        self.asked.append(("stop", task_id, attempt, kind))
+        return True
+
+    def committed(self) -> None:
+        pass
+
+    def forget(self, task_id: int, attempt: int) -> None:
+        pass
+
+    def started(self) -> list[object]:
+        """The task ids handed over to start, in order."""
+        return [asked[1] for asked in self.asked if asked[0] == "start"]
 
 
 def http_get(sock_path: str, path: str) -> tuple[int, bytes]:

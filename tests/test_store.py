@@ -13,10 +13,12 @@ from taskctl.api import Outcome, TaskState
 from taskctl.errors import StorageFull
 from taskctl.units import now_ms
 from taskctld import states
-from taskctld.dispatcher import Dispatcher, Limits
-from taskctld.runner import Ended, Runner, Started, Unheld
-from taskctld.store import AttemptEnd, NewTask, TaskRow
+from taskctld.dispatcher import Dispatcher, Launcher, Limits
+from taskctld.runner import Ended, Started, Unheld
+from taskctld.store import AttemptEnd, NewTask
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
+
+from conftest import ScriptedRunner
 
 
 @pytest.fixture
@@ -227,7 +229,7 @@ def test_the_due_timer_looks_at_the_wall_clock_at_least_once_a_minute(store: Sql
 
     async def armed_delay() -> float:
         dispatcher = Dispatcher(
-            store, cast(Runner, None), Limits(concurrency=1), clock=lambda: 1000
+            store, cast(Launcher, None), Limits(concurrency=1), clock=lambda: 1000
         )
         dispatcher._arm_due_timer()
         assert dispatcher._due_timer is not None
@@ -299,40 +301,6 @@ def test_claim_passes_over_held_tasks(store: SqliteStore) -> None:
         assert [t.id for t in store.peek_ready("default", 5, held=())] == [first]
 
 
-class ScriptedRunner:
-    """The dispatcher's runner, with the supervisor's reports scripted by the test: records
-    what the dispatcher asked of it."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[object, ...]] = []
-
-    def ready(self) -> bool:
-        return True
-
-    def runs_on_current(self, key: tuple[int, int]) -> bool:
-        return True
-
-    def start(self, task: TaskRow, env: object) -> None:
-        self.asked.append(("start", task.id))
-
-    def hold(self, task: TaskRow, env: object, after: tuple[int, int], token: int) -> bool:
-        self.asked.append(("hold", task.id, after))
-        return True
-
-    def unhold(self, key: tuple[int, int], token: int) -> None:
-        self.asked.append(("unhold", *key))
-
-    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
-        self.asked.append(("stop", task_id, attempt, kind))
-        return True
-
-    def committed(self) -> None:
-        pass
-
-    def forget(self, task_id: int, attempt: int) -> None:
-        pass
-
-
 def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record(
     store: SqliteStore,
 ) -> None:
@@ -344,7 +312,7 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
     ends: list[AttemptEnd] = []
 
     async def scenario() -> bool:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.on_attempt_end.append(ends.append)
         dispatcher._took["default"] = 5.0  # its tasks have been short: hold ahead
         dispatcher.load()
@@ -398,7 +366,7 @@ def test_a_stray_attempt_keeps_its_slot_across_a_restart(store: SqliteStore) -> 
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.load()  # the next daemon
         dispatcher.cycle()
         assert runner.asked == [] and dispatcher.running_count() == 1
@@ -422,7 +390,7 @@ def test_a_stray_start_first_heard_of_after_a_restart_keeps_its_slot(store: Sqli
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # from `hello`
         dispatcher.load()
         dispatcher.cycle()
@@ -449,7 +417,7 @@ def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher._took["default"] = 5.0
         dispatcher.load()
         dispatcher.cycle()
