@@ -11,7 +11,7 @@ import json
 import os
 import shlex
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from taskctl.units import duration_text, format_duration, format_size
@@ -415,9 +415,9 @@ def escape_controls(data: bytes) -> str:
 # -- watch --------------------------------------------------------------------------------------------
 
 
-def event_line(e: dict[str, Any]) -> str:
-    """`18:02:11 task 42 running -> succeeded (exit 0)`"""
-    when = (parse_time(e["at"]) or datetime.now(UTC)).astimezone().strftime("%H:%M:%S")
+def event_line(e: dict[str, Any], tz: tzinfo | None = None) -> str:
+    """`18:02:11 task 42 running -> succeeded (exit 0)`, the time in `tz` (default: local)."""
+    when = (parse_time(e["at"]) or datetime.now(UTC)).astimezone(tz).strftime("%H:%M:%S")
     change = (
         f"{e['from_state']} -> {e['to_state']}"
         if e.get("from_state")

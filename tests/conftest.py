@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from taskctld import containment
+from taskctld.store import TaskRow
 
 BIN = Path(sys.executable).parent
 TASKCTL = str(BIN / "taskctl")
@@ -51,6 +52,54 @@ def need(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (.ci/tools installs it)")
+
+
+def need_root(purpose: str) -> None:
+    """Skip the calling test when it does not run as root, with one line naming what root is
+    for (`purpose`: "to mount a tmpfs", say). An ordinary user's `make test` skips these;
+    `.ci/run` runs as root and fails when any test was skipped, so CI still runs them all."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root {purpose} (.ci/run runs as root)")
+
+
+class ScriptedRunner:
+    """The dispatcher's runner (`dispatcher.Launcher`) for unit tests, without a supervisor:
+    records what the dispatcher asked of it; the test scripts the supervisor's reports. `up`
+    False: no supervisor takes work."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[object, ...]] = []
+        self.up = True
+
+    def ready(self) -> bool:
+        return self.up
+
+    def runs_on_current(self, key: tuple[int, int]) -> bool:
+        return True
+
+    def start(self, task: TaskRow, env: object) -> None:
+        self.asked.append(("start", task.id))
+
+    def hold(self, task: TaskRow, env: object, after: tuple[int, int], token: int) -> bool:
+        self.asked.append(("hold", task.id, after))
+        return True
+
+    def unhold(self, key: tuple[int, int], token: int) -> None:
+        self.asked.append(("unhold", *key))
+
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        self.asked.append(("stop", task_id, attempt, kind))
+        return True
+
+    def committed(self) -> None:
+        pass
+
+    def forget(self, task_id: int, attempt: int) -> None:
+        pass
+
+    def started(self) -> list[object]:
+        """The task ids handed over to start, in order."""
+        return [asked[1] for asked in self.asked if asked[0] == "start"]
 
 
 def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
@@ -231,8 +280,7 @@ class Home:
 def small_disk(home: Home, size: str = "16m") -> Iterator[None]:
     """The home's folder on a small tmpfs of its own, so that a test can fill it; skipped
     (one line) without root, which mounting needs. Unmounted after the home's cleanup."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the test mounts a small tmpfs as the home")
+    need_root("to mount a tmpfs as the home")
     mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(home.path)]
     subprocess.run(mount, check=True)
     try:

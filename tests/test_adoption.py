@@ -13,7 +13,7 @@ from taskctl.units import now_ms
 from taskctld.procfs import ProcessId, read_boot_id
 from taskctld.runner import _kill_orphan
 
-from conftest import Home, need, wait_until
+from conftest import Home, need, need_root, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -120,8 +120,7 @@ def test_no_supervisor_means_nothing_is_claimed_until_a_new_one_starts(daemon: H
     says why, tasks wait queued rather than `running` with no process, and the daemon keeps
     trying, so they run once it can."""
     need("chattr")
-    if os.geteuid() != 0:
-        pytest.fail("making a folder immutable for this test needs root")
+    need_root("to make a folder immutable (chattr +i)")
     subprocess.run(["chattr", "+i", str(daemon.path)], check=True)
     try:
         for sup in _supervisors(daemon):

@@ -13,7 +13,7 @@ import pytest
 
 from taskctld import containment
 
-from conftest import Home, wait_until
+from conftest import Home, need_root, wait_until
 
 # Eight ways for a descendant to get away from its task. Each writes its pid to a file named
 # for its kind, then lives for five minutes unless something ends it.
@@ -46,8 +46,7 @@ KINDS = 8
 
 @pytest.fixture
 def needs_cgroups() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: cgroups are made by root here (or a systemd Delegate=yes unit)")
+    need_root("to make cgroups (or a systemd Delegate=yes unit)")
     if containment.cgroup2_mount() is None:
         pytest.skip("needs a cgroup v2 hierarchy")
 

@@ -20,7 +20,7 @@ import pytest
 
 from taskctl.paths import Paths
 
-from conftest import TASKCTL, TASKCTLD, Home, figure, http_get, wait_until
+from conftest import TASKCTL, TASKCTLD, Home, figure, http_get, need_root, wait_until
 
 NOBODY = 65534
 
@@ -54,8 +54,7 @@ def _as_other_user(action: object) -> tuple[int, str]:
 
 @pytest.fixture
 def needs_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("changing uid in the test needs root (CI runs as root)")
+    need_root("to change uid")
 
 
 def _say_once(sock_path: str, message: bytes) -> str:

@@ -13,10 +13,12 @@ from taskctl.api import Outcome, TaskState
 from taskctl.errors import StorageFull
 from taskctl.units import now_ms
 from taskctld import states
-from taskctld.dispatcher import Dispatcher, Limits
-from taskctld.runner import Ended, Runner, Started, Unheld
-from taskctld.store import AttemptEnd, NewTask, TaskRow
+from taskctld.dispatcher import Dispatcher, Launcher, Limits
+from taskctld.runner import Ended, Started, Unheld
+from taskctld.store import AttemptEnd, NewTask
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
+
+from conftest import ScriptedRunner
 
 
 @pytest.fixture
@@ -29,15 +31,72 @@ def _submit(store: SqliteStore, n: int = 1, **kw: object) -> list[int]:
         return store.submit([NewTask(command=["true"], cwd="/", **kw) for _ in range(n)], now=1000)  # type: ignore[arg-type]
 
 
-def test_every_pair_of_states_is_either_allowed_or_refused(store: SqliteStore) -> None:
-    everything = [*TaskState]
-    allowed = {(a, b) for a, b in itertools.product(everything, everything) if states.allowed(a, b)}
-    assert (TaskState.QUEUED, TaskState.RUNNING) in allowed
-    assert (TaskState.SUCCEEDED, TaskState.RUNNING) not in allowed
-    assert all(not states.allowed(s, TaskState.WAITING) for s in everything)
+# The state machine as ARCHITECTURE.md draws it, written out cell by cell: `x` where a task may
+# move from the row's state to the column's. Kept apart from `states.TRANSITIONS` on purpose: a
+# pair added to (or dropped from) the table must show up here as a failing test.
+TABLE = """
+              waiting scheduled queued running succeeded failed cancelled
+    (submit)     x        x       x       .        .        .       .
+    waiting      .        x       x       .        .        x       x
+    scheduled    .        .       x       .        .        .       x
+    queued       .        .       .       x        .        .       x
+    running      .        x       x       .        x        x       x
+    succeeded    .        .       x       .        .        .       .
+    failed       .        .       x       .        .        .       .
+    cancelled    .        .       x       .        .        .       .
+"""
+
+
+def _table() -> set[tuple[TaskState | None, TaskState]]:
+    header, *rows = (line.split() for line in TABLE.strip().splitlines())
+    cells = set()
+    for name, *marks in rows:
+        old = None if name == "(submit)" else TaskState(name)
+        cells |= {
+            (old, TaskState(new)) for new, mark in zip(header, marks, strict=True) if mark == "x"
+        }
+    return cells
+
+
+def test_the_transition_table_is_the_documented_one() -> None:
+    assert _table() == states.TRANSITIONS
+
+
+def _row(store: SqliteStore, task_id: int) -> tuple[object, ...]:
+    return tuple(store.conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
+
+
+def _events(store: SqliteStore) -> list[tuple[object, ...]]:
+    sql = "SELECT task_id, from_state, to_state, reason FROM events ORDER BY id"
+    return [tuple(row) for row in store.conn.execute(sql)]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), list(itertools.product(TaskState, TaskState)), ids=lambda s: str(s)
+)
+def test_move_allows_exactly_the_pairs_in_the_table(
+    store: SqliteStore, old: TaskState, new: TaskState
+) -> None:
+    """Every (from, to) cell: the row is put in `old` directly (not through `move`, so that the
+    setup does not depend on the table) and `move` either moves it, with one event, or refuses
+    and leaves the row and the events as they were."""
     (task_id,) = _submit(store)
-    with store.transaction(), pytest.raises(RuntimeError, match="not in the state machine"):
-        store.move(task_id, TaskState.QUEUED, TaskState.SUCCEEDED, 2000)
+    with store.transaction():
+        store.conn.execute("UPDATE tasks SET state = ? WHERE id = ?", (old.value, task_id))
+    before, events = _row(store, task_id), _events(store)
+    with store.transaction():
+        if (old, new) in _table():
+            assert store.move(task_id, old, new, 2000, reason="walk")
+        else:
+            with pytest.raises(RuntimeError, match="not in the state machine"):
+                store.move(task_id, old, new, 2000, reason="walk")
+    if (old, new) in _table():
+        after = store.get_task(task_id)
+        assert after is not None and (after.state, after.reason) == (new, "walk")
+        assert _events(store) == [*events, (task_id, old.value, new.value, "walk")]
+    else:
+        assert _row(store, task_id) == before
+        assert _events(store) == events
 
 
 def test_move_is_conditional_on_the_current_state(store: SqliteStore) -> None:
@@ -170,7 +229,7 @@ def test_the_due_timer_looks_at_the_wall_clock_at_least_once_a_minute(store: Sql
 
     async def armed_delay() -> float:
         dispatcher = Dispatcher(
-            store, cast(Runner, None), Limits(concurrency=1), clock=lambda: 1000
+            store, cast(Launcher, None), Limits(concurrency=1), clock=lambda: 1000
         )
         dispatcher._arm_due_timer()
         assert dispatcher._due_timer is not None
@@ -242,40 +301,6 @@ def test_claim_passes_over_held_tasks(store: SqliteStore) -> None:
         assert [t.id for t in store.peek_ready("default", 5, held=())] == [first]
 
 
-class ScriptedRunner:
-    """The dispatcher's runner, with the supervisor's reports scripted by the test: records
-    what the dispatcher asked of it."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[object, ...]] = []
-
-    def ready(self) -> bool:
-        return True
-
-    def runs_on_current(self, key: tuple[int, int]) -> bool:
-        return True
-
-    def start(self, task: TaskRow, env: object) -> None:
-        self.asked.append(("start", task.id))
-
-    def hold(self, task: TaskRow, env: object, after: tuple[int, int], token: int) -> bool:
-        self.asked.append(("hold", task.id, after))
-        return True
-
-    def unhold(self, key: tuple[int, int], token: int) -> None:
-        self.asked.append(("unhold", *key))
-
-    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
-        self.asked.append(("stop", task_id, attempt, kind))
-        return True
-
-    def committed(self) -> None:
-        pass
-
-    def forget(self, task_id: int, attempt: int) -> None:
-        pass
-
-
 def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record(
     store: SqliteStore,
 ) -> None:
@@ -287,7 +312,7 @@ def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record
     ends: list[AttemptEnd] = []
 
     async def scenario() -> bool:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.on_attempt_end.append(ends.append)
         dispatcher._took["default"] = 5.0  # its tasks have been short: hold ahead
         dispatcher.load()
@@ -341,7 +366,7 @@ def test_a_stray_attempt_keeps_its_slot_across_a_restart(store: SqliteStore) -> 
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.load()  # the next daemon
         dispatcher.cycle()
         assert runner.asked == [] and dispatcher.running_count() == 1
@@ -365,7 +390,7 @@ def test_a_stray_start_first_heard_of_after_a_restart_keeps_its_slot(store: Sqli
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # from `hello`
         dispatcher.load()
         dispatcher.cycle()
@@ -392,7 +417,7 @@ def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, cast(Runner, runner), Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
         dispatcher._took["default"] = 5.0
         dispatcher.load()
         dispatcher.cycle()

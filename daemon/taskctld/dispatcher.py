@@ -31,13 +31,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from taskctl.api import Backoff, Outcome, TaskState
 from taskctl.errors import StorageFull, TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
-from taskctld.runner import Ended, Key, Released, Report, Runner, Started, Unheld
+from taskctld.runner import Ended, Key, Released, Report, Started, Unheld
 from taskctld.store import AttemptEnd, EventRow, Store, TaskRow
 
 if TYPE_CHECKING:
@@ -76,6 +76,19 @@ class Held:
         return (self.task.id, self.attempt)
 
 
+class Launcher(Protocol):
+    """What the dispatcher asks of the runner (`runner.Runner`; a scripted fake in tests)."""
+
+    def ready(self) -> bool: ...
+    def start(self, task: TaskRow, env: dict[str, str] | None) -> None: ...
+    def hold(self, task: TaskRow, env: dict[str, str] | None, after: Key, token: int) -> bool: ...
+    def unhold(self, key: Key, token: int) -> None: ...
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool: ...
+    def forget(self, task_id: int, attempt: int) -> None: ...
+    def committed(self) -> None: ...
+    def runs_on_current(self, key: Key) -> bool: ...
+
+
 @dataclass
 class Limits:
     concurrency: int
@@ -87,7 +100,7 @@ class Dispatcher:
     def __init__(
         self,
         store: Store,
-        runner: Runner,
+        runner: Launcher,
         limits: Limits,
         *,
         clock: Callable[[], int] = now_ms,
