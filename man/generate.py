@@ -126,8 +126,10 @@ def taskctl_page() -> str:
             """wait and submit --wait exit like the task, as a shell would report it: its exit code,
             124 if it timed out, 128+N if signal N ended it, 127 if it could not start, 143 if it was
             cancelled, 1 if it never ran because a dependency failed, 125 if the wait itself gave up
-            (wait --timeout). wait and watch carry on across a daemon restart: they reconnect to the
-            next daemon and never start one themselves."""
+            (wait --timeout). When a task does not succeed they say why on standard error, one line
+            each: "task 7 failed: killed by signal 9 (SIGKILL)", "exit status 3", "timed out after
+            30s", "no such program: 'nosuch'". wait and watch carry on across a daemon restart: they
+            reconnect to the next daemon and never start one themselves."""
         ),
         ".SH ENVIRONMENT",
         ".TP\nTASKCTL_HOME\nPut the socket, database, logs and config in this one folder.",

@@ -17,6 +17,7 @@ from taskctl.cli.common import (
     exit_status_of,
     ids,
     note,
+    outcome_text,
     wait_final,
 )
 from taskctl.client import Client, path_for
@@ -219,7 +220,7 @@ def wait(
             die(f"timed out waiting for task {task_id} (still {task['state']})", EXIT_WAIT_FAILED)
         finals.append(task)
         if not json_:
-            note(f"task {task_id} {task['state']} (exit status {exit_status_of(task)})")
+            note(f"task {task_id} {task['state']}: {outcome_text(task)}")
     if json_:
         emit_json(finals[0] if len(finals) == 1 else finals)
     failed = [exit_status_of(t) for t in finals if exit_status_of(t) != 0]
