@@ -117,7 +117,7 @@ def taskctl_page() -> str:
         ".TP\n0\nSuccess.",
         ".TP\n1\nA task failed (wait, submit \\-\\-wait), or the daemon is unhealthy (health).",
         ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist, an invalid config.toml when the daemon starts); nothing was changed.",
-        ".TP\n3\nThe daemon is not reachable, or busy (as many connections as max_connections allows), or it stopped while logs \\-\\-follow followed a task.",
+        ".TP\n3\nThe daemon is not running (health and daemon status say so too) or not reachable, or busy (as many connections as max_connections allows), or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue as the object of a command (status 99, queue pause nosuch).",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",
         ".TP\n6\nThe state folder is out of space (also from daemon start, and from daemon restart, which then leaves the running daemon in place).",
@@ -129,7 +129,8 @@ def taskctl_page() -> str:
             (wait --timeout). When a task does not succeed they say why on standard error, one line
             each: "task 7 failed: killed by signal 9 (SIGKILL)", "exit status 3", "timed out after
             30s", "no such program: 'nosuch'". wait and watch carry on across a daemon restart: they
-            reconnect to the next daemon and never start one themselves."""
+            reconnect to the next daemon and never start one themselves. health never starts the
+            daemon: against a stopped one it exits 3."""
         ),
         ".SH ENVIRONMENT",
         ".TP\nTASKCTL_HOME\nPut the socket, database, logs and config in this one folder.",

@@ -383,6 +383,7 @@ class Health(Response):
     queued: int
     held: int = 0  # queued tasks handed ahead to the supervisor, to start as slots free up
     concurrency: int
+    hold: bool = False  # config.toml's `hold = true`: tasks are accepted, none is started
     containment: str | None = None  # "cgroup", or "process-group (why no cgroup)"
     last_event_id: int | None = None
     streams: int = 0  # connected `watch` and `logs --follow` streams

@@ -345,12 +345,17 @@ def print_task_detail(task: dict[str, Any]) -> None:
 # -- summary and health ---------------------------------------------------------------------------
 
 
+HOLD_WHY = "tasks are accepted, none starts (hold = true in config.toml)"
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     h = summary["health"]
     lines = [
         f"taskctld {h['version']}  {h['status']}  pid {h['pid']}  up {format_duration(h['uptime'])}",
         f"running {h['running']}/{h['concurrency']}  queued {h['queued']}",
     ]
+    if h.get("hold"):
+        lines.append(f"  hold: {HOLD_WHY}")
     lines += [f"  ! {reason}" for reason in h.get("reasons", [])]
     states = "  ".join(f"{k} {v}" for k, v in summary["states"].items() if v)
     lines.append(f"tasks: {states or 'none'}")
@@ -371,6 +376,7 @@ def health_text(h: dict[str, Any]) -> str:
         f"uptime        {format_duration(h['uptime'])}",
         f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
         f"running       {h['running']} of {h['concurrency']}",
+        *([f"hold          on: {HOLD_WHY}"] if h.get("hold") else []),
         f"queued        {h['queued']}"
         + (f" ({h['held']} held by the supervisor, to start next)" if h.get("held") else ""),
         f"streams       {h.get('streams', 0)} connected (watch, logs --follow)",

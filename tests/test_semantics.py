@@ -30,3 +30,28 @@ def test_a_failed_wait_says_why_on_stderr_and_exits_like_the_task(daemon: Home) 
     waited = daemon.run("wait", str(killed))
     assert waited.returncode == 137
     assert _last_line(waited.stderr) == f"task {killed} failed: killed by signal 9 (SIGKILL)"
+
+
+def test_health_never_starts_the_daemon_it_checks(home: Home) -> None:
+    done = home.run("health", env={"TASKCTL_NO_AUTOSTART": "0"})
+    assert done.returncode == 3, done.stderr
+    assert "not running" in done.stderr
+    assert home.run("daemon", "status").returncode == 3  # still not running
+
+
+def test_hold_is_shown_by_health_daemon_status_list_and_status(home: Home) -> None:
+    home.config(hold=True)
+    home.start()
+    assert home.json("health")["hold"] is True
+    for command in ("health", "daemon status", "status"):
+        assert "hold" in home.ok(*command.split()), command
+    task_id = home.submit("true")
+    for command in ("list", f"status {task_id}"):
+        done = home.run(*command.split())
+        assert done.returncode == 0 and "hold = true" in done.stderr, command
+    assert home.task(task_id)["state"] == "queued"
+
+
+def test_no_hold_no_hold_line(daemon: Home) -> None:
+    assert daemon.json("health")["hold"] is False
+    assert "hold" not in daemon.ok("health")

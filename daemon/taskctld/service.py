@@ -657,6 +657,7 @@ class Service:
             "queued": self.metrics.total("queued"),
             "held": self.dispatcher.held_count(),
             "concurrency": self.config.concurrency,
+            "hold": self.config.hold,
             "containment": self.runner.containment,
             "last_event_id": self.store.last_event_id(),
             "streams": self.watchers + self.followers,
