@@ -146,7 +146,9 @@ class RetryPolicy(Request):
 
 
 class ExecutionLimits(Request):
-    timeout: Duration | None = Field(None, description="per attempt, seconds")
+    timeout: Duration | None = Field(
+        None, description="per attempt, seconds; 0: none (not even the queue's default)"
+    )
     kill_grace: Duration | None = Field(None, description="SIGTERM to SIGKILL, seconds")
     memory_limit: Size | None = Field(None, description="address-space limit, bytes")
 
@@ -287,7 +289,7 @@ class QueueSettings(Request):
     backoff: Backoff | None = None
     retry_delay: Duration | None = None
     max_delay: Duration | None = None
-    timeout: Duration | None = None
+    timeout: Duration | None = Field(None, description="0 or null: clear the default")
     kill_grace: Duration | None = None
 
 

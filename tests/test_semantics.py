@@ -5,6 +5,8 @@ for people and UTC for scripts."""
 
 from __future__ import annotations
 
+import json
+
 from conftest import Home
 
 
@@ -55,3 +57,35 @@ def test_hold_is_shown_by_health_daemon_status_list_and_status(home: Home) -> No
 def test_no_hold_no_hold_line(daemon: Home) -> None:
     assert daemon.json("health")["hold"] is False
     assert "hold" not in daemon.ok("health")
+
+
+def test_timeout_0_is_no_timeout_and_clears_a_queue_default(daemon: Home) -> None:
+    plain = daemon.json("submit", "--timeout", "0", "--", "sleep", "1.5")
+    assert plain["timeout"] is None
+    assert daemon.wait_final(plain["id"])["state"] == "succeeded"
+    daemon.ok("queue", "set", "short", "--timeout", "1s")
+    unlimited = daemon.json("submit", "-q", "short", "--timeout", "none", "--", "sleep", "1.5")
+    limited = daemon.json("submit", "-q", "short", "--", "sleep", "30")
+    assert unlimited["timeout"] is None and limited["timeout"] == 1
+    assert daemon.wait_final(unlimited["id"])["state"] == "succeeded"
+    assert daemon.wait_final(limited["id"])["attempts"][-1]["outcome"] == "timeout"
+    for cleared in ("0", "none"):
+        daemon.ok("queue", "set", "short", "--timeout", "1s")
+        queue = daemon.json("queue", "set", "short", "--timeout", cleared)
+        assert "timeout" not in queue["defaults"], cleared
+    assert daemon.json("submit", "-q", "short", "--", "true")["timeout"] is None
+
+
+def test_cron_add_takes_the_shells_zone_not_the_daemons(home: Home) -> None:
+    home.env["TZ"] = "Asia/Tokyo"  # the daemon's zone
+    home.start()
+    shell = {"TZ": "America/New_York"}
+    schedule = home.json("cron", "add", "-n", "ny", "0 9 * * *", "--", "true", env=shell)
+    assert schedule["tz"] == "America/New_York"
+    berlin = {"TZ": ":Europe/Berlin"}
+    assert home.json("cron", "add", "0 9 * * *", "--", "true", env=berlin)["tz"] == "Europe/Berlin"
+    given = home.json("cron", "add", "--tz", "UTC", "0 9 * * *", "--", "true", env=shell)
+    assert given["tz"] == "UTC"
+    bad = home.run("cron", "add", "0 9 * * *", "--", "true", env={"TZ": "Nowhere/Atlantis"})
+    assert bad.returncode == 2 and "--tz" in bad.stderr
+    assert json.loads(home.ok("cron", "list", "--json"))[0]["tz"] == "America/New_York"

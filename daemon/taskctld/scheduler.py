@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from taskctl import units
 from taskctl.errors import InvalidRequest, StorageFull, TaskctlError
 from taskctl.wire import is_text
 from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
@@ -104,20 +105,9 @@ def zone(name: str) -> ZoneInfo:
 
 
 def local_zone_name() -> str:
-    """The machine's IANA zone (TZ, else /etc/localtime), or UTC."""
-    candidate = os.environ.get("TZ", "").lstrip(":")
-    if candidate and not candidate.startswith("/"):
-        with contextlib.suppress(InvalidRequest):
-            zone(candidate)
-            return candidate
-    with contextlib.suppress(OSError):
-        target = os.path.realpath(candidate or "/etc/localtime")
-        if "zoneinfo/" in target:
-            name = target.split("zoneinfo/", 1)[1]
-            with contextlib.suppress(InvalidRequest):
-                zone(name)
-                return name
-    return "UTC"
+    """The daemon's IANA zone (TZ, else /etc/localtime), or UTC: the zone of a schedule
+    whose request names none (the CLI always sends the shell's)."""
+    return units.local_zone_name() or "UTC"
 
 
 def _due_after(expr: str, tz: str, after_ms: int) -> Iterator[datetime]:

@@ -235,7 +235,7 @@ class Service:
             max_delay=_first(spec.max_delay, q.get("max_delay"), c.max_delay),
             retry_on=spec.retry_on,
             no_retry_on=spec.no_retry_on,
-            timeout=_first(spec.timeout, q.get("timeout"), None),
+            timeout=_first(spec.timeout, q.get("timeout"), None) or None,  # 0: no timeout
             kill_grace=_first(spec.kill_grace, q.get("kill_grace"), c.kill_grace),
             memory_limit=spec.memory_limit,
             run_at=run_at,
@@ -470,6 +470,8 @@ class Service:
         if given:
             defaults = dict(existing.defaults if existing else {})
             defaults.update({k: (v.value if hasattr(v, "value") else v) for k, v in given.items()})
+            if given.get("timeout") == 0:  # a timeout of 0 is none: clear the default
+                defaults["timeout"] = None
             fields["defaults"] = {k: v for k, v in defaults.items() if v is not None}
         row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, **fields))
         assert row is not None

@@ -46,6 +46,13 @@ def duration(value: str | None, option: str) -> float | None:
         raise typer.BadParameter(str(e), param_hint=option) from None
 
 
+def timeout_seconds(value: str | None, option: str = "--timeout") -> float | None:
+    """A `--timeout`: a duration, where 0 (or `none`) means no timeout at all."""
+    if value is not None and value.strip().lower() == "none":
+        return 0.0
+    return duration(value, option)
+
+
 def size(value: str | None, option: str) -> int | None:
     if value is None:
         return None

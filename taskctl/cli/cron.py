@@ -1,6 +1,7 @@
 """`taskctl cron`: schedules that create a task at each due time, like crontab lines with a
 queue, retries, timeouts and logs."""
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -51,7 +52,11 @@ def add(
     ] = None,
     tz: Annotated[
         str | None,
-        typer.Option("--tz", metavar="ZONE", help="IANA time zone (default: the local one)."),
+        typer.Option(
+            "--tz",
+            metavar="ZONE",
+            help="IANA time zone (default: the shell's, from TZ or /etc/localtime).",
+        ),
     ] = None,
     overlap: Overlap = "skip",
     catch_up: CatchUp = "latest",
@@ -82,6 +87,7 @@ def add(
         raise typer.BadParameter(
             "give a zone such as Europe/Berlin, or leave it out", param_hint="--tz"
         )
+    tz = tz or _shell_zone()
     _choice(overlap, ("skip", "queue", "allow"), "--overlap")
     _choice(catch_up, ("none", "latest", "all"), "--catch-up")
     task = o.task_spec(
@@ -107,6 +113,20 @@ def add(
     else:
         note(f"schedule {schedule['name']}: next run {schedule['next_due']}")
         print(schedule["name"])
+
+
+def _shell_zone() -> str:
+    """The shell's zone, as `--at` reads it: a schedule added without --tz follows the clock
+    of the shell that added it, not the daemon's."""
+    from taskctl.units import local_zone_name
+
+    name = local_zone_name()
+    if name is None:
+        raise typer.BadParameter(
+            f"TZ={os.environ.get('TZ')!r} names no IANA zone: give one, such as Europe/Berlin",
+            param_hint="--tz",
+        )
+    return name
 
 
 @app.command("list")
