@@ -12,7 +12,7 @@ import pytest
 
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
-from taskctld.scheduler import Scheduler, next_times, normalize_cron, plan
+from taskctld.scheduler import Burst, Scheduler, next_times, normalize_cron, plan
 from taskctld.store import NewSchedule, NewTask, TaskFilter
 from taskctld.store.sqlite import SqliteStore
 
@@ -214,3 +214,19 @@ def test_overlap_policies(
     if overlap == "skip":
         outcomes = [f.outcome for f in store.fires_of(found[0].schedule_id or 0, 10)]
         assert outcomes[0].startswith("skipped")
+
+
+def test_a_burst_ends_after_its_quiet_period_or_at_its_longest() -> None:
+    burst = Burst(quiet=1.0, longest=10.0)
+    assert not burst.due(0.0)  # nothing changed: nothing to fire
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8):  # a write every 0.2 s keeps the burst open
+        burst.add({"/in/notes.md"}, t)
+        assert not burst.due(t + 0.9)
+    burst.add(set(), 1.5)  # a timeout with no change is not a change
+    assert burst.due(1.8) and burst.take() == ["/in/notes.md"] and not burst.due(1.8)
+    for n in range(60):  # an endless stream: it still fires, at its longest
+        burst.add({f"/in/{n % 3}"}, 2.0 + n * 0.2)
+        if burst.due(2.0 + n * 0.2):
+            break
+    assert n == 50 and burst.take() == ["/in/0", "/in/1", "/in/2"]
+    assert Burst(quiet=1.0).longest == 60.0 and Burst(quiet=30.0).longest == 300.0

@@ -6,8 +6,12 @@ for people and UTC for scripts."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
-from conftest import Home
+from taskctl.units import rfc3339_to_ms
+
+from conftest import Home, figure, wait_until
 
 
 def _last_line(text: str) -> str:
@@ -89,3 +93,31 @@ def test_cron_add_takes_the_shells_zone_not_the_daemons(home: Home) -> None:
     bad = home.run("cron", "add", "0 9 * * *", "--", "true", env={"TZ": "Nowhere/Atlantis"})
     assert bad.returncode == 2 and "--tz" in bad.stderr
     assert json.loads(home.ok("cron", "list", "--json"))[0]["tz"] == "America/New_York"
+
+
+def test_debounce_is_a_quiet_period_not_a_cap(daemon: Home, tmp_path: Path) -> None:
+    """A file written every 0.2 s for 3 s under `--debounce 1s`: one task, about 1 s after the
+    last write, listing the file once; the next change is a task of its own."""
+    watched = tmp_path / "in"
+    watched.mkdir()
+    command = ("sh", "-c", 'cat "$TASKCTL_CHANGED_PATHS"')
+    daemon.ok("trigger", "add", str(watched), "--debounce", "1s", "--", *command)
+    daemon.wait_watching(watched)
+    target, due = watched / "notes.md", time.monotonic()
+    for n in range(16):
+        time.sleep(max(0.0, due - time.monotonic()))  # the writes are the subject: 0.2 s apart
+        target.write_text(str(n))
+        due += 0.2
+    last_write = time.time()
+    first = wait_until(lambda: daemon.json("list"), timeout=10)
+    assert len(first) == 1, [t["created_at"] for t in first]
+    quiet = rfc3339_to_ms(first[0]["created_at"]) / 1000 - last_write
+    figure("--debounce 1s: last write to the task (s)", round(quiet, 3))
+    assert 0.9 <= quiet <= 2.0, quiet
+    assert daemon.wait_final(first[0]["id"])["state"] == "succeeded"
+    assert daemon.ok("logs", str(first[0]["id"])) == f"{target}\n"
+    (watched / "later.md").write_text("x")
+    tasks = wait_until(lambda: (found := daemon.json("list")) and len(found) > 1 and found, 10)
+    assert len(tasks) == 2
+    assert daemon.wait_final(tasks[0]["id"])["state"] == "succeeded"
+    assert daemon.ok("logs", str(tasks[0]["id"])) == f"{watched / 'later.md'}\n"

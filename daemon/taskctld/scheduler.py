@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -290,11 +291,13 @@ class TriggerSpec:
         return cls(**json.loads(raw))
 
 
+BURST_LONGEST = 60.0  # s: a burst fires this long after its first change (or 10 quiet periods)
 WATCH_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before a failed watcher is started again
 
 
 class Triggers:
-    """One watchfiles watcher per active trigger; each burst of changes becomes one fire.
+    """One watchfiles watcher per active trigger; each burst of changes becomes one fire: a
+    burst ends after the trigger's debounce of quiet (see `Burst`).
 
     A watcher that fails is started again (after a growing pause), and meanwhile `failures`
     says why, for `trigger list` and `health`. watchfiles cannot name a file whose name is not
@@ -352,9 +355,11 @@ class Triggers:
             log.exception("trigger %d: cannot fire for a burst of changes", schedule_id)
 
     async def _watch_once(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
+        """watchfiles' own grouping cannot be the quiet period: it ends a group when the set of
+        changed (kind, path) pairs stops growing, so a file written every 0.2 s ends one each
+        step. Its groups come here within a few tenths of a second, and `Burst` waits for the
+        quiet (watchfiles yields on a timeout too, so a burst fires without a further change)."""
         from watchfiles import Change, awatch
-
-        quiet_ms = max(1, int(spec.debounce * 1000))
 
         def wanted(change: Change, path: str) -> bool:
             if change == Change.modified and os.path.isdir(path):
@@ -365,19 +370,53 @@ class Triggers:
                 path, spec.glob
             )
 
+        burst = Burst(spec.debounce)
+        step = min(max(int(spec.debounce * 100), 20), 200)  # ms; a tenth of the quiet period
         watching = awatch(
             *spec.paths,
             watch_filter=wanted,
             recursive=spec.recursive,
-            step=quiet_ms,  # a burst ends after this much quiet...
-            debounce=max(quiet_ms * 20, 2000),  # ...or after this long at most
+            step=step,
+            debounce=2 * step,
             stop_event=stop,
-            rust_timeout=0,
-            yield_on_timeout=False,
+            rust_timeout=min(max(step, int(spec.debounce * 250)), 1000),
+            yield_on_timeout=True,
         )
         self.failures.pop(schedule_id, None)
         async for changes in watching:
-            self._fire(schedule_id, sorted({path for _, path in changes}))
+            now = time.monotonic()
+            burst.add({path for _, path in changes}, now)
+            if burst.due(now):
+                self._fire(schedule_id, burst.take())
+
+
+class Burst:
+    """A burst of file changes: it ends after `quiet` seconds without a change, or at the
+    latest `longest` seconds after its first change (so that an endless stream of writes still
+    fires, once per `longest`). Pure: time is passed in."""
+
+    def __init__(self, quiet: float, longest: float | None = None) -> None:
+        self.quiet = quiet
+        self.longest = max(BURST_LONGEST, 10 * quiet) if longest is None else longest
+        self.paths: set[str] = set()
+        self.first = self.last = 0.0
+
+    def add(self, paths: set[str], now: float) -> None:
+        if not paths:
+            return
+        if not self.paths:
+            self.first = now
+        self.paths |= paths
+        self.last = now
+
+    def due(self, now: float) -> bool:
+        return bool(self.paths) and (
+            now - self.last >= self.quiet or now - self.first >= self.longest
+        )
+
+    def take(self) -> list[str]:
+        paths, self.paths = sorted(self.paths), set()
+        return paths
 
 
 def _undecodable_names(spec: TriggerSpec) -> list[str]:
