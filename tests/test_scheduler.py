@@ -140,11 +140,16 @@ def _scheduler(store: SqliteStore, tmp_path: Path) -> Scheduler:
     return Scheduler(store, build, tmp_path / "changes")
 
 
-@pytest.mark.parametrize(("catch_up", "fired"), [("none", 0), ("latest", 1), ("all", 3)])
+@pytest.mark.parametrize(
+    ("catch_up", "overlap", "fired"),
+    [("none", "allow", 0), ("latest", "allow", 1), ("all", "allow", 3), ("all", "skip", 3)],
+)
 def test_fire_due_follows_the_catch_up_policy(
-    store: SqliteStore, tmp_path: Path, catch_up: str, fired: int
+    store: SqliteStore, tmp_path: Path, catch_up: str, overlap: str, fired: int
 ) -> None:
-    """An hourly schedule whose daemon was down from just after 00:00 until 03:30."""
+    """An hourly schedule whose daemon was down from just after 00:00 until 03:30. Catch-up
+    `all` runs each missed time, also when the schedule skips overlapping runs: each is queued
+    behind the one before."""
     template = json.dumps({"command": ["true"], "cwd": "/"})
     with store.transaction():
         store.add_schedule(
@@ -153,7 +158,7 @@ def test_fire_due_follows_the_catch_up_policy(
                 "cron",
                 "0 * * * *",
                 "UTC",
-                "allow",
+                overlap,
                 catch_up,
                 template,
                 next_due=HOURLY_DOWN + 60 * MINUTE,
@@ -162,8 +167,11 @@ def test_fire_due_follows_the_catch_up_policy(
         )
     with store.transaction():
         _scheduler(store, tmp_path).fire_due(HOURLY_DOWN + 210 * MINUTE)
-    dues = sorted(t.due_at or 0 for t in store.list_tasks(TaskFilter()))
+    tasks = sorted(store.list_tasks(TaskFilter()), key=lambda t: t.id)
+    dues = [t.due_at or 0 for t in tasks]
     assert dues == [HOURLY_DOWN + h * 60 * MINUTE for h in range(1, 4)][3 - fired :]
+    if overlap == "skip":
+        assert [t.state for t in tasks] == [TaskState.QUEUED, TaskState.WAITING, TaskState.WAITING]
     schedule = store.get_schedule("hourly")
     assert schedule is not None and schedule.next_due == HOURLY_DOWN + 4 * 60 * MINUTE
 

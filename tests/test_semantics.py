@@ -5,11 +5,14 @@ for people and UTC for scripts."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import sqlite3
 import time
 from pathlib import Path
 
-from taskctl.units import rfc3339_to_ms
+from taskctl.units import now_ms, rfc3339_to_ms
 
 from conftest import Home, figure, wait_until
 
@@ -121,3 +124,30 @@ def test_debounce_is_a_quiet_period_not_a_cap(daemon: Home, tmp_path: Path) -> N
     assert len(tasks) == 2
     assert daemon.wait_final(tasks[0]["id"])["state"] == "succeeded"
     assert daemon.ok("logs", str(tasks[0]["id"])) == f"{watched / 'later.md'}\n"
+
+
+def test_catch_up_all_runs_every_missed_time_one_after_another(home: Home) -> None:
+    """An hourly schedule (default --overlap skip) whose daemon was down for three of its
+    times: all three run, each queued behind the one before; none is skipped. The downtime is
+    simulated by moving the schedule's last handled time back while the daemon is stopped."""
+    home.start()
+    home.ok("cron", "add", "-n", "hourly", "--catch-up", "all", "0 * * * *", "--", "true")
+    home.stop()
+    hour = 3_600_000
+    top = now_ms() - now_ms() % hour
+    with contextlib.closing(sqlite3.connect(home.path / "taskctl.db")) as db, db:
+        moved = db.execute(
+            "UPDATE schedules SET last_due = ?, next_due = ? WHERE name = 'hourly'",
+            (top - 3 * hour + 60_000, top - 2 * hour),
+        )
+        assert moved.rowcount == 1
+    home.start()
+    tasks = wait_until(lambda: (found := home.json("list")) and len(found) >= 3 and found)
+    finals = home.wait_all_final(sorted(t["id"] for t in tasks))[:3]  # a 4th: the hour turned
+    assert [t["state"] for t in finals] == ["succeeded"] * 3
+    assert [rfc3339_to_ms(t["due_at"]) for t in finals] == [top - 2 * hour, top - hour, top]
+    ids = {t["id"] for t in finals}
+    for before, after in itertools.pairwise(finals):  # one after another
+        assert after["started_at"] >= before["finished_at"], (before, after)
+    runs = home.json("cron", "show", "hourly")["runs"]
+    assert {r["task_id"] for r in runs} >= ids and {r["outcome"] for r in runs} == {"fired"}

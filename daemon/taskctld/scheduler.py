@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -149,7 +150,8 @@ def plan(expr: str, tz: str, catch_up: str, last_due: int, now: int) -> Plan:
 
     Due times in (last_due, now] that are at most LATE_GRACE_MS old are on time and fire. Older
     ones were missed (the daemon was down): `none` skips them, `latest` runs only the newest due
-    time, `all` runs each (the newest MAX_CATCH_UP)."""
+    time, `all` runs each (the newest MAX_CATCH_UP; `fire_due` queues them one behind the
+    other)."""
     due: list[int] = []
     next_due = None
     for t in times_after(expr, tz, last_due):
@@ -196,8 +198,9 @@ class Scheduler:
                 schedule.last_due or schedule.created_at,
                 now,
             )
+            firing = _catching_up(schedule, len(p.fire))
             for due in p.fire:
-                if self.fire_safely(schedule, due, now) is not None:
+                if self.fire_safely(firing, due, now) is not None:
                     for observer in self.on_fire:
                         observer(now - due)
             if p.missed:
@@ -274,6 +277,15 @@ class Scheduler:
         if tasks:
             late.append(f"{tasks} scheduled task(s)")
         return late
+
+
+def _catching_up(schedule: ScheduleRow, fires: int) -> ScheduleRow:
+    """The schedule as it fires `fires` due times at once. Catch-up `all` runs every missed
+    time, so they queue one behind the other: with `skip`, each would be skipped because the
+    one fired a moment before it is still going."""
+    if schedule.catch_up == "all" and fires > 1 and schedule.overlap == "skip":
+        return dataclasses.replace(schedule, overlap="queue")
+    return schedule
 
 
 # -- file triggers ------------------------------------------------------------------------------

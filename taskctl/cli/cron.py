@@ -30,7 +30,7 @@ CatchUp = Annotated[
     typer.Option(
         "--catch-up",
         metavar="none|latest|all",
-        help="Times missed while the daemon was down: none, latest (run the newest once), all.",
+        help="Times missed while the daemon was down: none, latest (run the newest once), all (each, one after another).",
         autocompletion=complete.catch_ups,
     ),
 ]
