@@ -102,7 +102,12 @@ def taskctl_page() -> str:
 
             The daemon starts on first use unless TASKCTL_NO_AUTOSTART is set. Every command
             takes --json and then prints exactly one JSON document (NDJSON for streams) on
-            standard output; messages for people go to standard error."""
+            standard output; messages for people go to standard error.
+
+            Times for people are shown in the local zone (TZ, else /etc/localtime), as
+            2026-11-30 17:22:46+01:00; taskctl --utc COMMAND shows them in UTC. In JSON every time
+            is RFC 3339 in UTC with a Z (2026-11-30T16:22:46.123Z), next_due and cron next
+            included."""
         ),
         ".SH COMMANDS",
     ]

@@ -226,7 +226,7 @@ class Schedule(Response):
     overlap: str
     catch_up: str
     paused: bool
-    next_due: str | None = Field(None, description="in the schedule's zone")
+    next_due: str | None = Field(None, description="RFC 3339 in UTC; null while paused")
     command: list[BytesOut]
     shell: bool = False
     queue: str

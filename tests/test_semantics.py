@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from taskctl.units import now_ms, rfc3339_to_ms
 
@@ -151,3 +154,34 @@ def test_catch_up_all_runs_every_missed_time_one_after_another(home: Home) -> No
         assert after["started_at"] >= before["finished_at"], (before, after)
     runs = home.json("cron", "show", "hourly")["runs"]
     assert {r["task_id"] for r in runs} >= ids and {r["outcome"] for r in runs} == {"fired"}
+
+
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_times_are_local_for_people_and_utc_with_z_in_json(daemon: Home) -> None:
+    tokyo = {"TZ": "Asia/Tokyo"}
+    add = ("cron", "add", "-n", "b", "--tz", "Europe/Berlin", "30 2 * * *", "--", "true")
+    added = daemon.json(*add)
+    shown = daemon.json("cron", "show", "b")
+    listed = daemon.json("cron", "list")[0]
+    for when in (added["next_due"], shown["next_due"], listed["next_due"], shown["created_at"]):
+        assert RFC3339_UTC.fullmatch(when), when
+    nexts = ("cron", "next", "b", "--from", "2026-03-28T12:00:00Z", "-n", "2")
+    assert daemon.json(*nexts) == ["2026-03-29T01:00:00.000Z", "2026-03-30T00:30:00.000Z"]
+    assert daemon.ok(*nexts, env=tokyo).splitlines() == [
+        "2026-03-29 10:00:00+09:00",
+        "2026-03-30 09:30:00+09:00",
+    ]
+    assert daemon.ok("--utc", *nexts, env=tokyo).splitlines()[0] == "2026-03-29 01:00:00Z"
+    task = daemon.wait_final(daemon.submit("true"))
+    for key in ("created_at", "started_at", "finished_at"):
+        assert RFC3339_UTC.fullmatch(task[key]), task[key]
+    assert RFC3339_UTC.fullmatch(task["attempts"][0]["started_at"])
+    created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
+    local = created.astimezone(ZoneInfo("Asia/Tokyo")).isoformat(" ", "seconds")
+    detail = daemon.ok("status", str(task["id"]), env=tokyo)
+    assert f"created     {local} (" in detail, detail
+    assert local.endswith("+09:00") and "Z" not in detail
+    in_utc = daemon.ok("--utc", "status", str(task["id"]), env=tokyo)
+    assert f"created     {created.isoformat(' ', 'seconds').replace('+00:00', 'Z')} (" in in_utc

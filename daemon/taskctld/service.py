@@ -16,7 +16,6 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -578,7 +577,7 @@ class Service:
         times = scheduler.next_times(
             row.spec, row.tz or "UTC", now_ms() if after is None else after, n
         )
-        return [t.isoformat() for t in times]
+        return [ms_to_rfc3339(int(t.timestamp() * 1000)) or "" for t in times]
 
     def schedule_view(self, row: ScheduleRow, *, runs: int = 0) -> dict[str, Any]:
         template = json.loads(row.template)
@@ -597,13 +596,8 @@ class Service:
         if row.id in self.triggers.failures:
             view["problem"] = self.triggers.failures[row.id]
         if row.kind == "cron":
-            tz = row.tz or "UTC"
-            due = (
-                None
-                if row.paused or row.next_due is None
-                else datetime.fromtimestamp(row.next_due / 1000, scheduler.zone(tz))
-            )
-            view.update(cron=row.spec, tz=tz, next_due=due.isoformat() if due else None)
+            due = None if row.paused else row.next_due
+            view.update(cron=row.spec, tz=row.tz or "UTC", next_due=ms_to_rfc3339(due))
         else:
             view.update(json.loads(row.spec))
         if runs:

@@ -111,7 +111,7 @@ def add(
     if json_:
         emit_json(schedule)
     else:
-        note(f"schedule {schedule['name']}: next run {schedule['next_due']}")
+        note(f"schedule {schedule['name']}: next run {render.when(schedule['next_due'])}")
         print(schedule["name"])
 
 
@@ -220,7 +220,7 @@ def next_(
     ] = None,
     json_: JsonOption = False,
 ) -> None:
-    """The next N fire times, in the schedule's time zone."""
+    """The next N fire times (in the local zone; --json: RFC 3339 in UTC)."""
     if from_ is not None:
         from taskctl.units import ms_to_rfc3339, parse_at
 
@@ -232,7 +232,7 @@ def next_(
     if json_:
         emit_json(times)
     else:
-        print("\n".join(times))
+        print("\n".join(render.when(t) for t in times))
 
 
 def _show_one(schedule: dict[str, Any], json_: bool, what: str) -> None:
