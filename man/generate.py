@@ -102,7 +102,12 @@ def taskctl_page() -> str:
 
             The daemon starts on first use unless TASKCTL_NO_AUTOSTART is set. Every command
             takes --json and then prints exactly one JSON document (NDJSON for streams) on
-            standard output; messages for people go to standard error."""
+            standard output; messages for people go to standard error.
+
+            Times for people are shown in the local zone (TZ, else /etc/localtime), as
+            2026-11-30 17:22:46+01:00; taskctl --utc COMMAND shows them in UTC. In JSON every time
+            is RFC 3339 in UTC with a Z (2026-11-30T16:22:46.123Z), next_due and cron next
+            included."""
         ),
         ".SH COMMANDS",
     ]
@@ -117,7 +122,7 @@ def taskctl_page() -> str:
         ".TP\n0\nSuccess.",
         ".TP\n1\nA task failed (wait, submit \\-\\-wait), or the daemon is unhealthy (health).",
         ".TP\n2\nUsage error or invalid input (a missing working directory, a queue that does not exist, an invalid config.toml when the daemon starts); nothing was changed.",
-        ".TP\n3\nThe daemon is not reachable, or busy (as many connections as max_connections allows), or it stopped while logs \\-\\-follow followed a task.",
+        ".TP\n3\nThe daemon is not running (health and daemon status say so too) or not reachable, or busy (as many connections as max_connections allows), or it stopped while logs \\-\\-follow followed a task.",
         ".TP\n4\nNo such task, schedule or queue as the object of a command (status 99, queue pause nosuch).",
         ".TP\n5\nConflict: the object's state does not allow it, or an idempotency key belongs to another request.",
         ".TP\n6\nThe state folder is out of space (also from daemon start, and from daemon restart, which then leaves the running daemon in place).",
@@ -126,8 +131,11 @@ def taskctl_page() -> str:
             """wait and submit --wait exit like the task, as a shell would report it: its exit code,
             124 if it timed out, 128+N if signal N ended it, 127 if it could not start, 143 if it was
             cancelled, 1 if it never ran because a dependency failed, 125 if the wait itself gave up
-            (wait --timeout). wait and watch carry on across a daemon restart: they reconnect to the
-            next daemon and never start one themselves."""
+            (wait --timeout). When a task does not succeed they say why on standard error, one line
+            each: "task 7 failed: killed by signal 9 (SIGKILL)", "exit status 3", "timed out after
+            30s", "no such program: 'nosuch'". wait and watch carry on across a daemon restart: they
+            reconnect to the next daemon and never start one themselves. health never starts the
+            daemon: against a stopped one it exits 3."""
         ),
         ".SH ENVIRONMENT",
         ".TP\nTASKCTL_HOME\nPut the socket, database, logs and config in this one folder.",

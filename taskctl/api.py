@@ -146,7 +146,9 @@ class RetryPolicy(Request):
 
 
 class ExecutionLimits(Request):
-    timeout: Duration | None = Field(None, description="per attempt, seconds")
+    timeout: Duration | None = Field(
+        None, description="per attempt, seconds; 0: none (not even the queue's default)"
+    )
     kill_grace: Duration | None = Field(None, description="SIGTERM to SIGKILL, seconds")
     memory_limit: Size | None = Field(None, description="address-space limit, bytes")
 
@@ -224,7 +226,7 @@ class Schedule(Response):
     overlap: str
     catch_up: str
     paused: bool
-    next_due: str | None = Field(None, description="in the schedule's zone")
+    next_due: str | None = Field(None, description="RFC 3339 in UTC; null while paused")
     command: list[BytesOut]
     shell: bool = False
     queue: str
@@ -287,7 +289,7 @@ class QueueSettings(Request):
     backoff: Backoff | None = None
     retry_delay: Duration | None = None
     max_delay: Duration | None = None
-    timeout: Duration | None = None
+    timeout: Duration | None = Field(None, description="0 or null: clear the default")
     kill_grace: Duration | None = None
 
 
@@ -383,6 +385,7 @@ class Health(Response):
     queued: int
     held: int = 0  # queued tasks handed ahead to the supervisor, to start as slots free up
     concurrency: int
+    hold: bool = False  # config.toml's `hold = true`: tasks are accepted, none is started
     containment: str | None = None  # "cgroup", or "process-group (why no cgroup)"
     last_event_id: int | None = None
     streams: int = 0  # connected `watch` and `logs --follow` streams

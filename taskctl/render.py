@@ -38,6 +38,20 @@ def parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+UTC_TIMES = False  # `taskctl --utc`: times for people in UTC rather than the local zone
+
+
+def when(text: str | None) -> str:
+    """A time from the wire (RFC 3339, UTC) for people: `2026-11-30 17:22:46+01:00` in the
+    local zone (TZ, else /etc/localtime), or `2026-11-30 16:22:46Z` with `--utc`."""
+    moment = parse_time(text)
+    if moment is None:
+        return "-"
+    if UTC_TIMES:
+        return moment.astimezone(UTC).isoformat(" ", "seconds").replace("+00:00", "Z")
+    return moment.astimezone().isoformat(" ", "seconds")
+
+
 def ago(text: str | None, now: datetime | None = None) -> str:
     when = parse_time(text)
     if when is None:
@@ -214,7 +228,7 @@ def _schedule_command(s: dict[str, Any]) -> str:
 def schedule_rows(schedules: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return [
         (
-            s["name"], s["cron"], s["tz"], s.get("next_due") or "-", s["overlap"],
+            s["name"], s["cron"], s["tz"], when(s.get("next_due")), s["overlap"],
             "paused" if s["paused"] else "active", _schedule_command(s),
         )
         for s in schedules
@@ -238,7 +252,7 @@ def schedule_detail(s: dict[str, Any]) -> str:
     if s["kind"] == "cron":
         lines += [
             f"  {'cron':<12}{s['cron']}  ({s['tz']})",
-            f"  {'next run':<12}{s.get('next_due') or '-'}",
+            f"  {'next run':<12}{when(s.get('next_due'))}",
         ]
         lines.append(f"  {'catch-up':<12}{s['catch_up']}")
     else:
@@ -258,7 +272,7 @@ def schedule_detail(s: dict[str, Any]) -> str:
         header = ("DUE", "TASK", "STATE", "EXIT", "NOTE")
         rows: list[tuple[str, ...]] = [
             (
-                r["due_at"],
+                when(r["due_at"]),
                 str(r["task_id"] or "-"),
                 r.get("state") or "-",
                 "-" if r.get("exit_code") is None else str(r["exit_code"]),
@@ -289,11 +303,11 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
     field("queue", f"{task['queue']}   priority {task['priority']}")
     field("cwd", safe(task["cwd"]) if task.get("cwd") else None)
     field("labels", safe(" ".join(f"{k}={v}" for k, v in (task.get("labels") or {}).items())))
-    field("created", f"{task['created_at']} ({ago(task['created_at'], now)} ago)")
+    field("created", f"{when(task['created_at'])} ({ago(task['created_at'], now)} ago)")
     if task["state"] == "scheduled":
-        field("next run", task.get("run_at"))
-    field("started", task.get("started_at"))
-    field("finished", task.get("finished_at"))
+        field("next run", when(task.get("run_at")))
+    field("started", task.get("started_at") and when(task["started_at"]))
+    field("finished", task.get("finished_at") and when(task["finished_at"]))
     field("exit code", task.get("exit_code"))
     policy = f"{task.get('retries', 0)} retries"
     if task.get("retries"):
@@ -319,7 +333,7 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
                     str(a["number"]),
                     a.get("outcome") or "running",
                     "-" if exit_ is None else str(exit_),
-                    a.get("started_at") or "-",
+                    when(a.get("started_at")),
                     format_duration(elapsed(a.get("started_at"), a.get("ended_at"), now)),
                     format_size(a.get("max_rss")),
                     format_duration(cpu) if a.get("outcome") else "-",
@@ -345,12 +359,17 @@ def print_task_detail(task: dict[str, Any]) -> None:
 # -- summary and health ---------------------------------------------------------------------------
 
 
+HOLD_WHY = "tasks are accepted, none starts (hold = true in config.toml)"
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     h = summary["health"]
     lines = [
         f"taskctld {h['version']}  {h['status']}  pid {h['pid']}  up {format_duration(h['uptime'])}",
         f"running {h['running']}/{h['concurrency']}  queued {h['queued']}",
     ]
+    if h.get("hold"):
+        lines.append(f"  hold: {HOLD_WHY}")
     lines += [f"  ! {reason}" for reason in h.get("reasons", [])]
     states = "  ".join(f"{k} {v}" for k, v in summary["states"].items() if v)
     lines.append(f"tasks: {states or 'none'}")
@@ -371,6 +390,7 @@ def health_text(h: dict[str, Any]) -> str:
         f"uptime        {format_duration(h['uptime'])}",
         f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
         f"running       {h['running']} of {h['concurrency']}",
+        *([f"hold          on: {HOLD_WHY}"] if h.get("hold") else []),
         f"queued        {h['queued']}"
         + (f" ({h['held']} held by the supervisor, to start next)" if h.get("held") else ""),
         f"streams       {h.get('streams', 0)} connected (watch, logs --follow)",
@@ -416,8 +436,10 @@ def escape_controls(data: bytes) -> str:
 
 
 def event_line(e: dict[str, Any], tz: tzinfo | None = None) -> str:
-    """`18:02:11 task 42 running -> succeeded (exit 0)`, the time in `tz` (default: local)."""
-    when = (parse_time(e["at"]) or datetime.now(UTC)).astimezone(tz).strftime("%H:%M:%S")
+    """`18:02:11 task 42 running -> succeeded (exit 0)`, the time in `tz` (default: local, or
+    UTC under `--utc`)."""
+    moment = parse_time(e["at"]) or datetime.now(UTC)
+    clock = moment.astimezone(tz or (UTC if UTC_TIMES else None)).strftime("%H:%M:%S")
     change = (
         f"{e['from_state']} -> {e['to_state']}"
         if e.get("from_state")
@@ -428,7 +450,7 @@ def event_line(e: dict[str, Any], tz: tzinfo | None = None) -> str:
         extra.append(f"exit {e['exit_code']}")
     if e.get("reason") and e["to_state"] != "succeeded":
         extra.append(safe(e["reason"]))
-    return f"{when} task {e['task_id']} [{e.get('queue', '')}] {change}" + (
+    return f"{clock} task {e['task_id']} [{e.get('queue', '')}] {change}" + (
         f" ({', '.join(extra)})" if extra else ""
     )
 

@@ -9,6 +9,8 @@ Pure functions, standard library only: both the CLI (start-up sensitive) and the
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from datetime import datetime, timedelta
@@ -143,3 +145,28 @@ def parse_at(text: str, now: datetime | None = None) -> int:
         raise ValueError(
             f"invalid time {text!r}: use RFC 3339 (2026-12-01T09:00:00Z), HH:MM, or a duration"
         ) from None
+
+
+def local_zone_name() -> str | None:
+    """The IANA name of the local zone, found as the C library finds the zone: `TZ`
+    (`Europe/Berlin`, `:Europe/Berlin`, or a path into a zoneinfo folder), else /etc/localtime;
+    "UTC" when neither names one. None when `TZ` is set to something that has no IANA name (a
+    POSIX rule such as `CET-1CEST`): the caller must ask for a zone rather than guess."""
+    given = os.environ.get("TZ", "").lstrip(":")
+    if given and not given.startswith("/"):
+        return given if _known_zone(given) else None
+    with contextlib.suppress(OSError):
+        target = os.path.realpath(given or "/etc/localtime")
+        if "zoneinfo/" in target and _known_zone(name := target.split("zoneinfo/", 1)[1]):
+            return name
+    return None if given else "UTC"
+
+
+def _known_zone(name: str) -> bool:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(name)
+    except (ValueError, OSError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+        return False
+    return True

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ from taskctl import render
 
 GOLDEN = Path(__file__).parent / "golden"
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _people_in_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Times for people are in the local zone: fix it, so the golden text is the same on
+    every machine (and not UTC, so a lost conversion shows)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def _b64(raw: bytes) -> dict[str, str]:

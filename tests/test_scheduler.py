@@ -12,7 +12,7 @@ import pytest
 
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
-from taskctld.scheduler import Scheduler, next_times, normalize_cron, plan
+from taskctld.scheduler import Burst, Scheduler, next_times, normalize_cron, plan
 from taskctld.store import NewSchedule, NewTask, TaskFilter
 from taskctld.store.sqlite import SqliteStore
 
@@ -140,11 +140,16 @@ def _scheduler(store: SqliteStore, tmp_path: Path) -> Scheduler:
     return Scheduler(store, build, tmp_path / "changes")
 
 
-@pytest.mark.parametrize(("catch_up", "fired"), [("none", 0), ("latest", 1), ("all", 3)])
+@pytest.mark.parametrize(
+    ("catch_up", "overlap", "fired"),
+    [("none", "allow", 0), ("latest", "allow", 1), ("all", "allow", 3), ("all", "skip", 3)],
+)
 def test_fire_due_follows_the_catch_up_policy(
-    store: SqliteStore, tmp_path: Path, catch_up: str, fired: int
+    store: SqliteStore, tmp_path: Path, catch_up: str, overlap: str, fired: int
 ) -> None:
-    """An hourly schedule whose daemon was down from just after 00:00 until 03:30."""
+    """An hourly schedule whose daemon was down from just after 00:00 until 03:30. Catch-up
+    `all` runs each missed time, also when the schedule skips overlapping runs: each is queued
+    behind the one before."""
     template = json.dumps({"command": ["true"], "cwd": "/"})
     with store.transaction():
         store.add_schedule(
@@ -153,7 +158,7 @@ def test_fire_due_follows_the_catch_up_policy(
                 "cron",
                 "0 * * * *",
                 "UTC",
-                "allow",
+                overlap,
                 catch_up,
                 template,
                 next_due=HOURLY_DOWN + 60 * MINUTE,
@@ -162,8 +167,11 @@ def test_fire_due_follows_the_catch_up_policy(
         )
     with store.transaction():
         _scheduler(store, tmp_path).fire_due(HOURLY_DOWN + 210 * MINUTE)
-    dues = sorted(t.due_at or 0 for t in store.list_tasks(TaskFilter()))
+    tasks = sorted(store.list_tasks(TaskFilter()), key=lambda t: t.id)
+    dues = [t.due_at or 0 for t in tasks]
     assert dues == [HOURLY_DOWN + h * 60 * MINUTE for h in range(1, 4)][3 - fired :]
+    if overlap == "skip":
+        assert [t.state for t in tasks] == [TaskState.QUEUED, TaskState.WAITING, TaskState.WAITING]
     schedule = store.get_schedule("hourly")
     assert schedule is not None and schedule.next_due == HOURLY_DOWN + 4 * 60 * MINUTE
 
@@ -214,3 +222,19 @@ def test_overlap_policies(
     if overlap == "skip":
         outcomes = [f.outcome for f in store.fires_of(found[0].schedule_id or 0, 10)]
         assert outcomes[0].startswith("skipped")
+
+
+def test_a_burst_ends_after_its_quiet_period_or_at_its_longest() -> None:
+    burst = Burst(quiet=1.0, longest=10.0)
+    assert not burst.due(0.0)  # nothing changed: nothing to fire
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8):  # a write every 0.2 s keeps the burst open
+        burst.add({"/in/notes.md"}, t)
+        assert not burst.due(t + 0.9)
+    burst.add(set(), 1.5)  # a timeout with no change is not a change
+    assert burst.due(1.8) and burst.take() == ["/in/notes.md"] and not burst.due(1.8)
+    for n in range(60):  # an endless stream: it still fires, at its longest
+        burst.add({f"/in/{n % 3}"}, 2.0 + n * 0.2)
+        if burst.due(2.0 + n * 0.2):
+            break
+    assert n == 50 and burst.take() == ["/in/0", "/in/1", "/in/2"]
+    assert Burst(quiet=1.0).longest == 60.0 and Burst(quiet=30.0).longest == 300.0

@@ -59,9 +59,9 @@ def test_cron_next_follows_dst_in_the_schedule_zone(daemon: Home) -> None:
     daemon.ok("cron", "add", "-n", "spring", "--tz", "America/New_York", "30 2 * * *", "--", "true")
     daemon.ok("cron", "add", "-n", "fall", "--tz", "America/New_York", "30 1 * * *", "--", "true")
     spring = daemon.json("cron", "next", "spring", "--from", "2026-03-07T12:00:00-05:00", "-n", "3")
-    assert [t for t in spring if t.startswith("2026-03-08")] == ["2026-03-08T03:00:00-04:00"]
+    assert [t for t in spring if t.startswith("2026-03-08")] == ["2026-03-08T07:00:00.000Z"]
     fall = daemon.json("cron", "next", "fall", "--from", "2026-10-31T12:00:00-04:00", "-n", "3")
-    assert [t for t in fall if t.startswith("2026-11-01")] == ["2026-11-01T01:30:00-04:00"]
+    assert [t for t in fall if t.startswith("2026-11-01")] == ["2026-11-01T05:30:00.000Z"]
 
 
 def test_cron_pause_resume_show_and_rm(daemon: Home) -> None:

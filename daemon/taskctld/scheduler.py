@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from taskctl import units
 from taskctl.errors import InvalidRequest, StorageFull, TaskctlError
 from taskctl.wire import is_text
 from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
@@ -104,20 +107,9 @@ def zone(name: str) -> ZoneInfo:
 
 
 def local_zone_name() -> str:
-    """The machine's IANA zone (TZ, else /etc/localtime), or UTC."""
-    candidate = os.environ.get("TZ", "").lstrip(":")
-    if candidate and not candidate.startswith("/"):
-        with contextlib.suppress(InvalidRequest):
-            zone(candidate)
-            return candidate
-    with contextlib.suppress(OSError):
-        target = os.path.realpath(candidate or "/etc/localtime")
-        if "zoneinfo/" in target:
-            name = target.split("zoneinfo/", 1)[1]
-            with contextlib.suppress(InvalidRequest):
-                zone(name)
-                return name
-    return "UTC"
+    """The daemon's IANA zone (TZ, else /etc/localtime), or UTC: the zone of a schedule
+    whose request names none (the CLI always sends the shell's)."""
+    return units.local_zone_name() or "UTC"
 
 
 def _due_after(expr: str, tz: str, after_ms: int) -> Iterator[datetime]:
@@ -158,7 +150,8 @@ def plan(expr: str, tz: str, catch_up: str, last_due: int, now: int) -> Plan:
 
     Due times in (last_due, now] that are at most LATE_GRACE_MS old are on time and fire. Older
     ones were missed (the daemon was down): `none` skips them, `latest` runs only the newest due
-    time, `all` runs each (the newest MAX_CATCH_UP)."""
+    time, `all` runs each (the newest MAX_CATCH_UP; `fire_due` queues them one behind the
+    other)."""
     due: list[int] = []
     next_due = None
     for t in times_after(expr, tz, last_due):
@@ -205,8 +198,9 @@ class Scheduler:
                 schedule.last_due or schedule.created_at,
                 now,
             )
+            firing = _catching_up(schedule, len(p.fire))
             for due in p.fire:
-                if self.fire_safely(schedule, due, now) is not None:
+                if self.fire_safely(firing, due, now) is not None:
                     for observer in self.on_fire:
                         observer(now - due)
             if p.missed:
@@ -285,6 +279,15 @@ class Scheduler:
         return late
 
 
+def _catching_up(schedule: ScheduleRow, fires: int) -> ScheduleRow:
+    """The schedule as it fires `fires` due times at once. Catch-up `all` runs every missed
+    time, so they queue one behind the other: with `skip`, each would be skipped because the
+    one fired a moment before it is still going."""
+    if schedule.catch_up == "all" and fires > 1 and schedule.overlap == "skip":
+        return dataclasses.replace(schedule, overlap="queue")
+    return schedule
+
+
 # -- file triggers ------------------------------------------------------------------------------
 
 
@@ -300,11 +303,13 @@ class TriggerSpec:
         return cls(**json.loads(raw))
 
 
+BURST_LONGEST = 60.0  # s: a burst fires this long after its first change (or 10 quiet periods)
 WATCH_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before a failed watcher is started again
 
 
 class Triggers:
-    """One watchfiles watcher per active trigger; each burst of changes becomes one fire.
+    """One watchfiles watcher per active trigger; each burst of changes becomes one fire: a
+    burst ends after the trigger's debounce of quiet (see `Burst`).
 
     A watcher that fails is started again (after a growing pause), and meanwhile `failures`
     says why, for `trigger list` and `health`. watchfiles cannot name a file whose name is not
@@ -362,9 +367,11 @@ class Triggers:
             log.exception("trigger %d: cannot fire for a burst of changes", schedule_id)
 
     async def _watch_once(self, schedule_id: int, spec: TriggerSpec, stop: asyncio.Event) -> None:
+        """watchfiles' own grouping cannot be the quiet period: it ends a group when the set of
+        changed (kind, path) pairs stops growing, so a file written every 0.2 s ends one each
+        step. Its groups come here within a few tenths of a second, and `Burst` waits for the
+        quiet (watchfiles yields on a timeout too, so a burst fires without a further change)."""
         from watchfiles import Change, awatch
-
-        quiet_ms = max(1, int(spec.debounce * 1000))
 
         def wanted(change: Change, path: str) -> bool:
             if change == Change.modified and os.path.isdir(path):
@@ -375,19 +382,53 @@ class Triggers:
                 path, spec.glob
             )
 
+        burst = Burst(spec.debounce)
+        step = min(max(int(spec.debounce * 100), 20), 200)  # ms; a tenth of the quiet period
         watching = awatch(
             *spec.paths,
             watch_filter=wanted,
             recursive=spec.recursive,
-            step=quiet_ms,  # a burst ends after this much quiet...
-            debounce=max(quiet_ms * 20, 2000),  # ...or after this long at most
+            step=step,
+            debounce=2 * step,
             stop_event=stop,
-            rust_timeout=0,
-            yield_on_timeout=False,
+            rust_timeout=min(max(step, int(spec.debounce * 250)), 1000),
+            yield_on_timeout=True,
         )
         self.failures.pop(schedule_id, None)
         async for changes in watching:
-            self._fire(schedule_id, sorted({path for _, path in changes}))
+            now = time.monotonic()
+            burst.add({path for _, path in changes}, now)
+            if burst.due(now):
+                self._fire(schedule_id, burst.take())
+
+
+class Burst:
+    """A burst of file changes: it ends after `quiet` seconds without a change, or at the
+    latest `longest` seconds after its first change (so that an endless stream of writes still
+    fires, once per `longest`). Pure: time is passed in."""
+
+    def __init__(self, quiet: float, longest: float | None = None) -> None:
+        self.quiet = quiet
+        self.longest = max(BURST_LONGEST, 10 * quiet) if longest is None else longest
+        self.paths: set[str] = set()
+        self.first = self.last = 0.0
+
+    def add(self, paths: set[str], now: float) -> None:
+        if not paths:
+            return
+        if not self.paths:
+            self.first = now
+        self.paths |= paths
+        self.last = now
+
+    def due(self, now: float) -> bool:
+        return bool(self.paths) and (
+            now - self.last >= self.quiet or now - self.first >= self.longest
+        )
+
+    def take(self) -> list[str]:
+        paths, self.paths = sorted(self.paths), set()
+        return paths
 
 
 def _undecodable_names(spec: TriggerSpec) -> list[str]:

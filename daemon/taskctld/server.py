@@ -345,8 +345,8 @@ def create_app(service: Service) -> FastAPI:
             Moment | None, Query(description="from this moment (default: now)")
         ] = None,
     ) -> Response:
-        """The next n fire times, in the schedule's zone (RFC 3339 with its offset); fewer
-        when the year 9999 ends first."""
+        """The next n fire times (RFC 3339 in UTC, as every time of the API; the schedule's
+        zone decides which they are); fewer when the year 9999 ends first."""
         start = None if after is None else int(after.timestamp() * 1000)
         return json_response(service.next_fires(name, n, start))
 

@@ -16,7 +16,6 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -235,7 +234,7 @@ class Service:
             max_delay=_first(spec.max_delay, q.get("max_delay"), c.max_delay),
             retry_on=spec.retry_on,
             no_retry_on=spec.no_retry_on,
-            timeout=_first(spec.timeout, q.get("timeout"), None),
+            timeout=_first(spec.timeout, q.get("timeout"), None) or None,  # 0: no timeout
             kill_grace=_first(spec.kill_grace, q.get("kill_grace"), c.kill_grace),
             memory_limit=spec.memory_limit,
             run_at=run_at,
@@ -470,6 +469,8 @@ class Service:
         if given:
             defaults = dict(existing.defaults if existing else {})
             defaults.update({k: (v.value if hasattr(v, "value") else v) for k, v in given.items()})
+            if given.get("timeout") == 0:  # a timeout of 0 is none: clear the default
+                defaults["timeout"] = None
             fields["defaults"] = {k: v for k, v in defaults.items() if v is not None}
         row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, **fields))
         assert row is not None
@@ -576,7 +577,7 @@ class Service:
         times = scheduler.next_times(
             row.spec, row.tz or "UTC", now_ms() if after is None else after, n
         )
-        return [t.isoformat() for t in times]
+        return [ms_to_rfc3339(int(t.timestamp() * 1000)) or "" for t in times]
 
     def schedule_view(self, row: ScheduleRow, *, runs: int = 0) -> dict[str, Any]:
         template = json.loads(row.template)
@@ -595,13 +596,8 @@ class Service:
         if row.id in self.triggers.failures:
             view["problem"] = self.triggers.failures[row.id]
         if row.kind == "cron":
-            tz = row.tz or "UTC"
-            due = (
-                None
-                if row.paused or row.next_due is None
-                else datetime.fromtimestamp(row.next_due / 1000, scheduler.zone(tz))
-            )
-            view.update(cron=row.spec, tz=tz, next_due=due.isoformat() if due else None)
+            due = None if row.paused else row.next_due
+            view.update(cron=row.spec, tz=row.tz or "UTC", next_due=ms_to_rfc3339(due))
         else:
             view.update(json.loads(row.spec))
         if runs:
@@ -657,6 +653,7 @@ class Service:
             "queued": self.metrics.total("queued"),
             "held": self.dispatcher.held_count(),
             "concurrency": self.config.concurrency,
+            "hold": self.config.hold,
             "containment": self.runner.containment,
             "last_event_id": self.store.last_event_id(),
             "streams": self.watchers + self.followers,

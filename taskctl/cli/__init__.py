@@ -109,6 +109,9 @@ def build_app() -> typer.Typer:
         version: bool = typer.Option(
             False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
+        utc: bool = typer.Option(
+            False, "--utc", help="Show times in UTC, not the local zone (--json is always UTC)."
+        ),
     ) -> None:
         """A task platform for the shell."""
 
@@ -131,6 +134,11 @@ def _single_command_app(name: str) -> typer.Typer:
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] == ["--utc"]:  # before the command, so that its own app need not know it
+        from taskctl import render
+
+        render.UTC_TIMES = True
+        args = args[1:]
     if "_TASKCTL_COMPLETE" in os.environ:  # a shell asking for completions (or their script)
         from typer.completion import completion_init
 

@@ -10,7 +10,7 @@ import typer
 
 from taskctl.client import Client
 from taskctl.errors import InvalidRequest, Unavailable, Unreachable
-from taskctl.units import parse_duration, parse_size
+from taskctl.units import duration_text, parse_duration, parse_size
 
 JsonOption = Annotated[
     bool,
@@ -44,6 +44,13 @@ def duration(value: str | None, option: str) -> float | None:
         return parse_duration(value)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def timeout_seconds(value: str | None, option: str = "--timeout") -> float | None:
+    """A `--timeout`: a duration, where 0 (or `none`) means no timeout at all."""
+    if value is not None and value.strip().lower() == "none":
+        return 0.0
+    return duration(value, option)
 
 
 def size(value: str | None, option: str) -> int | None:
@@ -120,6 +127,42 @@ def exit_status_of(task: dict[str, Any]) -> int:
     if last.get("exit_code") is not None:
         return int(last["exit_code"]) or 1
     return 1
+
+
+def outcome_text(task: dict[str, Any]) -> str:
+    """How a final task ended, in words: `exit status 3`, `killed by signal 9 (SIGKILL)`,
+    `timed out after 30s`, `no such program: 'nosuch'`, `cancelled`..."""
+    attempts = task.get("attempts") or []
+    last = attempts[-1] if attempts else {}
+    outcome, error = last.get("outcome"), last.get("error")
+    if task["state"] == "cancelled":
+        return "cancelled"
+    if task.get("reason") == "dependency_failed":
+        return "a task it depends on did not succeed"
+    if outcome == "timeout":
+        limit = task.get("timeout")
+        return "timed out" + (f" after {duration_text(limit)}" if limit else "")
+    if outcome == "spawn_error":
+        return str(error or "it could not start")
+    if outcome == "lost":
+        return "its outcome is unknown (its supervisor died while it ran)"
+    if last.get("signal"):
+        text = f"killed by {signal_text(int(last['signal']))}"
+    elif last.get("exit_code") is not None:
+        text = f"exit status {last['exit_code']}"
+    else:
+        return "it never ran"
+    return f"{text} ({error})" if error and task["state"] != "succeeded" else text
+
+
+def signal_text(number: int) -> str:
+    """`signal 9 (SIGKILL)`; the name is left out for a number the system does not know."""
+    import signal
+
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def die(message: str, code: int) -> NoReturn:

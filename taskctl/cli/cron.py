@@ -1,6 +1,7 @@
 """`taskctl cron`: schedules that create a task at each due time, like crontab lines with a
 queue, retries, timeouts and logs."""
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -29,7 +30,7 @@ CatchUp = Annotated[
     typer.Option(
         "--catch-up",
         metavar="none|latest|all",
-        help="Times missed while the daemon was down: none, latest (run the newest once), all.",
+        help="Times missed while the daemon was down: none, latest (run the newest once), all (each, one after another).",
         autocompletion=complete.catch_ups,
     ),
 ]
@@ -51,7 +52,11 @@ def add(
     ] = None,
     tz: Annotated[
         str | None,
-        typer.Option("--tz", metavar="ZONE", help="IANA time zone (default: the local one)."),
+        typer.Option(
+            "--tz",
+            metavar="ZONE",
+            help="IANA time zone (default: the shell's, from TZ or /etc/localtime).",
+        ),
     ] = None,
     overlap: Overlap = "skip",
     catch_up: CatchUp = "latest",
@@ -82,6 +87,7 @@ def add(
         raise typer.BadParameter(
             "give a zone such as Europe/Berlin, or leave it out", param_hint="--tz"
         )
+    tz = tz or _shell_zone()
     _choice(overlap, ("skip", "queue", "allow"), "--overlap")
     _choice(catch_up, ("none", "latest", "all"), "--catch-up")
     task = o.task_spec(
@@ -105,8 +111,22 @@ def add(
     if json_:
         emit_json(schedule)
     else:
-        note(f"schedule {schedule['name']}: next run {schedule['next_due']}")
+        note(f"schedule {schedule['name']}: next run {render.when(schedule['next_due'])}")
         print(schedule["name"])
+
+
+def _shell_zone() -> str:
+    """The shell's zone, as `--at` reads it: a schedule added without --tz follows the clock
+    of the shell that added it, not the daemon's."""
+    from taskctl.units import local_zone_name
+
+    name = local_zone_name()
+    if name is None:
+        raise typer.BadParameter(
+            f"TZ={os.environ.get('TZ')!r} names no IANA zone: give one, such as Europe/Berlin",
+            param_hint="--tz",
+        )
+    return name
 
 
 @app.command("list")
@@ -200,7 +220,7 @@ def next_(
     ] = None,
     json_: JsonOption = False,
 ) -> None:
-    """The next N fire times, in the schedule's time zone."""
+    """The next N fire times (in the local zone; --json: RFC 3339 in UTC)."""
     if from_ is not None:
         from taskctl.units import ms_to_rfc3339, parse_at
 
@@ -212,7 +232,7 @@ def next_(
     if json_:
         emit_json(times)
     else:
-        print("\n".join(times))
+        print("\n".join(render.when(t) for t in times))
 
 
 def _show_one(schedule: dict[str, Any], json_: bool, what: str) -> None:

@@ -9,7 +9,7 @@ from typer.core import TyperCommand
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.cli import complete
-from taskctl.cli.common import duration, exit_codes, pairs, size
+from taskctl.cli.common import duration, exit_codes, pairs, size, timeout_seconds
 from taskctl.environment import minimal_env
 from taskctl.errors import InvalidRequest
 
@@ -150,7 +150,7 @@ Timeout = Annotated[
     typer.Option(
         "--timeout",
         metavar="DURATION",
-        help="Kill an attempt after this long (e.g. 30m).",
+        help="Kill an attempt after this long (e.g. 30m); 0 or none: no timeout.",
         rich_help_panel=EXEC,
     ),
 ]
@@ -241,7 +241,7 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
         "max_delay": duration(o.get("max_delay"), "--max-delay"),
         "retry_on": exit_codes(o.get("retry_on"), "--retry-on"),
         "no_retry_on": exit_codes(o.get("no_retry_on"), "--no-retry-on"),
-        "timeout": duration(o.get("timeout"), "--timeout"),
+        "timeout": timeout_seconds(o.get("timeout")),
         "kill_grace": duration(o.get("kill_grace"), "--kill-grace"),
         "memory_limit": size(o.get("memory_limit"), "--memory-limit"),
         "delay": duration(o.get("delay"), "--delay"),

@@ -6,7 +6,7 @@ import typer
 
 from taskctl import render
 from taskctl.cli import complete
-from taskctl.cli.common import JsonOption, client, duration, emit_json, note
+from taskctl.cli.common import JsonOption, client, duration, emit_json, note, timeout_seconds
 from taskctl.client import path_for
 
 app = typer.Typer(help="Queues: list, set, pause, resume.", no_args_is_help=True)
@@ -62,7 +62,11 @@ def set_(
     ] = None,
     timeout: Annotated[
         str | None,
-        typer.Option("--timeout", metavar="DURATION", help="Default timeout of its tasks."),
+        typer.Option(
+            "--timeout",
+            metavar="DURATION",
+            help="Default timeout of its tasks; 0 or none clears it.",
+        ),
     ] = None,
     kill_grace: Annotated[
         str | None,
@@ -81,11 +85,12 @@ def set_(
         ("backoff", backoff),
         ("retry_delay", duration(retry_delay, "--retry-delay")),
         ("max_delay", duration(max_delay, "--max-delay")),
-        ("timeout", duration(timeout, "--timeout")),
         ("kill_grace", duration(kill_grace, "--kill-grace")),
     ):
         if value is not None:
             body[field] = value
+    if timeout is not None:  # 0 or none clears the default: its tasks have no timeout
+        body["timeout"] = timeout_seconds(timeout) or None
     queue = client().call("PUT", path_for("queues", name), body)
     if json_:
         emit_json(queue)

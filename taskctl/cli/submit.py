@@ -10,7 +10,15 @@ import typer
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.cli import options as o
-from taskctl.cli.common import JsonOption, client, emit_json, exit_status_of, note, wait_final
+from taskctl.cli.common import (
+    JsonOption,
+    client,
+    emit_json,
+    exit_status_of,
+    note,
+    outcome_text,
+    wait_final,
+)
 from taskctl.client import Client, path_for
 from taskctl.errors import InvalidRequest
 
@@ -117,7 +125,10 @@ def submit(
     final = wait_final(c, task["id"])
     if json_:
         emit_json(final)
-    raise typer.Exit(exit_status_of(final))
+    status = exit_status_of(final)
+    if status:
+        note(f"taskctl: task {task['id']} {final['state']}: {outcome_text(final)}")
+    raise typer.Exit(status)
 
 
 def _submit_lines(c: Client, spec: dict[str, Any], json_lines: bool, json_: bool) -> None:

@@ -17,6 +17,7 @@ from taskctl.cli.common import (
     exit_status_of,
     ids,
     note,
+    outcome_text,
     wait_final,
 )
 from taskctl.client import Client, path_for
@@ -77,11 +78,13 @@ def list_tasks(
     if all_ and limit is not None:
         raise typer.BadParameter("give --limit or --all, not both", param_hint="--all")
     query = {"state": state, "queue": queue, "label": label, "show_env": show_env or None}
-    tasks, total = _fetch_tasks(client(), query, None if all_ else limit or 100)
+    c = client()
+    tasks, total = _fetch_tasks(c, query, None if all_ else limit or 100)
     if json_:
         emit_json(tasks)
     else:
         render.print_task_list(tasks)
+    _say_if_held(c, tasks)
     if total > len(tasks):
         note(
             f"taskctl: {total - len(tasks)} more tasks match than the {len(tasks)} shown; "
@@ -131,11 +134,18 @@ def status(
     tasks = [c.call("GET", path_for("tasks", i, show_env=show_env or None)) for i in ids(task_ids)]
     if json_:
         emit_json(tasks[0] if len(tasks) == 1 else tasks)
-        return
-    for n, task in enumerate(tasks):
-        if n:
-            print()
-        render.print_task_detail(task)
+    else:
+        for n, task in enumerate(tasks):
+            if n:
+                print()
+            render.print_task_detail(task)
+    _say_if_held(c, tasks)
+
+
+def _say_if_held(c: Client, tasks: list[dict[str, Any]]) -> None:
+    """A queued task that never starts because the daemon is on hold: say so on stderr."""
+    if any(t["state"] == "queued" for t in tasks) and c.call("GET", "/healthz").get("hold"):
+        note(f"taskctl: queued tasks do not start: {render.HOLD_WHY}")
 
 
 def retry(
@@ -219,7 +229,7 @@ def wait(
             die(f"timed out waiting for task {task_id} (still {task['state']})", EXIT_WAIT_FAILED)
         finals.append(task)
         if not json_:
-            note(f"task {task_id} {task['state']} (exit status {exit_status_of(task)})")
+            note(f"task {task_id} {task['state']}: {outcome_text(task)}")
     if json_:
         emit_json(finals[0] if len(finals) == 1 else finals)
     failed = [exit_status_of(t) for t in finals if exit_status_of(t) != 0]

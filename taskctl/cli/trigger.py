@@ -41,7 +41,9 @@ def add(
     debounce: Annotated[
         str,
         typer.Option(
-            "--debounce", metavar="DURATION", help="A burst of changes ends after this much quiet."
+            "--debounce",
+            metavar="DURATION",
+            help="A burst of changes ends after this much quiet (or a minute after it began).",
         ),
     ] = "500ms",
     overlap: Annotated[
