@@ -25,7 +25,6 @@ from typing import Any
 
 from taskctld import containment
 from taskctld.containment import Cgroups
-from taskctld.procfs import ProcessId, children_of
 from taskctld.supervisor import messages as m
 from taskctld.supervisor.attempt import (
     KILLING,
@@ -33,23 +32,20 @@ from taskctld.supervisor.attempt import (
     Exit,
     Phase,
     signal_tree,
-    task_of,
     tree_alive,
     vm_hwm,
 )
 from taskctld.supervisor.connection import DaemonLink
 from taskctld.supervisor.holds import Holds
-from taskctld.supervisor.journal import Journal, Record
+from taskctld.supervisor.journal import Journal
 from taskctld.supervisor.outcome import final_of
 from taskctld.supervisor.output import LogSink
 from taskctld.supervisor.spawn import spawn_message, start_process
+from taskctld.supervisor.upkeep import REJOURNAL_EVERY, SWEEP_AFTER, Upkeep
 
 PR_SET_CHILD_SUBREAPER = 36
 UNATTACHED_LIMIT = 60.0  # seconds a fresh supervisor waits for its first daemon
 LEFTOVER_GRACE = 1.0  # seconds we wait for pipes held open by processes outside the tree
-REJOURNAL_EVERY = 1.0  # seconds between tries to journal an end the journal did not take
-SAMPLE_EVERY = 1.0  # seconds between samples of running commands (peak RSS, start time)
-SWEEP_AFTER = 2.0  # seconds after an end before we look for what it left behind
 Key = m.Key
 
 
@@ -85,12 +81,12 @@ class Supervisor:
         self.unjournaled: set[Key] = set()
         self.holds = Holds()
         self.timers: list[tuple[float, Key | None]] = []
-        self.periodic = Periodic()
-        self.warned: set[int] = set()  # leftovers already sent SIGTERM
+        self.upkeep = Upkeep(
+            journal, boot_id, self.running, self.by_pid, self.done, self.unjournaled, self._wake_at
+        )
         self.retired = False
         self.ever_attached = False
         self.born = time.monotonic()
-        self.own_hwm = 0
         self.wake_r = -1
         self.handlers: dict[type, Any] = {
             m.Auth: self._on_auth,
@@ -105,13 +101,14 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def serve(self) -> int:
-        self._install_signals()
+        self.wake_r = _install_signals()
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         self.link.listen()
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
-        self.own_hwm = vm_hwm(os.getpid())
+        self.upkeep.own_hwm = vm_hwm(os.getpid())
         while not self._finished():
-            for key, mask in self.sel.select(self._next_timeout()):
+            idle = None if self.ever_attached else UNATTACHED_LIMIT
+            for key, mask in self.sel.select(_timeout(self.timers, idle)):
                 self._dispatch(key, mask)
             self._reap()
             self._run_timers()
@@ -197,7 +194,7 @@ class Supervisor:
         self.done.pop(key, None)
         self.unjournaled.discard(key)
         if self.journal.wants_compacting():
-            self._compact()
+            self.upkeep.compact()
 
     def _on_retire(self, message: m.Retire) -> None:
         self.retired = True
@@ -244,7 +241,7 @@ class Supervisor:
         if spec.timeout is not None:
             attempt.deadline = time.monotonic() + spec.timeout
             self._wake_at(attempt.deadline, key)
-        self._schedule_sample()
+        self.upkeep.schedule_sample()
         self.link.send(m.Started(*key, pid, started_at))
 
     # -- stopping -------------------------------------------------------------------------------
@@ -284,7 +281,7 @@ class Supervisor:
         for pid, status, usage in _exited_children():
             attempt = self.by_pid.pop(pid, None)
             if attempt is None:
-                self.warned.discard(pid)
+                self.upkeep.warned.discard(pid)
                 continue
             attempt.exit = Exit(status, usage, time.monotonic())
             self._wake_at(attempt.exit.at + LEFTOVER_GRACE, attempt.key)
@@ -320,12 +317,12 @@ class Supervisor:
         attempt.move(Phase.ENDED)
         self.running.pop(attempt.key, None)
         _remove_cgroup(attempt.cgroup)
-        attempt.seen.own_hwm = self.own_hwm
+        attempt.seen.own_hwm = self.upkeep.own_hwm
         final = final_of(
             attempt.key, attempt.exit.status, attempt.exit.usage, attempt.seen, now_ms()
         )
         self._record_final(attempt.spec, final)
-        self._schedule(self.periodic, "sweep_at", SWEEP_AFTER)
+        self.upkeep.schedule("sweep", SWEEP_AFTER)
 
     def _finish_now(self, spec: m.AttemptSpec, outcome: str, error: str) -> None:
         self._record_final(spec, m.Final(*spec.key, outcome, ended_at=now_ms(), error=error))
@@ -336,40 +333,18 @@ class Supervisor:
         key = spec.key
         if not self.journal.append(final):
             self.unjournaled.add(key)
-            self._schedule(self.periodic, "rejournal_at", REJOURNAL_EVERY)
+            self.upkeep.schedule("rejournal", REJOURNAL_EVERY)
         self.done[key] = final
         following = self.holds.take(key)
         self.link.send(m.Done(final, following[0].key if following else None))
         if following is not None:
             self._spawn(following[0])
 
-    def _compact(self) -> None:
-        """Keep only what a later daemon could still need: running and unacknowledged ones."""
-        records: list[Record] = []
-        for attempt in self.running.values():
-            records.append(attempt.started_record(self.boot_id))
-            if attempt.start_ticks is not None:
-                records.append(m.Ident(*attempt.key, attempt.start_ticks))
-        records.extend(self.done.values())
-        self.journal.rewrite(records)
-
     # -- timers ---------------------------------------------------------------------------------
 
     def _wake_at(self, when: float, key: Key | None = None) -> None:
         """Run `_tick` of attempt `key` (None: `_periodic`) at monotonic time `when`."""
         heapq.heappush(self.timers, (when, key))
-
-    def _schedule(self, periodic: Periodic, slot: str, delay: float) -> None:
-        """Run one periodic job (`slot` of `Periodic`) in `delay` seconds, unless it is due."""
-        if getattr(periodic, slot) is None:
-            when = time.monotonic() + delay
-            setattr(periodic, slot, when)
-            self._wake_at(when)
-
-    def _next_timeout(self) -> float | None:
-        if not self.timers:
-            return None if self.ever_attached else UNATTACHED_LIMIT
-        return max(0.0, self.timers[0][0] - time.monotonic())
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -383,86 +358,27 @@ class Supervisor:
     def _periodic(self, now: float) -> None:
         if self.link.strangers:
             self.link.expire_strangers(now)
-        for slot, job in (
-            ("rejournal_at", self._rejournal),
-            ("sample_at", self._sample),
-            ("sweep_at", self._sweep),
-        ):
-            when = getattr(self.periodic, slot)
-            if when is not None and now >= when:
-                setattr(self.periodic, slot, None)
-                job()
+        self.upkeep.run_due(now)
 
     def _rejournal(self) -> None:
-        """Try again to journal the final records the journal did not take."""
-        for key in sorted(self.unjournaled):
-            final = self.done.get(key)
-            if final is not None and not self.journal.append(final):
-                self._schedule(self.periodic, "rejournal_at", REJOURNAL_EVERY)
-                return
-            self.unjournaled.discard(key)
-
-    def _schedule_sample(self) -> None:
-        """Sample running commands once a second while any runs (never when idle)."""
-        if self.running:
-            self._schedule(self.periodic, "sample_at", SAMPLE_EVERY)
-
-    def _sample(self) -> None:
-        """Peak RSS so far; and, for commands that have run a second, their start time (which
-        makes pid + start + boot id an identity a reused pid cannot fake)."""
-        self.own_hwm = vm_hwm(os.getpid())
-        for attempt in self.running.values():
-            if not attempt.alive:
-                continue
-            attempt.seen.sampled_rss = max(attempt.seen.sampled_rss, vm_hwm(attempt.pid))
-            if attempt.start_ticks is None:
-                ident = ProcessId.of(attempt.pid, self.boot_id)
-                if ident is not None:
-                    attempt.start_ticks = ident.start
-                    self.journal.append(m.Ident(*attempt.key, ident.start))
-        self._schedule_sample()
-
-    def _sweep(self) -> None:
-        """Processes that escaped both the process group and the pipes of a task that has
-        ended come back to us as orphans (we are the subreaper): stop them, TERM then KILL."""
-        live_tasks = {key[0] for key in self.running}
-        leftovers = False
-        for pid in children_of(os.getpid()):
-            if pid in self.by_pid:
-                continue
-            task = task_of(pid)
-            if task is None or task in live_tasks:
-                continue
-            sig = signal.SIGKILL if pid in self.warned else signal.SIGTERM
-            self.warned.add(pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-            leftovers = True
-        if leftovers:
-            self._schedule(self.periodic, "sweep_at", SWEEP_AFTER)
-        else:
-            self.warned.clear()
-
-    # -- signals to us --------------------------------------------------------------------------
-
-    def _install_signals(self) -> None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_r = r
-        signal.set_wakeup_fd(w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        # We outlive the daemon: signals meant for it (a terminal's Ctrl-C, a service stop)
-        # are not for us. Handled (not ignored), so that commands get the default back at exec.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda *_: None)
+        self.upkeep.rejournal()
 
 
-class Periodic:
-    """When each periodic job next runs (monotonic), or None when it is not scheduled."""
+def _install_signals() -> int:
+    """Signals wake the loop (the returned pipe end becomes readable); none does more."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    # We outlive the daemon: signals meant for it (a terminal's Ctrl-C, a service stop) are
+    # not for us. Handled (not ignored), so that commands get the default back at exec.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    return r
 
-    def __init__(self) -> None:
-        self.rejournal_at: float | None = None  # journal the ends a full disk refused
-        self.sample_at: float | None = None  # sample running commands
-        self.sweep_at: float | None = None  # look for leftovers of ended attempts
+
+def _timeout(timers: list[tuple[float, Key | None]], idle: float | None) -> float | None:
+    """How long the loop may wait: until the first timer, else `idle`."""
+    return max(0.0, timers[0][0] - time.monotonic()) if timers else idle
 
 
 def _remove_cgroup(cgroup: Path | None) -> None:
