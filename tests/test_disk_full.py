@@ -23,6 +23,7 @@ import pytest
 from taskctld.supervisor import (
     EXIT_NO_SPACE,
     AttemptSpec,
+    Final,
     Journal,
     Supervisor,
     launch_supervisor,
@@ -182,7 +183,7 @@ def test_an_end_the_journal_cannot_take_keeps_the_supervisor_until_acknowledged(
         supervisor.ever_attached = True  # its daemon has gone: idle, it would exit now
         assert supervisor._finished()
         spec = AttemptSpec(1, 1, ["true"], "/", {}, "/dev/null", "/dev/null")
-        supervisor._record_final(spec, {"outcome": "exited", "exit_code": 7, "ended_at": 1})
+        supervisor._record_final(spec, Final(1, 1, "exited", exit_code=7, ended_at=1))
         assert not supervisor._finished()
         supervisor._rejournal()  # still full: it stays
         assert not supervisor._finished()

@@ -49,11 +49,12 @@ from taskctld.supervisor import (
     AttemptSpec,
     FrameReader,
     SupervisorInfo,
-    encode_frame,
     known_supervisors,
     launch_supervisor,
     read_journal,
 )
+from taskctld.supervisor import messages as wire
+from taskctld.supervisor.messages import Started
 
 log = logging.getLogger("taskctld.runner")
 
@@ -62,14 +63,6 @@ RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # seconds between tries for 
 PING_EVERY = 1.0  # seconds between pings of our supervisor
 PING_LIMIT = 3.0  # seconds without an answer before health says it does not answer
 Key = tuple[int, int]
-
-
-@dataclass
-class Started:
-    task_id: int
-    attempt: int
-    pid: int
-    started_at: int
 
 
 @dataclass
@@ -115,8 +108,9 @@ class Link(asyncio.Protocol):
         self.info = info
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
-        self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.hello: asyncio.Future[wire.Hello] = asyncio.get_running_loop().create_future()
         self.lost = False
+        self.protocol = 0  # the supervisor's, from its hello
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -128,17 +122,34 @@ class Link(asyncio.Protocol):
             self.lost = True
             transport.close()
             return
-        self.send({"op": "auth", "token": self.info.token})
+        self.send(wire.Auth(self.info.token))
 
     def data_received(self, data: bytes) -> None:
         for frame in self.reader.feed(data):
-            op = frame.get("op")
-            if op == "hello" and not self.hello.done():
-                self.hello.set_result(frame)
-            elif op == "pong":
-                self.runner.on_pong(self)
-            else:
-                self.runner.on_frame(self, frame)
+            try:
+                message = wire.decode_from_supervisor(frame)
+            except wire.BadMessage as e:
+                log.warning("ignoring a malformed supervisor message: %s", e)
+                continue
+            if isinstance(message, wire.Hello):
+                self._on_hello(message)
+            elif message is not None:
+                self.runner.on_message(self, message)
+
+    def _on_hello(self, hello: wire.Hello) -> None:
+        """The first frame of a supervisor: says its protocol (0 when it predates the field;
+        every version so far is read the same way). A later hello is ignored."""
+        if self.hello.done():
+            return
+        self.protocol = hello.protocol
+        if hello.protocol > wire.PROTOCOL:
+            log.warning(
+                "supervisor pid %d speaks protocol %d, newer than ours (%d)",
+                self.info.pid,
+                hello.protocol,
+                wire.PROTOCOL,
+            )
+        self.hello.set_result(hello)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -146,10 +157,10 @@ class Link(asyncio.Protocol):
             self.hello.set_exception(ConnectionError("the supervisor went away"))
         self.runner.on_link_lost(self)
 
-    def send(self, message: dict[str, Any]) -> bool:
+    def send(self, message: wire.DaemonMessage) -> bool:
         if self.transport is None or self.lost:
             return False
-        self.transport.write(encode_frame(message))
+        self.transport.write(wire.encode(message))
         return True
 
     def close(self) -> None:
@@ -182,7 +193,7 @@ class Runner:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def attach(self) -> list[dict[str, Any]]:
+    async def attach(self) -> list[wire.Hello]:
         """Launch our supervisor and connect to the ones earlier daemons left; returns their
         hellos (what they still run and what ended meanwhile)."""
         earlier = known_supervisors(self.paths.run)
@@ -207,18 +218,19 @@ class Runner:
             if answer is None:
                 continue
             link, hello = answer
-            link.send({"op": "retire"})
+            link.send(wire.Retire())
             hellos.append(hello)
-            for item in hello.get("running", []):
-                self.owner[(int(item["task_id"]), int(item["attempt"]))] = link
+            for item in hello.running:
+                self.owner[item.key] = link
             log.info(
-                "adopted supervisor pid %d with %d running task(s)",
+                "adopted supervisor pid %d (protocol %d) with %d running task(s)",
                 old.pid,
-                len(hello.get("running", [])),
+                hello.protocol,
+                len(hello.running),
             )
         return hellos
 
-    async def _hello_of(self, old: SupervisorInfo) -> tuple[Link, dict[str, Any]] | None:
+    async def _hello_of(self, old: SupervisorInfo) -> tuple[Link, wire.Hello] | None:
         """Connect to an earlier daemon's supervisor and take its hello. None when it exited
         meanwhile (idle supervisors do) or does not answer: then it is treated as dead, so that
         nothing it runs goes unsupervised or runs twice."""
@@ -249,7 +261,7 @@ class Runner:
             self._abandon(info)
             _remove_launch_files(info, self.paths.run)
             raise
-        self.containment = str(hello.get("containment") or self.containment)
+        self.containment = hello.containment or self.containment
         self.ping_sent = None
         return link
 
@@ -312,9 +324,7 @@ class Runner:
         """Hand one claimed attempt to our supervisor."""
         key = (task.id, task.attempts)
         link = self.current
-        if link is None or not link.send(
-            {"op": "spawn", "spec": self.spec_for(task, env).__dict__}
-        ):
+        if link is None or not link.send(wire.Spawn(self.spec_for(task, env))):
             self.report(_interrupted(key, "the supervisor is not available"))
             return
         self.owner[key] = link
@@ -324,8 +334,7 @@ class Runner:
         `after` when that ends. It stays queued in the store until its start is reported."""
         spec = self.spec_for(task, env, number=task.attempts + 1)
         link = self.current
-        message = {"op": "spawn", "spec": spec.__dict__, "after": after, "hold": token}
-        if link is None or not link.send(message):
+        if link is None or not link.send(wire.Spawn(spec, after, token)):
             return False
         self.held[(task.id, spec.attempt)] = link
         return True
@@ -338,7 +347,7 @@ class Runner:
         """Take a held attempt back (it may have started meanwhile: its report says so)."""
         link = self.held.pop(key, None)
         if link is not None:
-            link.send({"op": "unhold", "task_id": key[0], "attempt": key[1], "hold": token})
+            link.send(wire.Unhold(*key, token))
             self.unholding[key] = (link, token)
 
     def spec_for(
@@ -368,9 +377,7 @@ class Runner:
     def stop(self, task_id: int, attempt: int, kind: str) -> bool:
         """Ask the attempt's supervisor to end it: `cancel` or `interrupt` (run again later)."""
         link = self.owner.get((task_id, attempt))
-        return link is not None and link.send(
-            {"op": "signal", "task_id": task_id, "attempt": attempt, "kind": kind}
-        )
+        return link is not None and link.send(wire.Signal(task_id, attempt, kind))
 
     def interrupt_all(self) -> None:
         """End every running attempt (`daemon stop --kill`): each is queued again."""
@@ -388,7 +395,7 @@ class Runner:
         """The attempt's end is committed: its supervisor may forget it."""
         link = self.owner.pop((task_id, attempt), None) or self.current
         if link is not None:
-            link.send({"op": "ack", "task_id": task_id, "attempt": attempt})
+            link.send(wire.Ack(task_id, attempt))
 
     # -- is our supervisor answering? -----------------------------------------------------------
 
@@ -396,10 +403,10 @@ class Runner:
         while not self.closing:
             await asyncio.sleep(PING_EVERY)
             link = self.current
-            if link is not None and self.ping_sent is None and link.send({"op": "ping"}):
+            if link is not None and self.ping_sent is None and link.send(wire.Ping()):
                 self.ping_sent = time.monotonic()
 
-    def on_pong(self, link: Link) -> None:
+    def _on_pong(self, link: Link) -> None:
         if link is self.current:
             self.ping_sent = None
 
@@ -413,28 +420,37 @@ class Runner:
 
     # -- hearing from supervisors ---------------------------------------------------------------
 
-    def on_frame(self, link: Link, frame: dict[str, Any]) -> None:
-        op = frame.get("op")
-        try:
-            key = (int(frame["task_id"]), int(frame["attempt"]))
-        except (KeyError, TypeError, ValueError):
-            log.warning("ignoring a malformed supervisor message: %r", frame)
-            return
-        if op in ("started", "done", "released"):
-            self.held.pop(key, None)
-        if op == "started":
-            self.owner.setdefault(key, link)  # a held attempt becomes this link's to stop
-            self.report(Started(*key, pid=int(frame["pid"]), started_at=int(frame["started_at"])))
-        elif op == "done":
-            self.report(ended_from_record(*key, frame))
-        elif op == "released":
-            token = frame.get("hold")
-            self.report(Released(*key, token=int(token) if token is not None else None))
-        elif op == "unheld":
-            self.unholding.pop(key, None)
-            token = frame.get("hold")
-            taken = bool(frame.get("taken"))
-            self.report(Unheld(*key, taken, int(token) if token is not None else None))
+    def on_message(self, link: Link, message: wire.SupervisorMessage) -> None:
+        """One message from a supervisor after its hello, to its one handler."""
+        if isinstance(message, wire.Started):
+            self._on_started(link, message)
+        elif isinstance(message, wire.Done):
+            self._on_done(message)
+        elif isinstance(message, wire.Released):
+            self._on_released(message)
+        elif isinstance(message, wire.Unheld):
+            self._on_unheld(message)
+        elif isinstance(message, wire.Pong):
+            self._on_pong(link)
+
+    def _on_started(self, link: Link, message: wire.Started) -> None:
+        self.held.pop(message.key, None)
+        self.owner.setdefault(message.key, link)  # a held attempt becomes this link's to stop
+        self.report(message)
+
+    def _on_done(self, message: wire.Done) -> None:
+        self.held.pop(message.final.key, None)
+        self.report(ended_from_final(message.final, message.next))
+
+    def _on_released(self, message: wire.Released) -> None:
+        key = (message.task_id, message.attempt)
+        self.held.pop(key, None)
+        self.report(Released(*key, token=_token(message.hold)))
+
+    def _on_unheld(self, message: wire.Unheld) -> None:
+        key = (message.task_id, message.attempt)
+        self.unholding.pop(key, None)
+        self.report(Unheld(*key, message.taken, _token(message.hold)))
 
     def on_link_lost(self, link: Link) -> None:
         """A supervisor is gone. If we were not closing, what it ran is settled from run files."""
@@ -487,13 +503,9 @@ class Runner:
 
     # -- settling attempts nobody runs any more -------------------------------------------------
 
-    def recover(self, attempts: list[AttemptRow], hellos: list[dict[str, Any]]) -> None:
+    def recover(self, attempts: list[AttemptRow], hellos: list[wire.Hello]) -> None:
         """Settle the open attempts of the store once every supervisor has said hello."""
-        done = {
-            (int(d["task_id"]), int(d["attempt"])): d
-            for hello in hellos
-            for d in hello.get("done", [])
-        }
+        done = {final.key: final for hello in hellos for final in hello.done}
         open_keys = set()
         for attempt in attempts:
             key = (attempt.task_id, attempt.number)
@@ -501,20 +513,19 @@ class Runner:
             if key in self.owner:
                 continue  # still running under an adopted supervisor
             if key in done:
-                self.report(ended_from_record(*key, done[key]))
+                self.report(ended_from_final(done[key]))
             else:
                 self.report(self.settle(key))
         # What supervisors ran that the store never saw start (held attempts that started
         # while no daemon recorded it): reported as news, so the dispatcher claims them for
         # the attempt they are, or stops them. Ends already recorded are acknowledged there.
         for hello in hellos:
-            for item in hello.get("running", []):
-                key = (int(item["task_id"]), int(item["attempt"]))
-                if key not in open_keys:
-                    self.report(Started(*key, int(item["pid"]), int(item["started_at"])))
-        for key, record in done.items():
+            for item in hello.running:
+                if item.key not in open_keys:
+                    self.report(item)
+        for key, final in done.items():
             if key not in open_keys:
-                self.report(ended_from_record(*key, record))
+                self.report(ended_from_final(final))
         # And what dead supervisors' journals say about such attempts (they exit once idle
         # without a daemon, keeping the journal while an outcome is unacknowledged).
         known = open_keys | done.keys() | self.owner.keys()
@@ -526,7 +537,7 @@ class Runner:
         self.owner.pop(key, None)
         records = self.orphaned.get(key, {})
         if "final" in records:
-            return ended_from_record(*key, records["final"])
+            return ended_from_final(wire.Final.from_wire(records["final"]))
         if "started" not in records:
             return _interrupted(key, "never started: the daemon stopped before its command ran")
         _kill_orphan(records["started"], records.get("ident"))
@@ -572,29 +583,30 @@ def _kill_orphan(started: dict[str, Any], ident: dict[str, Any] | None) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def ended_from_record(task_id: int, attempt: int, final: dict[str, Any]) -> Ended:
-    """A supervisor's final record as a report for the dispatcher."""
-    raw = str(final.get("outcome", "lost"))
-    ended_at = int(final.get("ended_at") or now_ms())
-    if raw == "not_started":
-        return _interrupted((task_id, attempt), str(final.get("error") or "never started"))
-    outcome = Outcome(raw)
-    following = final.get("next")
+def ended_from_final(final: wire.Final, following: Key | None = None) -> Ended:
+    """A supervisor's final record as a report for the dispatcher; `following`: the held
+    attempt it started in the slot."""
+    if final.outcome == "not_started":
+        return _interrupted(final.key, final.error or "never started")
+    outcome = Outcome(final.outcome)
     return Ended(
         AttemptEnd(
-            task_id,
-            attempt,
+            *final.key,
             outcome,
-            ended_at=ended_at,
-            exit_code=final.get("exit_code"),
-            signal=final.get("signal"),
-            error=final.get("error"),
-            max_rss=final.get("max_rss"),
-            cpu_user=final.get("cpu_user"),
-            cpu_system=final.get("cpu_system"),
-            cause=final.get("cause"),
-            started_at=final.get("started_at"),
+            ended_at=final.ended_at or now_ms(),
+            exit_code=final.exit_code,
+            signal=final.signal,
+            error=final.error,
+            max_rss=final.max_rss,
+            cpu_user=final.cpu_user,
+            cpu_system=final.cpu_system,
+            cause=final.cause,
+            started_at=final.started_at,
         ),
         counts=outcome is not Outcome.INTERRUPTED,
-        next=(int(following[0]), int(following[1])) if following else None,
+        next=following,
     )
+
+
+def _token(hold: Any) -> int | None:
+    return int(hold) if hold is not None else None
