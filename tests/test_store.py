@@ -481,3 +481,26 @@ def test_a_staged_dependency_removed_meanwhile_publishes_nothing(store: SqliteSt
         store.publish_staged(staging, 2000, 0)
     store.drop_staging(staging)
     assert store.list_tasks(TaskFilter()) == []
+
+
+def test_a_batch_published_apart_is_all_there_and_announced_once(store: SqliteStore) -> None:
+    spans: list[object] = []
+    store.on_commit(lambda events: None, spans.append)
+    tasks = [
+        NewTask(command=["echo", str(i)], cwd="/", key=f"k{i}", key_fingerprint="f")
+        for i in range(4)
+    ]
+    staging = _stage(store, tasks)
+    (meanwhile,) = _submit(store, key="k2", key_fingerprint="f")
+    assert store.can_publish_apart(staging)
+    published, span = store.publish_apart(staging, 2000, 0)
+    assert spans == []  # nothing is told before `announce`
+    store.announce(span)
+    store.drop_staging(staging)
+    assert published.taken == {3: meanwhile} and spans == [span]
+    rows = store.get_tasks([published.base + s for s in (1, 2, 4)])
+    assert [r.command[1] for r in rows] == ["0", "1", "3"]
+    assert span.created == {("default", TaskState.QUEUED): 3}
+    assert not store.path.with_name(store.path.name + "-batch").exists()
+    deps = _stage(store, [NewTask(command=["true"], cwd="/", after=[meanwhile])] * 2)
+    assert not store.can_publish_apart(deps)

@@ -39,6 +39,7 @@ from taskctld.store import (
     NewTask,
     QueueRow,
     ScheduleRow,
+    StagedBatch,
     Store,
     TaskFilter,
     TaskRow,
@@ -224,17 +225,34 @@ class Service:
                 seq += len(fresh)
                 published.count += len(specs)
                 await asyncio.sleep(0)  # let other requests in between chunks
-            since = int(self.config.key_retention * 1000)
             began = time.monotonic()
-            done = self.dispatcher.cycle(
-                lambda now: self.store.publish_staged(staging, now, now - since)
-            )
-            assert done is not None
+            done = await self._publish(staging)
             log.info("a batch of %d published in %.3fs", seq, time.monotonic() - began)
+            await asyncio.to_thread(self.store.checkpoint_apart)
             published.base, published.taken = done.base, done.taken
             return published
         finally:
             self.store.drop_staging(staging)
+
+    async def _publish(self, staging: str) -> StagedBatch:
+        """Publish a staged batch in one transaction. Without dependencies, in a thread on a
+        connection of its own: requests that only read are answered meanwhile (100,000 tasks
+        take 0.3 to 0.8 s to insert, by load). With them, in the dispatcher's cycle, which
+        settles them in the same transaction."""
+        retention = int(self.config.key_retention * 1000)
+        if not self.store.can_publish_apart(staging):
+            cycled = self.dispatcher.cycle(
+                lambda now: self.store.publish_staged(staging, now, now - retention)
+            )
+            assert cycled is not None
+            return cycled
+        now = now_ms()
+        done, span = await asyncio.to_thread(
+            self.store.publish_apart, staging, now, now - retention
+        )
+        self.store.announce(span)
+        self.dispatcher.wake()
+        return done
 
     def _fresh_of(
         self,

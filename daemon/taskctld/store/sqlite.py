@@ -219,6 +219,7 @@ _STAGED_COLUMNS = [
     "backoff", "retry_delay", "max_delay", "retry_on", "no_retry_on", "timeout", "kill_grace",
     "memory_limit", "run_at", "key", "key_fingerprint", "after", "after_any",
 ]  # fmt: skip
+_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
 _STAGING_CACHE_KIB = 256  # the side database's page cache: the rest stays in its file
 
 
@@ -284,7 +285,8 @@ class SqliteStore:
         c = self.conn
         c.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
         self.db.enable_wal()
-        c.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        c.execute(f"PRAGMA synchronous = {self._synchronous}")
         c.execute("PRAGMA busy_timeout = 5000")
         c.execute("PRAGMA journal_size_limit = 67108864")
         c.execute("PRAGMA temp_store = MEMORY")
@@ -560,79 +562,92 @@ class SqliteStore:
         Conflict if not. Dependencies must still exist (InvalidRequest names one that does not).
         The creation events reach subscribers as one `EventSpan`."""
         self._require_transaction()
+        published, span = self._copy_staged(self.conn, staging, now, since)
+        self._pending_spans.append(span)
+        if self._staged[staging].deps:
+            self._publish_staged_deps(staging, published.base, now)
+        return published
+
+    def can_publish_apart(self, staging: str) -> bool:
+        """Whether `publish_apart` may publish this batch: it has no dependencies (settling
+        them takes the daemon's connection)."""
+        return not self._staged[staging].deps
+
+    def publish_apart(self, staging: str, now: int, since: int) -> tuple[StagedBatch, EventSpan]:
+        """`publish_staged` in a transaction of its own on a connection of its own, for a
+        thread: the daemon's connection goes on reading meanwhile (WAL readers never wait on a
+        writer), and a write of its own waits for this commit as it would wait on the loop.
+        The span is the caller's to `announce` once this returns."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("ATTACH DATABASE ? AS staging", (str(self._staging_path()),))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                published, span = self._copy_staged(conn, staging, now, since)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return published, span
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from e
+        finally:
+            conn.close()
+
+    def announce(self, span: EventSpan) -> None:
+        """Tell subscribers of a batch `publish_apart` has committed."""
+        for on_span in self._span_subscribers:
+            on_span(span)
+
+    def _copy_staged(
+        self, conn: sqlite3.Connection, staging: str, now: int, since: int
+    ) -> tuple[StagedBatch, EventSpan]:
+        """The statements of `publish_staged`, on `conn` (the daemon's, or `publish_apart`'s),
+        but settling dependencies."""
+        # Its commit must not also copy the whole batch from the WAL into the database file:
+        # `checkpoint_apart` does that, off the daemon's thread.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         staged = self._staged[staging]
-        taken = self._staged_keys_taken(staging, since) if staged.keys else {}
+        taken = _staged_keys_taken(conn, staging, since) if staged.keys else {}
         for seq in taken:
-            self.conn.execute(f"DELETE FROM staging.{staging} WHERE seq = ?", (seq,))
+            conn.execute(f"DELETE FROM staging.{staging} WHERE seq = ?", (seq,))
         if staged.deps:
-            self._check_staged_deps(staging)
-        base = self._sequence("tasks")
-        self.ensure_queues(staged.queues, now)
-        self.conn.execute("INSERT OR IGNORE INTO envs (id, data) SELECT id, data FROM staging.envs")
+            _check_staged_deps(conn, staging)
+        base = _sequence_of(conn, "tasks")
+        conn.executemany(
+            "INSERT OR IGNORE INTO queues (name, created_at) VALUES (?, ?)",
+            [(n, now) for n in sorted(staged.queues)],
+        )
+        conn.execute("INSERT OR IGNORE INTO envs (id, data) SELECT id, data FROM staging.envs")
         state = (
             "CASE WHEN after IS NOT NULL OR after_any IS NOT NULL THEN 'waiting' "
             "WHEN run_at > :now THEN 'scheduled' ELSE 'queued' END"
         )
         copied = [c for c in _STAGED_COLUMNS if c not in ("after", "after_any", "run_at")]
-        self.conn.execute(
+        conn.execute(
             f"INSERT INTO tasks (id, state, run_at, created_at, updated_at, {', '.join(copied)}) "
             f"SELECT :base + seq, {state}, coalesce(run_at, :now), :now, :now, {', '.join(copied)} "
             f"FROM staging.{staging} ORDER BY seq",
             {"base": base, "now": now},
         )
-        first_event = self._sequence("events") + 1
-        self.conn.execute(
+        first_event = _sequence_of(conn, "events") + 1
+        conn.execute(
             "INSERT INTO events (at, task_id, queue, to_state) "
             "SELECT :now, id, queue, state FROM tasks WHERE id > :base ORDER BY id",
             {"base": base, "now": now},
         )
-        last_event = self._sequence("events")
         created = {
             (queue, TaskState(state)): n
-            for queue, state, n in self.conn.execute(
+            for queue, state, n in conn.execute(
                 "SELECT queue, state, count(*) FROM tasks WHERE id > ? GROUP BY queue, state",
                 (base,),
             )
         }
-        self._pending_spans.append(EventSpan(first_event, last_event, now, created))
-        if staged.deps:
-            self._publish_staged_deps(staging, base, now)
-        return StagedBatch(base, taken)
-
-    def _staged_keys_taken(self, staging: str, since: int) -> dict[int, int]:
-        """Staged rows whose key a stored task holds now, and that task (Conflict if the
-        request differs)."""
-        taken: dict[int, int] = {}
-        for seq, key, mine, holder, theirs in self.conn.execute(
-            f"SELECT b.seq, b.key, b.key_fingerprint, t.id, t.key_fingerprint "
-            f"FROM staging.{staging} b JOIN tasks t ON t.key = b.key "
-            "WHERE b.key IS NOT NULL AND (t.finished_at IS NULL OR t.finished_at >= ?) "
-            "ORDER BY b.seq, t.id DESC",
-            (since,),
-        ):
-            if seq in taken:
-                continue
-            if mine != theirs:
-                raise Conflict(
-                    f"idempotency key {key!r} belongs to task {holder}, submitted with a "
-                    "different command or options"
-                )
-            taken[seq] = holder
-        return taken
-
-    def _check_staged_deps(self, staging: str) -> None:
-        missing = [
-            d
-            for (d,) in self.conn.execute(
-                f"SELECT DISTINCT j.value FROM staging.{staging} b, "
-                "json_each(coalesce(b.after, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
-                f"UNION SELECT DISTINCT j.value FROM staging.{staging} b, "
-                "json_each(coalesce(b.after_any, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
-                "ORDER BY 1 LIMIT 20"
-            )
-        ]
-        if missing:
-            raise InvalidRequest(f"unknown task id in --after: {', '.join(map(str, missing))}")
+        span = EventSpan(first_event, _sequence_of(conn, "events"), now, created)
+        return StagedBatch(base, taken), span
 
     def _publish_staged_deps(self, staging: str, base: int, now: int) -> None:
         """The dependency rows of the published tasks, and each waiting one settled."""
@@ -654,11 +669,25 @@ class SqliteStore:
         for task_id in waiting:
             self._settle_waiting(task_id, now)
 
+    def checkpoint_apart(self) -> None:
+        """Copy the WAL into the database file on a connection of its own: a thread may run
+        this while the daemon's connection reads and writes (a checkpoint blocks neither)."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.OperationalError:
+            pass  # busy or full: the next automatic checkpoint does it
+        finally:
+            conn.close()
+
     def drop_staging(self, staging: str) -> None:
-        """Forget a staging table (published or not); the side file goes with the last one."""
+        """Forget a staging table (published or not); the side file goes with the last one.
+        Checkpoints are automatic again once no batch is being published."""
         if staging not in self._staged:
             return
         del self._staged[staging]
+        if not self._staged:
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")
         with suppress(sqlite3.OperationalError):
             self.conn.execute(f"DROP TABLE staging.{staging}")
         if not self._staged and self._attached and not self._in_transaction:
@@ -756,10 +785,7 @@ class SqliteStore:
         return found
 
     def _sequence(self, table: str) -> int:
-        row = self.conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return _sequence_of(self.conn, table)
 
     def _store_env(self, env: dict[str, str] | None) -> str | None:
         if env is None:
@@ -1286,6 +1312,48 @@ class SqliteStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _staged_keys_taken(conn: sqlite3.Connection, staging: str, since: int) -> dict[int, int]:
+    """Staged rows whose key a stored task holds now, and that task (Conflict if the
+    request differs)."""
+    taken: dict[int, int] = {}
+    for seq, key, mine, holder, theirs in conn.execute(
+        f"SELECT b.seq, b.key, b.key_fingerprint, t.id, t.key_fingerprint "
+        f"FROM staging.{staging} b JOIN tasks t ON t.key = b.key "
+        "WHERE b.key IS NOT NULL AND (t.finished_at IS NULL OR t.finished_at >= ?) "
+        "ORDER BY b.seq, t.id DESC",
+        (since,),
+    ):
+        if seq in taken:
+            continue
+        if mine != theirs:
+            raise Conflict(
+                f"idempotency key {key!r} belongs to task {holder}, submitted with a "
+                "different command or options"
+            )
+        taken[seq] = holder
+    return taken
+
+
+def _check_staged_deps(conn: sqlite3.Connection, staging: str) -> None:
+    missing = [
+        d
+        for (d,) in conn.execute(
+            f"SELECT DISTINCT j.value FROM staging.{staging} b, "
+            "json_each(coalesce(b.after, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
+            f"UNION SELECT DISTINCT j.value FROM staging.{staging} b, "
+            "json_each(coalesce(b.after_any, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
+            "ORDER BY 1 LIMIT 20"
+        )
+    ]
+    if missing:
+        raise InvalidRequest(f"unknown task id in --after: {', '.join(map(str, missing))}")
+
+
+def _sequence_of(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 @dataclass
