@@ -220,6 +220,7 @@ _STAGED_COLUMNS = [
     "memory_limit", "run_at", "key", "key_fingerprint", "after", "after_any",
 ]  # fmt: skip
 _AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+_APART_CACHE_KIB = 512  # the page cache of a connection opened to publish or checkpoint
 _STAGING_CACHE_KIB = 256  # the side database's page cache: the rest stays in its file
 
 
@@ -582,7 +583,9 @@ class SqliteStore:
         try:
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("ATTACH DATABASE ? AS staging", (str(self._staging_path()),))
+            conn.execute(f"PRAGMA cache_size = -{_APART_CACHE_KIB}")  # the daemon's RSS: pages
+            conn.execute("ATTACH DATABASE ? AS staging", (str(self._staging_path()),))  # spill
+            conn.execute(f"PRAGMA staging.cache_size = -{_STAGING_CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 published, span = self._copy_staged(conn, staging, now, since)
@@ -674,6 +677,7 @@ class SqliteStore:
         this while the daemon's connection reads and writes (a checkpoint blocks neither)."""
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
+            conn.execute(f"PRAGMA cache_size = -{_APART_CACHE_KIB}")
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.OperationalError:
             pass  # busy or full: the next automatic checkpoint does it
