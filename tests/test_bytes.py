@@ -200,3 +200,21 @@ def test_random_bytes_in_every_field_never_break_the_daemon(daemon: Home) -> Non
         assert daemon.run("status", str(task["id"])).returncode == 0
     assert http_get(str(daemon.path / "taskctld.sock"), "/v1/tasks")[0] == 200
     assert "Traceback" not in (daemon.path / "taskctld.log").read_text(errors="replace")
+
+
+def test_a_big_batch_from_a_folder_whose_name_is_not_utf8(daemon: Home) -> None:
+    """A batch over 64 KiB takes the staged path: its tasks keep their bytes there too."""
+    folder = os.fsencode(daemon.path) + b"/big\xfe"
+    os.mkdir(folder)
+    lines = b"".join(b"printf '%%s' 'line %d \xff' > /dev/null\n" % i for i in range(2500))
+    assert len(lines) > 64 << 10
+    done = subprocess.run(
+        [TASKCTL, "submit", "--stdin"], env=daemon.env, cwd=folder, input=lines,
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    task = daemon.json("status", "2500")
+    assert task["cwd"] == {"base64": base64.b64encode(folder).decode()}
+    assert daemon.task(1)["command"][0] == {
+        "base64": base64.b64encode(b"printf '%s' 'line 0 \xff' > /dev/null").decode()
+    }

@@ -15,7 +15,7 @@ from taskctl.errors import Conflict, InvalidRequest
 from taskctl.paths import Paths
 from taskctl.units import rfc3339_to_ms
 
-from conftest import TASKCTL, Home, figure, wait_until
+from conftest import TASKCTL, Home, figure, http_get, wait_until
 
 
 def _interval(task: dict) -> tuple[float, float]:
@@ -291,3 +291,70 @@ def test_a_schedule_template_cannot_wait_on_tasks_or_carry_a_key(daemon: Home) -
                 "kind": "cron", "cron": "* * * * *", "task": {"command": ["true"], **extra},
             })  # fmt: skip
     assert daemon.json("cron", "list") == []
+
+
+def _no_staging_left(home: Home) -> bool:
+    return not [p for p in home.path.rglob("*-batch")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_bad_task_deep_in_a_big_batch_stores_nothing_and_names_it(daemon: Home) -> None:
+    api = _api(daemon)
+    tasks: list[dict] = [{"command": ["echo", str(i)], "delay": 3600} for i in range(80_000)]
+    tasks[73_511] = {"command": ["echo"], "priority": "high"}
+    with pytest.raises(InvalidRequest, match=r"task 73512: priority"):
+        api.call("POST", "/v1/tasks/batch", {"tasks": tasks}, timeout=300)
+    tasks[73_511] = {"command": ["echo"], "cwd": "/no/such/dir"}  # found when resolving it
+    with pytest.raises(InvalidRequest, match=r"task 73512: working directory"):
+        api.call("POST", "/v1/tasks/batch", {"tasks": tasks}, timeout=300)
+    tasks[73_511] = {"command": ["echo"], "after": [999_999]}  # found when staging its chunk
+    with pytest.raises(InvalidRequest, match="999999"):
+        api.call("POST", "/v1/tasks/batch", {"tasks": tasks}, timeout=300)
+    assert daemon.json("list") == [] and _no_staging_left(daemon)
+    assert http_get(str(daemon.path / "taskctld.sock"), "/v1/events") == (200, b"")
+    done = api.call("POST", "/v1/tasks/batch", {"tasks": tasks[:2000]}, timeout=300)
+    assert [t["id"] for t in done] == list(range(1, 2001))
+    assert [t["command"][1] for t in done[:3]] == ["0", "1", "2"]
+
+
+def test_keys_and_dependencies_hold_in_a_big_batch(daemon: Home) -> None:
+    api = _api(daemon)
+    watcher = subprocess.Popen(
+        [TASKCTL, "watch", "--json"], env=daemon.env, stdout=subprocess.PIPE, text=True
+    )
+    daemon.wait_streams()
+    ok = daemon.submit("true")
+    bad = daemon.submit("false")
+    daemon.wait_all_final([ok, bad])
+    held = api.call("POST", "/v1/tasks", {"command": ["echo", "k1"], "key": "k1", "delay": 3600})
+    tasks: list[dict] = [{"command": ["echo", str(i)], "delay": 3600} for i in range(3000)]
+    tasks[10] = {"command": ["echo", "k1"], "key": "k1", "delay": 3600}  # the stored task's
+    tasks[20] = {"command": ["echo", "k2"], "key": "k2", "delay": 3600}
+    tasks[2500] = {"command": ["echo", "k2"], "key": "k2", "delay": 3600}  # task 21's
+    tasks[30] = {"command": ["true"], "after": [ok]}
+    tasks[2900] = {"command": ["true"], "after": [bad]}
+    done = api.call("POST", "/v1/tasks/batch", {"tasks": tasks}, timeout=300)
+    assert len(done) == 3000
+    assert done[10]["id"] == held["id"] and done[10]["deduplicated"] is True
+    assert done[2500]["id"] == done[20]["id"] and done[2500]["deduplicated"] is True
+    assert not done[20]["deduplicated"] and not done[11]["deduplicated"]
+    fresh = [t["id"] for i, t in enumerate(done) if i not in (10, 2500)]
+    assert fresh == list(range(fresh[0], fresh[0] + 2998))  # contiguous, in order
+    assert daemon.wait_final(done[30]["id"])["state"] == "succeeded"
+    assert done[2900]["state"] == "failed" and done[2900]["reason"] == "dependency_failed"
+    counts = {q["name"]: q["counts"] for q in daemon.json("queue", "list")}["default"]
+    assert counts["scheduled"] == 2996 + 1  # the batch's delayed tasks and the keyed one
+    tasks[2999] = {"command": ["echo", "other"], "key": "k1"}
+    with pytest.raises(Conflict, match=f"task {held['id']}"):
+        api.call("POST", "/v1/tasks/batch", {"tasks": tasks}, timeout=300)
+    assert counts == {q["name"]: q["counts"] for q in daemon.json("queue", "list")}["default"]
+    assert _no_staging_left(daemon)
+    assert watcher.stdout is not None
+    created = set()
+    while not set(fresh) <= created:  # the batch's, read back from the table by the stream
+        event = json.loads(watcher.stdout.readline())
+        if event["from_state"] is None:
+            created.add(event["task_id"])
+    watcher.kill()
+    watcher.wait()

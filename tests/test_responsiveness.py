@@ -87,11 +87,6 @@ def _peak_rss(pid: int) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16: the batch's one transaction (about 4 s for 100,000 tasks here) still "
-    "runs on the event loop, and its views and models take ~85x the body's bytes",
-)
 def test_a_batch_of_100000_leaves_the_socket_answering_and_memory_bounded(home: Home) -> None:
     home.config(hold=True)  # nothing starts: the figures are the batch's alone
     pid = home.start()

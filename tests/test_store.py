@@ -10,12 +10,12 @@ from typing import cast
 import pytest
 
 from taskctl.api import Outcome, TaskState
-from taskctl.errors import StorageFull
+from taskctl.errors import Conflict, InvalidRequest, StorageFull
 from taskctl.units import now_ms
 from taskctld import states
 from taskctld.dispatcher import Dispatcher, Launcher, Limits
 from taskctld.runner import Ended, Started, Unheld
-from taskctld.store import AttemptEnd, NewTask
+from taskctld.store import AttemptEnd, NewTask, TaskFilter
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
 
 from conftest import ScriptedRunner
@@ -445,3 +445,87 @@ def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
     asyncio.run(scenario())
     tasks = {t.id: t.state for t in store.get_tasks([held, later])}
     assert tasks == {held: TaskState.CANCELLED, later: TaskState.RUNNING}
+
+
+def _stage(store: SqliteStore, tasks: list[NewTask]) -> str:
+    staging = store.open_staging()
+    store.stage(staging, 1, tasks[: len(tasks) // 2])
+    store.stage(staging, len(tasks) // 2 + 1, tasks[len(tasks) // 2 :])
+    return staging
+
+
+def test_a_staged_batch_is_invisible_until_published_then_contiguous(store: SqliteStore) -> None:
+    (done,) = _submit(store)
+    spans: list[object] = []
+    store.on_commit(lambda events: None, spans.append)
+    tasks = [NewTask(command=["echo", str(i)], cwd="/") for i in range(5)]
+    tasks[3].after = [done]
+    staging = _stage(store, tasks)
+    assert [t.id for t in store.list_tasks(TaskFilter())] == [done]  # nothing shows yet
+    with store.transaction():
+        published = store.publish_staged(staging, 2000, 0)
+    store.drop_staging(staging)
+    ids = [published.base + seq for seq in range(1, 6)]
+    assert ids == list(range(done + 1, done + 6)) and published.taken == {}
+    rows = store.get_tasks(ids)
+    assert [r.command[1] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[3].state is TaskState.WAITING and store.deps_of([ids[3]])[ids[3]] == ([done], [])
+    assert [e.task_id for e in store.events_after(0, 100) if e.from_state is None][1:] == ids
+    (span,) = spans
+    assert span.created == {("default", TaskState.QUEUED): 4, ("default", TaskState.WAITING): 1}  # type: ignore[attr-defined]
+    assert not store.path.with_name(store.path.name + "-batch").exists()
+
+
+def test_a_staged_key_taken_meanwhile_gives_that_task_back_or_conflicts(
+    store: SqliteStore,
+) -> None:
+    staged = [NewTask(command=["true"], cwd="/", key="k", key_fingerprint="f") for _ in range(1)]
+    staged += [NewTask(command=["true"], cwd="/") for _ in range(3)]
+    staging = _stage(store, staged)
+    (meanwhile,) = _submit(store, key="k", key_fingerprint="f")
+    with store.transaction():
+        published = store.publish_staged(staging, 2000, 0)
+    store.drop_staging(staging)
+    assert published.taken == {1: meanwhile}
+    assert store.get_task(published.base + 1) is None  # not inserted: the key's task stands
+    assert len(store.get_tasks([published.base + s for s in (2, 3, 4)])) == 3
+    staging = _stage(store, [NewTask(command=["true"], cwd="/", key="k", key_fingerprint="g")] * 2)
+    before = store.last_task_id()
+    with pytest.raises(Conflict, match=f"task {meanwhile}"), store.transaction():
+        store.publish_staged(staging, 3000, 0)
+    store.drop_staging(staging)
+    assert store.last_task_id() == before
+
+
+def test_a_staged_dependency_removed_meanwhile_publishes_nothing(store: SqliteStore) -> None:
+    (dep,) = _submit(store)
+    staging = _stage(store, [NewTask(command=["true"], cwd="/", after=[dep])] * 4)
+    with store.transaction():
+        store.remove_tasks([dep])
+    with pytest.raises(InvalidRequest, match=str(dep)), store.transaction():
+        store.publish_staged(staging, 2000, 0)
+    store.drop_staging(staging)
+    assert store.list_tasks(TaskFilter()) == []
+
+
+def test_a_batch_published_apart_is_all_there_and_announced_once(store: SqliteStore) -> None:
+    spans: list[object] = []
+    store.on_commit(lambda events: None, spans.append)
+    tasks = [
+        NewTask(command=["echo", str(i)], cwd="/", key=f"k{i}", key_fingerprint="f")
+        for i in range(4)
+    ]
+    staging = _stage(store, tasks)
+    (meanwhile,) = _submit(store, key="k2", key_fingerprint="f")
+    assert store.can_publish_apart(staging)
+    published, span = store.publish_apart(staging, 2000, 0)
+    assert spans == []  # nothing is told before `announce`
+    store.announce(span)
+    store.drop_staging(staging)
+    assert published.taken == {3: meanwhile} and spans == [span]
+    rows = store.get_tasks([published.base + s for s in (1, 2, 4)])
+    assert [r.command[1] for r in rows] == ["0", "1", "3"]
+    assert span.created == {("default", TaskState.QUEUED): 3}
+    assert not store.path.with_name(store.path.name + "-batch").exists()
+    deps = _stage(store, [NewTask(command=["true"], cwd="/", after=[meanwhile])] * 2)
+    assert not store.can_publish_apart(deps)

@@ -84,7 +84,7 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     check_room(paths.run)
     store = SqliteStore(paths.database, durability=config.durability)
     hub = EventHub()
-    store.on_commit(hub.publish)
+    store.on_commit(hub.publish, hub.publish_span)
     runner = Runner(paths, RunnerSettings(log_cap=config.log_cap), report=lambda r: None)
     dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
     runner.report = dispatcher.report

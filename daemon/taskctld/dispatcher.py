@@ -38,7 +38,7 @@ from taskctl.errors import StorageFull, TaskctlError
 from taskctl.units import now_ms
 from taskctld import policy
 from taskctld.runner import Ended, Key, Released, Report, Started, Unheld
-from taskctld.store import AttemptEnd, EventRow, Store, TaskRow
+from taskctld.store import AttemptEnd, EventRow, EventSpan, Store, TaskRow
 
 if TYPE_CHECKING:
     from taskctld.scheduler import Scheduler
@@ -137,7 +137,7 @@ class Dispatcher:
         self._tokens = itertools.count(1)
         self._stale = False  # counts could not be reloaded after a rollback
         self._full_since: float | None = None  # when turns began to fail for want of space
-        store.on_commit(self.note_events)
+        store.on_commit(self.note_events, self.note_span)
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -193,10 +193,22 @@ class Dispatcher:
                 self._time_dirty = True
                 self._wake.set()
 
-    def _note_queued(self, events: Sequence[EventRow]) -> None:
+    def note_span(self, span: EventSpan) -> None:
+        """A published batch, as `note_events` takes its events (none of its tasks is held)."""
+        queued = {queue for queue, state in span.created if state is TaskState.QUEUED}
+        if self._held and queued - {held.task.queue for held in self._held.values()}:
+            self.unhold_all()
+        self.ready_queues |= queued
+        if any(state is TaskState.SCHEDULED for _, state in span.created):
+            self._time_dirty = True
+        self._wake.set()
+
+    def _note_queued(self, events: Sequence[EventRow], spans: Sequence[EventSpan]) -> None:
         """Queues that `work` gave tasks in this very transaction: claim for them in it too,
         instead of one commit for the submit and one more for the claim."""
         self.ready_queues.update(e.queue for e in events if e.to_state is TaskState.QUEUED)
+        for span in spans:
+            self.ready_queues.update(q for q, state in span.created if state is TaskState.QUEUED)
 
     def wake(self) -> None:
         self._wake.set()
@@ -367,7 +379,9 @@ class Dispatcher:
                 ended = self._apply(reports, now)
                 if work is not None:
                     result = work(now)
-                    self._note_queued(self.store.uncommitted_events())
+                    self._note_queued(
+                        self.store.uncommitted_events(), self.store.uncommitted_spans()
+                    )
                 if timed and self.scheduler is not None:
                     self.scheduler.fire_due(now)
                 if timed and self.store.promote_due(now) >= PROMOTE_BATCH:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from taskctl.api import FINAL_STATES
 from taskctl.errors import Unavailable
-from taskctld.store import EventRow
+from taskctld.store import EventRow, EventSpan
 
 STREAM_QUEUE = 10_000
 
@@ -62,6 +62,14 @@ class EventHub:
             self._resolve(self.change_waiters, event.task_id)
             if event.to_state in FINAL_STATES:
                 self._resolve(self.final_waiters, event.task_id)
+
+    def publish_span(self, span: EventSpan) -> None:
+        """A published batch: streams read its events from the table, as after an overflow
+        (its tasks are new: nobody waits on them yet)."""
+        for sub in self.subscriptions:
+            sub.overflow = True
+            with suppress(asyncio.QueueFull):  # wakes the stream; if full, it wakes anyway
+                sub.queue.put_nowait(None)
 
     @staticmethod
     def _resolve(waiters: dict[int, list[asyncio.Future[None]]], task_id: int) -> None:

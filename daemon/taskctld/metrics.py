@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from taskctl.api import Outcome, TaskState
-from taskctld.store import AttemptEnd, EventRow, Store
+from taskctld.store import AttemptEnd, EventRow, EventSpan, Store
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -61,6 +61,12 @@ class Metrics(Collector):
             else:
                 per_queue[e.from_state.value] -= 1
             per_queue[e.to_state.value] += 1
+
+    def on_span(self, span: EventSpan) -> None:
+        """A published batch: its tasks, counted in their initial states."""
+        for (queue, state), n in span.created.items():
+            self.counts.setdefault(queue, Counter())[state.value] += n
+            self.submitted += n
 
     def on_removed(self, queue: str, state: str, n: int) -> None:
         """Tasks deleted by pruning."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,6 +60,7 @@ from taskctl.errors import (
     TooMany,
     Unavailable,
 )
+from taskctld.batch import BatchText
 from taskctld.service import Service, Submitted
 from taskctld.store import TaskFilter
 from taskctld.views import event_view
@@ -88,7 +90,8 @@ BATCH_BODY = {  # the batch route reads its body itself (see _parse_batch)
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchSpec"}}},
     }
 }
-VIEWS_PER_CHUNK = 1000  # a batch's answer is built this many tasks at a time
+VIEWS_PER_CHUNK = 250  # a batch's answer is built this many tasks at a time (more: more RSS)
+SMALL_BATCH_BODY = 64 << 10  # a batch this big or smaller is parsed whole and inserted at once
 
 
 class NDJSONResponse(StreamingResponse):
@@ -169,10 +172,18 @@ def create_app(service: Service) -> FastAPI:
     async def submit_batch(request: Request) -> Response:
         """Create many tasks in one transaction: all of them, or none and an error naming the
         first bad one. The body is a `BatchSpec`."""
-        specs = await asyncio.to_thread(_parse_batch, await request.body())
-        places = service.places(specs)
-        tasks = await asyncio.to_thread(service.resolve_all, specs, places)
-        done = service.insert(tasks)
+        body = bytearray()
+        async for part in request.stream():  # not request.body(): its parts and their join
+            body += part
+        if len(body) > SMALL_BATCH_BODY:
+            text = await asyncio.to_thread(BatchText, body)
+            del body  # the decoded text is all that is kept
+            done: Iterable[Submitted] = await service.submit_staged(_chunks_of(text))
+        else:
+            specs = await asyncio.to_thread(_parse_batch, bytes(body))
+            places = service.places(specs)
+            tasks = await asyncio.to_thread(service.resolve_all, specs, places)
+            done = service.insert(tasks)
         return StreamingResponse(
             _batch_views(service, done), status_code=201, media_type="application/json"
         )
@@ -412,17 +423,25 @@ def _parse_batch(body: bytes) -> list[TaskSpec]:
         raise RequestValidationError(e.errors(include_url=False)) from None
 
 
-async def _batch_views(service: Service, done: list[Submitted]) -> AsyncIterator[bytes]:
+async def _chunks_of(text: BatchText) -> AsyncIterator[list[TaskSpec]]:
+    """The batch's tasks a chunk at a time, each validated in a thread."""
+    chunks = text.chunks()
+    while (specs := await asyncio.to_thread(next, chunks, None)) is not None:
+        yield specs
+
+
+async def _batch_views(service: Service, done: Iterable[Submitted]) -> AsyncIterator[bytes]:
     """The created tasks as one JSON array, built and sent a slice at a time: the views of a
     whole batch at once would take the loop for seconds and the memory of every view."""
     yield b"["
-    for start in range(0, len(done), VIEWS_PER_CHUNK):
-        part = done[start : start + VIEWS_PER_CHUNK]
+    submitted, first = iter(done), True
+    while part := list(itertools.islice(submitted, VIEWS_PER_CHUNK)):
         views = service.views(service.store.get_tasks([d.task_id for d in part]))
         for view, d in zip(views, part, strict=True):
             view["deduplicated"] = d.deduplicated
         text = json.dumps(views, separators=(",", ":"), ensure_ascii=False)[1:-1]
-        yield (b"," if start else b"") + text.encode()
+        yield (b"" if first else b",") + text.encode()
+        first = False
         await asyncio.sleep(0)  # let other requests in between slices
     yield b"]"
 

@@ -92,6 +92,27 @@ class EventRow:
 
 
 @dataclass
+class EventSpan:
+    """The creation events of a published batch, `first`..`last` in the events table, told by
+    their ids and counts instead of one `EventRow` each (those of 100,000 tasks would take more
+    memory than the batch's body). Read the rows themselves with `events_after`."""
+
+    first: int
+    last: int
+    at: int
+    created: dict[tuple[str, TaskState], int]  # (queue, initial state) -> how many tasks
+
+
+@dataclass
+class StagedBatch:
+    """A published batch: staged row `seq` became task `base + seq`, except the rows in
+    `taken`, whose key another task had taken meanwhile: seq -> that task (not inserted)."""
+
+    base: int
+    taken: dict[int, int]
+
+
+@dataclass
 class AttemptEnd:
     """How an attempt ended, as its supervisor (or recovery) reported it."""
 
@@ -169,10 +190,25 @@ class Store(Protocol):
 
     def transaction(self) -> AbstractContextManager[None]: ...
     def savepoint(self) -> AbstractContextManager[None]: ...
-    def on_commit(self, callback: Callable[[list[EventRow]], None]) -> None: ...
+    def on_commit(
+        self,
+        callback: Callable[[list[EventRow]], None],
+        on_span: Callable[[EventSpan], None] | None = None,
+    ) -> None: ...
     def uncommitted_events(self) -> Sequence[EventRow]: ...
+    def uncommitted_spans(self) -> Sequence[EventSpan]: ...
 
     def submit(self, tasks: Sequence[NewTask], now: int) -> list[int]: ...
+    def open_staging(self) -> str: ...
+    def stage(self, staging: str, first_seq: int, tasks: Sequence[NewTask]) -> None: ...
+    def publish_staged(self, staging: str, now: int, since: int) -> StagedBatch: ...
+    def can_publish_apart(self, staging: str) -> bool: ...
+    def publish_apart(
+        self, staging: str, now: int, since: int
+    ) -> tuple[StagedBatch, EventSpan]: ...
+    def announce(self, span: EventSpan) -> None: ...
+    def checkpoint_apart(self) -> None: ...
+    def drop_staging(self, staging: str) -> None: ...
     def move(
         self,
         task_id: int,

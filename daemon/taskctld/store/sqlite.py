@@ -6,6 +6,10 @@ state = ?` through `move`, which also appends the matching event row; events rea
 only after the commit. The claim reads the partial index of queued tasks, so its cost does not
 grow with the number of finished tasks.
 
+A big batch is staged first, a chunk at a time, in a side database file (`DATABASE-batch`,
+attached as `staging`, no journal, no sync): writing it takes no lock on the main database and
+its pages are not held in memory. One transaction then publishes it with `INSERT ... SELECT`.
+
 Schema changes are numbered migrations in `MIGRATIONS`; `meta.schema_version` says how many ran.
 """
 
@@ -17,6 +21,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,13 @@ from taskctld.store import (
     AttemptRow,
     Claim,
     EventRow,
+    EventSpan,
     FireRow,
     NewSchedule,
     NewTask,
     QueueRow,
     ScheduleRow,
+    StagedBatch,
     TaskFilter,
     TaskRow,
 )
@@ -207,6 +214,14 @@ _INSERT_EVENT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CHUNK = 500  # ids per IN (...) list
+_STAGED_COLUMNS = [
+    "name", "queue", "priority", "command", "shell", "cwd", "env_id", "labels", "retries",
+    "backoff", "retry_delay", "max_delay", "retry_on", "no_retry_on", "timeout", "kill_grace",
+    "memory_limit", "run_at", "key", "key_fingerprint", "after", "after_any",
+]  # fmt: skip
+_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+_APART_CACHE_KIB = 512  # the page cache of a connection opened to publish or checkpoint
+_STAGING_CACHE_KIB = 256  # the side database's page cache: the rest stays in its file
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -257,6 +272,13 @@ class SqliteStore:
         self._update_sql: dict[tuple[str, ...], str] = {}
         self._deps_seen: bool | None = None
         self._to_release: list[int] = []
+        self._pending_spans: list[EventSpan] = []
+        self._span_subscribers: list[Callable[[EventSpan], None]] = []
+        self._staged: dict[str, _Staged] = {}  # staging tables in use, by name
+        self._attached = False  # the side file, as `staging`
+        self._stagings = 0
+        with suppress(FileNotFoundError):  # a batch cut short by a crash: nothing published
+            os.unlink(self._staging_path())
         try:
             self._configure(durability)
             self.migrate()
@@ -274,7 +296,8 @@ class SqliteStore:
         c = self.conn
         c.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
         self.db.enable_wal()
-        c.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        c.execute(f"PRAGMA synchronous = {self._synchronous}")
         c.execute("PRAGMA busy_timeout = 5000")
         c.execute("PRAGMA journal_size_limit = 67108864")
         c.execute("PRAGMA temp_store = MEMORY")
@@ -321,26 +344,44 @@ class SqliteStore:
                 if self.conn.in_transaction:  # SQLite may have rolled back itself (disk full)
                     self.conn.execute("ROLLBACK")
                 self._pending.clear()
+                self._pending_spans.clear()
                 raise
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
             self._pending.clear()
+            self._pending_spans.clear()
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise storage_error(e) from e
         finally:
             self._in_transaction = False
         events, self._pending = self._pending, []
+        spans, self._pending_spans = self._pending_spans, []
+        for span in spans:
+            for on_span in self._span_subscribers:
+                on_span(span)
         if events:
             for callback in self._subscribers:
                 callback(events)
 
-    def on_commit(self, callback: Callable[[list[EventRow]], None]) -> None:
+    def on_commit(
+        self,
+        callback: Callable[[list[EventRow]], None],
+        on_span: Callable[[EventSpan], None] | None = None,
+    ) -> None:
+        """`callback` gets the events of each commit; `on_span` (if given) each `EventSpan`,
+        the creation events of a published batch, before them."""
         self._subscribers.append(callback)
+        if on_span is not None:
+            self._span_subscribers.append(on_span)
 
     def uncommitted_events(self) -> Sequence[EventRow]:
         """What the open transaction has appended so far (published only once it commits)."""
         return tuple(self._pending)
+
+    def uncommitted_spans(self) -> Sequence[EventSpan]:
+        """The batches the open transaction has published so far, as spans of events."""
+        return tuple(self._pending_spans)
 
     def _require_transaction(self) -> None:
         if not self._in_transaction:
@@ -459,6 +500,217 @@ class SqliteStore:
             self._settle_waiting(task_id, now)
         return ids
 
+    # -- big batches: staged, then published in one statement per table ----------------------
+
+    def _staging_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-batch")
+
+    def open_staging(self) -> str:
+        """A new, empty staging table for one batch; its name is the handle. Writes nothing to
+        the main database, so it needs no transaction."""
+        try:
+            if not self._attached:
+                self.conn.execute("ATTACH DATABASE ? AS staging", (str(self._staging_path()),))
+                self.conn.execute("PRAGMA staging.journal_mode = OFF")
+                self.conn.execute("PRAGMA staging.synchronous = OFF")
+                self.conn.execute(f"PRAGMA staging.cache_size = -{_STAGING_CACHE_KIB}")
+                self.conn.execute(
+                    "CREATE TABLE IF NOT EXISTS staging.envs (id TEXT PRIMARY KEY, data TEXT)"
+                )
+                self._attached = True
+            self._stagings += 1
+            name = f"batch{self._stagings}"
+            self.conn.execute(
+                f"CREATE TABLE staging.{name} (seq INTEGER PRIMARY KEY, {', '.join(_STAGED_COLUMNS)})"
+            )
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from e
+        self._staged[name] = _Staged()
+        return name
+
+    def stage(self, staging: str, first_seq: int, tasks: Sequence[NewTask]) -> None:
+        """Append tasks to a staging table as rows `first_seq`, `first_seq` + 1, ... Their
+        dependencies must exist now (InvalidRequest names one that does not); `publish_staged`
+        checks again. Touches only the side database: no transaction, no lock on the main one."""
+        self._check_deps_exist(tasks)
+        rows: list[tuple[Any, ...]] = []
+        envs: dict[int, str | None] = {}
+        staged = self._staged[staging]
+        for seq, t in enumerate(tasks, start=first_seq):
+            staged.note(t)
+            env_id = envs.get(id(t.env), "")
+            if env_id == "":
+                env_id = envs[id(t.env)] = self._stage_env(t.env)
+            rows.append(
+                (
+                    seq, t.name, t.queue, t.priority, _dump(t.command), int(t.shell), _path_in(t.cwd), env_id,
+                    _dump(t.labels), t.retries, t.backoff, t.retry_delay, t.max_delay,
+                    _dump(t.retry_on), _dump(t.no_retry_on), t.timeout, t.kill_grace,
+                    t.memory_limit, t.run_at, t.key, t.key_fingerprint,
+                    _dump(t.after) if t.after else None, _dump(t.after_any) if t.after_any else None,
+                )
+            )  # fmt: skip
+        marks = _marks(len(_STAGED_COLUMNS) + 1)
+        try:
+            self.conn.executemany(f"INSERT INTO staging.{staging} VALUES ({marks})", rows)
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from e
+
+    def _stage_env(self, env: dict[str, str] | None) -> str | None:
+        if env is None:
+            return None
+        env_id, data = env_digest(env)
+        self.conn.execute(
+            "INSERT OR IGNORE INTO staging.envs (id, data) VALUES (?, ?)", (env_id, data)
+        )
+        return env_id
+
+    def publish_staged(self, staging: str, now: int, since: int) -> StagedBatch:
+        """Insert every staged task (one transaction with the caller's): row `seq` becomes task
+        `base + seq`, its creation event and dependencies with it, in one statement each. A
+        staged key that a task not final, or finished after `since`, holds now (another client
+        took it meanwhile) gives that task back instead if its fingerprint matches, and raises
+        Conflict if not. Dependencies must still exist (InvalidRequest names one that does not).
+        The creation events reach subscribers as one `EventSpan`."""
+        self._require_transaction()
+        published, span = self._copy_staged(self.conn, staging, now, since)
+        self._pending_spans.append(span)
+        if self._staged[staging].deps:
+            self._publish_staged_deps(staging, published.base, now)
+        return published
+
+    def can_publish_apart(self, staging: str) -> bool:
+        """Whether `publish_apart` may publish this batch: it has no dependencies (settling
+        them takes the daemon's connection)."""
+        return not self._staged[staging].deps
+
+    def publish_apart(self, staging: str, now: int, since: int) -> tuple[StagedBatch, EventSpan]:
+        """`publish_staged` in a transaction of its own on a connection of its own, for a
+        thread: the daemon's connection goes on reading meanwhile (WAL readers never wait on a
+        writer), and a write of its own waits for this commit as it would wait on the loop.
+        The span is the caller's to `announce` once this returns."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA cache_size = -{_APART_CACHE_KIB}")  # the daemon's RSS: pages
+            conn.execute("ATTACH DATABASE ? AS staging", (str(self._staging_path()),))  # spill
+            conn.execute(f"PRAGMA staging.cache_size = -{_STAGING_CACHE_KIB}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                published, span = self._copy_staged(conn, staging, now, since)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return published, span
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from e
+        finally:
+            conn.close()
+
+    def announce(self, span: EventSpan) -> None:
+        """Tell subscribers of a batch `publish_apart` has committed."""
+        for on_span in self._span_subscribers:
+            on_span(span)
+
+    def _copy_staged(
+        self, conn: sqlite3.Connection, staging: str, now: int, since: int
+    ) -> tuple[StagedBatch, EventSpan]:
+        """The statements of `publish_staged`, on `conn` (the daemon's, or `publish_apart`'s),
+        but settling dependencies."""
+        # Its commit must not also copy the whole batch from the WAL into the database file:
+        # `checkpoint_apart` does that, off the daemon's thread.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        staged = self._staged[staging]
+        taken = _staged_keys_taken(conn, staging, since) if staged.keys else {}
+        for seq in taken:
+            conn.execute(f"DELETE FROM staging.{staging} WHERE seq = ?", (seq,))
+        if staged.deps:
+            _check_staged_deps(conn, staging)
+        base = _sequence_of(conn, "tasks")
+        conn.executemany(
+            "INSERT OR IGNORE INTO queues (name, created_at) VALUES (?, ?)",
+            [(n, now) for n in sorted(staged.queues)],
+        )
+        conn.execute("INSERT OR IGNORE INTO envs (id, data) SELECT id, data FROM staging.envs")
+        state = (
+            "CASE WHEN after IS NOT NULL OR after_any IS NOT NULL THEN 'waiting' "
+            "WHEN run_at > :now THEN 'scheduled' ELSE 'queued' END"
+        )
+        copied = [c for c in _STAGED_COLUMNS if c not in ("after", "after_any", "run_at")]
+        conn.execute(
+            f"INSERT INTO tasks (id, state, run_at, created_at, updated_at, {', '.join(copied)}) "
+            f"SELECT :base + seq, {state}, coalesce(run_at, :now), :now, :now, {', '.join(copied)} "
+            f"FROM staging.{staging} ORDER BY seq",
+            {"base": base, "now": now},
+        )
+        first_event = _sequence_of(conn, "events") + 1
+        conn.execute(
+            "INSERT INTO events (at, task_id, queue, to_state) "
+            "SELECT :now, id, queue, state FROM tasks WHERE id > :base ORDER BY id",
+            {"base": base, "now": now},
+        )
+        created = {
+            (queue, TaskState(state)): n
+            for queue, state, n in conn.execute(
+                "SELECT queue, state, count(*) FROM tasks WHERE id > ? GROUP BY queue, state",
+                (base,),
+            )
+        }
+        span = EventSpan(first_event, _sequence_of(conn, "events"), now, created)
+        return StagedBatch(base, taken), span
+
+    def _publish_staged_deps(self, staging: str, base: int, now: int) -> None:
+        """The dependency rows of the published tasks, and each waiting one settled."""
+        for column, any_end in (("after", 0), ("after_any", 1)):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO deps (task_id, dep_id, any_end) "
+                f"SELECT ? + b.seq, j.value, ? FROM staging.{staging} b, json_each(b.{column}) j "
+                f"WHERE b.{column} IS NOT NULL",
+                (base, any_end),
+            )
+        waiting = [
+            i
+            for (i,) in self.conn.execute(
+                "SELECT id FROM tasks WHERE id > ? AND state = 'waiting' ORDER BY id", (base,)
+            )
+        ]
+        if waiting:
+            self._deps_seen = True
+        for task_id in waiting:
+            self._settle_waiting(task_id, now)
+
+    def checkpoint_apart(self) -> None:
+        """Copy the WAL into the database file on a connection of its own: a thread may run
+        this while the daemon's connection reads and writes (a checkpoint blocks neither)."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA cache_size = -{_APART_CACHE_KIB}")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.OperationalError:
+            pass  # busy or full: the next automatic checkpoint does it
+        finally:
+            conn.close()
+
+    def drop_staging(self, staging: str) -> None:
+        """Forget a staging table (published or not); the side file goes with the last one.
+        Checkpoints are automatic again once no batch is being published."""
+        if staging not in self._staged:
+            return
+        del self._staged[staging]
+        if not self._staged:
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")
+        with suppress(sqlite3.OperationalError):
+            self.conn.execute(f"DROP TABLE staging.{staging}")
+        if not self._staged and self._attached and not self._in_transaction:
+            with suppress(sqlite3.OperationalError):
+                self.conn.execute("DETACH DATABASE staging")
+                self._attached = False
+                with suppress(FileNotFoundError):
+                    os.unlink(self._staging_path())
+
     def _any_deps(self) -> bool:
         """Whether any dependency was ever recorded (most stores have none: skip the lookup)."""
         if self._deps_seen is None:
@@ -547,10 +799,7 @@ class SqliteStore:
         return found
 
     def _sequence(self, table: str) -> int:
-        row = self.conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return _sequence_of(self.conn, table)
 
     def _store_env(self, env: dict[str, str] | None) -> str | None:
         if env is None:
@@ -935,12 +1184,13 @@ class SqliteStore:
         """A nested transaction: on an exception, what happened inside is undone (and its
         events dropped), the outer transaction goes on."""
         self._require_transaction()
-        mark = len(self._pending)
+        mark, spans = len(self._pending), len(self._pending_spans)
         self.conn.execute("SAVEPOINT inner")
         try:
             yield
         except BaseException as e:
             del self._pending[mark:]
+            del self._pending_spans[spans:]
             if self.conn.in_transaction:  # SQLite may have rolled back all of it (disk full)
                 with suppress(sqlite3.OperationalError):
                     self.conn.execute("ROLLBACK TO inner")
@@ -1065,6 +1315,62 @@ class SqliteStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _staged_keys_taken(conn: sqlite3.Connection, staging: str, since: int) -> dict[int, int]:
+    """Staged rows whose key a stored task holds now, and that task (Conflict if the
+    request differs)."""
+    taken: dict[int, int] = {}
+    for seq, key, mine, holder, theirs in conn.execute(
+        f"SELECT b.seq, b.key, b.key_fingerprint, t.id, t.key_fingerprint "
+        f"FROM staging.{staging} b JOIN tasks t ON t.key = b.key "
+        "WHERE b.key IS NOT NULL AND (t.finished_at IS NULL OR t.finished_at >= ?) "
+        "ORDER BY b.seq, t.id DESC",
+        (since,),
+    ):
+        if seq in taken:
+            continue
+        if mine != theirs:
+            raise Conflict(
+                f"idempotency key {key!r} belongs to task {holder}, submitted with a "
+                "different command or options"
+            )
+        taken[seq] = holder
+    return taken
+
+
+def _check_staged_deps(conn: sqlite3.Connection, staging: str) -> None:
+    missing = [
+        d
+        for (d,) in conn.execute(
+            f"SELECT DISTINCT j.value FROM staging.{staging} b, "
+            "json_each(coalesce(b.after, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
+            f"UNION SELECT DISTINCT j.value FROM staging.{staging} b, "
+            "json_each(coalesce(b.after_any, '[]')) j WHERE j.value NOT IN (SELECT id FROM tasks) "
+            "ORDER BY 1 LIMIT 20"
+        )
+    ]
+    if missing:
+        raise InvalidRequest(f"unknown task id in --after: {', '.join(map(str, missing))}")
+
+
+def _sequence_of(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+@dataclass
+class _Staged:
+    """What a staging table holds, as far as publishing it needs to know."""
+
+    queues: set[str] = field(default_factory=set)
+    keys: bool = False
+    deps: bool = False
+
+    def note(self, task: NewTask) -> None:
+        self.queues.add(task.queue)
+        self.keys = self.keys or task.key is not None
+        self.deps = self.deps or bool(task.after or task.after_any)
 
 
 def _initial_state(task: NewTask, now: int) -> TaskState:
