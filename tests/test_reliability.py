@@ -286,7 +286,11 @@ def test_connected_clients_do_not_hold_a_stop_and_go_on_with_the_next_daemon(
     assert daemon.run("daemon", "stop").returncode == 0
     took = time.monotonic() - began
     figure("daemon stop with watch, wait and logs -f connected (s)", round(took, 2))
-    assert took < 2, took  # streams end and waits answer at once (2 s: the backstop cut)
+    # Streams end and waits answer at once: uvicorn's 2 s backstop never had to cut one (it
+    # logs when it does). The time itself is only bounded loosely: on two shared cores under the
+    # suite's load, a stop without any client has taken 2.1 s.
+    assert "timeout graceful shutdown exceeded" not in (daemon.path / "taskctld.log").read_text()
+    assert took < 5, took
     assert follower.wait(timeout=10) == 3  # it says so rather than pass for the task's end
     assert follower.stderr is not None and "goes on" in follower.stderr.read()
     with pytest.raises(AssertionError):  # the clients that wait on do not start a daemon
