@@ -21,9 +21,11 @@ FF = os.fsdecode(b"\xff")  # one byte that is not UTF-8, as sys.argv and os.envi
 def _run_bytes(
     home: Home, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
+    """`taskctl ARGS` from inside the home: what its tasks capture as their working directory
+    (random shell strings must never run in the checkout)."""
     return subprocess.run(
-        [TASKCTL, *args], env={**home.env, **(env or {})}, capture_output=True, timeout=60,
-        check=False,
+        [TASKCTL, *args], env={**home.env, **(env or {})}, cwd=home.path, capture_output=True,
+        timeout=60, check=False,
     )  # fmt: skip
 
 
