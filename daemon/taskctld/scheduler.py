@@ -436,20 +436,12 @@ def _undecodable_names(spec: TriggerSpec) -> list[str]:
     that the trigger's glob takes."""
     found = []
     for root in spec.paths:
-        walk = os.walk(root) if spec.recursive else [(root, *_entries(root))]
-        for folder, dirs, files in walk:
+        walk = os.walk(root)  # a folder that cannot be listed is skipped
+        for folder, dirs, files in walk if spec.recursive else itertools.islice(walk, 1):
             for name in (*dirs, *files):
                 if not is_text(name) and (spec.glob is None or fnmatch.fnmatch(name, spec.glob)):
                     found.append(os.path.join(folder, name))
     return sorted(found)
-
-
-def _entries(folder: str) -> tuple[list[str], list[str]]:
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return [], []
-    return [], names
 
 
 def _undecodable_path(error: BaseException) -> bool:
