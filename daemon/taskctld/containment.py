@@ -235,13 +235,9 @@ class Cgroups:
         return self.make(f"a{self.made}")
 
     def give_back(self, cgroup: Path) -> None:
-        """An attempt's cgroup after its end: kept for the next one if it is empty (it always
-        is: an attempt ends only once its cgroup is), else removed when it can be."""
-        if populated(cgroup):
-            with contextlib.suppress(OSError):
-                remove(cgroup)
-        else:
-            self.free.append(cgroup)
+        """An attempt's cgroup, for the next attempt. The caller has seen it empty: an attempt
+        ends only once its cgroup is, and one that could not start never had a process."""
+        self.free.append(cgroup)
 
     @contextlib.contextmanager
     def inside(self, cgroup: Path) -> Iterator[None]:
