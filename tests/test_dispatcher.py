@@ -10,6 +10,7 @@ from pathlib import Path
 
 from taskctl.api import Outcome, TaskState
 from taskctld.dispatcher import Dispatcher, Limits
+from taskctld.lifecycle import Lifecycle
 from taskctld.runner import Ended, Started
 from taskctld.store import AttemptEnd, NewTask, TaskRow
 from taskctld.store.sqlite import SqliteStore
@@ -27,7 +28,11 @@ class Rig:
         self.runner = ScriptedRunner()
         self.now = T0
         self.dispatcher = Dispatcher(
-            self.store, self.runner, Limits(concurrency), clock=lambda: self.now, jitter=lambda: 0.0
+            self.store,
+            self.runner,
+            Limits(concurrency),
+            lifecycle=Lifecycle(self.store, jitter=lambda: 0.0),
+            clock=lambda: self.now,
         )
         self.ended: list[AttemptEnd] = []
         self.dispatcher.on_attempt_end.append(self.ended.append)

@@ -27,16 +27,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from taskctl.api import Backoff, Outcome, TaskState
+from taskctl.api import TaskState
 from taskctl.errors import StorageFull, TaskctlError
 from taskctl.units import now_ms
-from taskctld import policy
+from taskctld.lifecycle import Lifecycle
 from taskctld.runner import Ended, Key, Released, Report, Started, Unheld
 from taskctld.store import AttemptEnd, EventRow, EventSpan, Store, TaskRow
 
@@ -103,16 +102,16 @@ class Dispatcher:
         runner: Launcher,
         limits: Limits,
         *,
+        lifecycle: Lifecycle | None = None,
         clock: Callable[[], int] = now_ms,
-        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
+        self.lifecycle = lifecycle or Lifecycle(store)
         self.runner = runner
         self.limits = limits
         self.scheduler: Scheduler | None = None
         self.on_attempt_end: list[Callable[[AttemptEnd], None]] = []  # after the commit
         self.clock = clock
-        self.jitter = jitter
         self.reports: list[Report] = []
         self.running: dict[str, int] = {}
         self.ready_queues: set[str] = set()
@@ -384,7 +383,7 @@ class Dispatcher:
                     )
                 if timed and self.scheduler is not None:
                     self.scheduler.fire_due(now)
-                if timed and self.store.promote_due(now) >= PROMOTE_BATCH:
+                if timed and self.lifecycle.promote_due(now) >= PROMOTE_BATCH:
                     self._time_dirty = True  # more are due than one turn promotes
                     self._wake.set()
                 claimed = self._claim(now)
@@ -456,7 +455,7 @@ class Dispatcher:
                 # A held task cancelled as it started: stop it, and keep on the record that
                 # it ran (its end is written to this attempt as it comes).
                 log.warning("task %d started as it was cancelled; stopping it", key[0])
-                recorded = self.store.record_stray_start(
+                recorded = self.lifecycle.record_stray_start(
                     *key, pid=report.pid, started_at=report.started_at
                 )
                 self.runner.stop(*key, "cancel")
@@ -474,7 +473,9 @@ class Dispatcher:
         # Still held, it is as it was queued: any change to it since would have taken it back.
         held = self._drop_held(*key, started=True)
         inherited = self._inherited.pop(key, None)
-        task = self.store.claim_attempt(*key, now, started_at, None if held is None else held.task)
+        task = self.lifecycle.claim_attempt(
+            *key, now, started_at, None if held is None else held.task
+        )
         if task is None:
             if inherited is not None:  # it is being stopped: its slot is taken until it ends
                 self._refused[key] = inherited
@@ -512,24 +513,7 @@ class Dispatcher:
             took = max(0, end.ended_at - end.started_at)
             before = self._took.get(task.queue)
             self._took[task.queue] = took if before is None else 0.8 * before + 0.2 * took
-        decision = self.decide(task, end.outcome, end.exit_code, counts=report.counts)
-        reason = (
-            end.cause
-            if end.cause and decision.state is not TaskState.SUCCEEDED
-            else decision.reason
-        )
-        fields: dict[str, object] = {}
-        if decision.state is TaskState.SCHEDULED:
-            fields["run_at"] = now + int(decision.delay * 1000)
-        elif decision.state is TaskState.QUEUED:
-            fields["tries"] = task.tries - (0 if decision.counts else 1)
-        else:
-            fields["finished_at"] = now
-        if self.store.move(
-            task.id, TaskState.RUNNING, decision.state, now, reason=reason,
-            attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt, queue=task.queue,
-            **fields,
-        ):  # fmt: skip
+        if self.lifecycle.finish(task, end, now, counts=report.counts):
             self._pass_or_free(task.queue, report.next)
 
     def _pass_or_free(self, queue: str, following: Key | None) -> None:
@@ -538,21 +522,6 @@ class Dispatcher:
             self.running[queue] = max(0, self.running.get(queue, 0) - 1)
         else:
             self._inherited[following] = queue  # the count stays
-
-    def decide(
-        self, task: TaskRow, outcome: Outcome, exit_code: int | None, *, counts: bool
-    ) -> policy.Decision:
-        if not counts:
-            return policy.Decision(TaskState.QUEUED, reason="interrupted", counts=False)
-        rules = policy.RetryPolicy(
-            retries=task.retries,
-            backoff=Backoff(task.backoff),
-            retry_delay=task.retry_delay,
-            max_delay=task.max_delay,
-            retry_on=frozenset(task.retry_on) if task.retry_on is not None else None,
-            no_retry_on=frozenset(task.no_retry_on or ()),
-        )
-        return policy.decide(rules, task.tries, outcome, exit_code, self.jitter())
 
     def _claim(self, now: int) -> list[TaskRow]:
         if not self.accepting or not self.runner.ready():
@@ -564,7 +533,7 @@ class Dispatcher:
         for queue in self.ready_queues - self.limits.paused:
             limit = self.limits.queue_limits.get(queue)
             slots[queue] = free if limit is None else min(free, limit - self.running.get(queue, 0))
-        claim = self.store.claim(slots, free, now, held=self._held)
+        claim = self.lifecycle.claim(slots, free, now, held=self._held)
         self.ready_queues -= claim.exhausted
         for task in claim.tasks:
             self.running[task.queue] = self.running.get(task.queue, 0) + 1

@@ -36,6 +36,7 @@ from cronsim import CronSim, CronSimError
 from taskctl import units
 from taskctl.errors import InvalidRequest, StorageFull, TaskctlError
 from taskctl.wire import is_text
+from taskctld.lifecycle import Lifecycle
 from taskctld.store import FINAL_VALUES, NewTask, ScheduleRow, Store
 
 log = logging.getLogger("taskctld.scheduler")
@@ -179,9 +180,15 @@ class Scheduler:
     """Fires due schedules through the store, inside the dispatcher's transaction."""
 
     def __init__(
-        self, store: Store, build: Callable[[dict[str, Any], int], NewTask], changes_dir: Path
+        self,
+        store: Store,
+        build: Callable[[dict[str, Any], int], NewTask],
+        changes_dir: Path,
+        *,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.store = store
+        self.lifecycle = lifecycle or Lifecycle(store)
         self.build = build  # a stored task template (API fields) -> the task to insert
         self.changes_dir = changes_dir
         self.last_tick = 0
@@ -253,7 +260,7 @@ class Scheduler:
         task.schedule_id, task.due_at = schedule.id, due
         if running and schedule.overlap == "queue" and previous is not None:
             task.after_any = [previous[0]]
-        (task_id,) = self.store.submit([task], now)
+        (task_id,) = self.lifecycle.submit([task], now)
         self.store.record_fire(schedule.id, due, now, task_id, "fired")
         return task_id
 

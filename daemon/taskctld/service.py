@@ -110,7 +110,10 @@ class Service:
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
-            self.store, self.build_from_template, self.paths.state / "changes"
+            self.store,
+            self.build_from_template,
+            self.paths.state / "changes",
+            lifecycle=self.dispatcher.lifecycle,
         )
         self.dispatcher.scheduler = self.scheduler
         self.triggers = Triggers(self._on_burst)
@@ -322,7 +325,7 @@ class Service:
             if task.key is not None:
                 holders[task.key] = (task.key_fingerprint, -1 - len(fresh))
             fresh.append(task)
-        ids = self.store.submit(fresh, now) if fresh else []
+        ids = self.dispatcher.lifecycle.submit(fresh, now) if fresh else []
         return [Submitted(ref if ref > 0 else ids[-1 - ref], dedup) for ref, dedup in plan]
 
     def resolve(
@@ -437,9 +440,7 @@ class Service:
             return task if task.state in FINAL_STATES else await self.cancel(task_id)
 
         def cancel_now(now: int) -> bool:
-            return self.store.move(
-                task_id, task.state, TaskState.CANCELLED, now, reason="cancelled", finished_at=now
-            )
+            return self.dispatcher.lifecycle.cancel(task, now)
 
         held = self.dispatcher.hold_settled(task_id)  # held: it may start as we cancel
         if not self.dispatcher.cycle(cancel_now):  # it changed state meanwhile: try again
@@ -496,10 +497,7 @@ class Service:
             )
 
         def requeue(now: int) -> bool:
-            return self.store.move(
-                task_id, task.state, TaskState.QUEUED, now, reason="retried",
-                run_at=now, finished_at=None, tries=0,
-            )  # fmt: skip
+            return self.dispatcher.lifecycle.retry(task, now)
 
         if not self.dispatcher.cycle(requeue):
             raise Conflict(f"task {task_id} changed state meanwhile; try again")
