@@ -264,16 +264,18 @@ def bench_cli_submit(n: int, tsp_missing: str | None) -> list[Row]:
 
 def fill_finished(h: Home, n: int) -> None:
     """Put n finished tasks straight into a stopped daemon's database (bulk SQL)."""
+    from taskctld.lifecycle import Lifecycle
     from taskctld.store import NewTask
     from taskctld.store.sqlite import SqliteStore
 
     h.stop()
     store = SqliteStore(h.path / "taskctl.db", durability="normal")
+    lifecycle = Lifecycle(store)
     now = int(time.time() * 1000) - 86_400_000
     chunk = 10_000
     for start in range(0, n, chunk):
         with store.transaction():
-            ids = store.submit(
+            ids = lifecycle.submit(
                 [NewTask(command=["true"], cwd="/tmp") for _ in range(min(chunk, n - start))], now
             )
             store.conn.executemany(
@@ -536,16 +538,18 @@ def claim_cost(rows: int, n: int) -> float:
     """Seconds to claim and finish n queued tasks (two per transaction, like a busy
     dispatcher) in a store that also holds `rows` finished tasks."""
     from taskctl.api import Outcome, TaskState
+    from taskctld.lifecycle import Lifecycle
     from taskctld.store import AttemptEnd, NewTask
     from taskctld.store.sqlite import SqliteStore
 
     folder = Path(tempfile.mkdtemp(prefix="tcc", dir="/tmp"))
     try:
         store = SqliteStore(folder / "c.db", durability="full")
+        lifecycle = Lifecycle(store)
         now = 1_000
         for start in range(0, rows, 20_000):
             with store.transaction():
-                ids = store.submit(
+                ids = lifecycle.submit(
                     [NewTask(command=["true"], cwd="/") for _ in range(min(20_000, rows - start))],
                     now,
                 )
@@ -554,11 +558,11 @@ def claim_cost(rows: int, n: int) -> float:
                     [(i,) for i in ids],
                 )
         with store.transaction():
-            store.submit([NewTask(command=["true"], cwd="/") for _ in range(n)], now)
+            lifecycle.submit([NewTask(command=["true"], cwd="/") for _ in range(n)], now)
         begin = time.perf_counter()
         for _ in range(n // 2):
             with store.transaction():
-                for task in store.claim({"default": 2}, 2, now).tasks:
+                for task in lifecycle.claim({"default": 2}, 2, now).tasks:
                     store.end_attempt(
                         AttemptEnd(task.id, task.attempts, Outcome.EXITED, now, exit_code=0)
                     )

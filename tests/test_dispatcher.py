@@ -39,7 +39,7 @@ class Rig:
 
     def submit(self, n: int = 1, **fields: object) -> list[int]:
         tasks = [NewTask(command=["true"], cwd="/", **fields) for _ in range(n)]  # type: ignore[arg-type]
-        return self.dispatcher.cycle(lambda now: self.store.submit(tasks, now)) or []
+        return self.dispatcher.cycle(lambda now: self.dispatcher.lifecycle.submit(tasks, now)) or []
 
     def set_queue(self, name: str, **fields: object) -> None:
         with self.store.transaction():

@@ -245,13 +245,13 @@ class Service:
         retention = int(self.config.key_retention * 1000)
         if not self.store.can_publish_apart(staging):
             cycled = self.dispatcher.cycle(
-                lambda now: self.store.publish_staged(staging, now, now - retention)
+                lambda now: self.dispatcher.lifecycle.publish_staged(staging, now, now - retention)
             )
             assert cycled is not None
             return cycled
         now = now_ms()
         done, span = await asyncio.to_thread(
-            self.store.publish_apart, staging, now, now - retention
+            self.dispatcher.lifecycle.publish_apart, staging, now, now - retention
         )
         self.store.announce(span)
         self.dispatcher.wake()

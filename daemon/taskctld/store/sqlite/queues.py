@@ -1,0 +1,47 @@
+"""Queue rows in SQLite: made on first use, changed by `queue set`."""
+
+from __future__ import annotations
+
+from taskctld.store import QueueRow
+from taskctld.store.sqlite.base import SqliteBase, dump, insert_queues
+from taskctld.store.sqlite.rows import queue_row
+
+
+class SqliteQueues(SqliteBase):
+    """`QueueStore` on SQLite."""
+
+    def ensure_queues(self, names: set[str], now: int) -> None:
+        """Queues are created on first use."""
+        insert_queues(self.conn, names, now)
+
+    def list_queues(self) -> list[QueueRow]:
+        return [
+            queue_row(r)
+            for r in self.conn.execute(
+                "SELECT name, concurrency, paused, defaults FROM queues ORDER BY name"
+            )
+        ]
+
+    def get_queue(self, name: str) -> QueueRow | None:
+        row = self.conn.execute(
+            "SELECT name, concurrency, paused, defaults FROM queues WHERE name = ?", (name,)
+        ).fetchone()
+        return queue_row(row) if row else None
+
+    def set_queue(self, name: str, now: int, **fields: object) -> QueueRow:
+        """Create or change a queue: `concurrency`, `paused`, `defaults` (a dict)."""
+        self._require_transaction()
+        self.ensure_queues({name}, now)
+        if "defaults" in fields:
+            fields["defaults"] = dump(fields["defaults"])
+        if "paused" in fields:
+            fields["paused"] = int(bool(fields["paused"]))
+        names = sorted(fields)
+        if names:
+            self.conn.execute(
+                f"UPDATE queues SET {', '.join(f'{n} = ?' for n in names)} WHERE name = ?",
+                [*(fields[n] for n in names), name],
+            )
+        found = self.get_queue(name)
+        assert found is not None
+        return found

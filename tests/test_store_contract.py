@@ -1,0 +1,756 @@
+"""The store contract: what every backend must do, and the lifecycle on top of it.
+
+One set of tests, run once per backend in `BACKENDS` (today SQLite; the PostgreSQL issue adds
+its own to the same list). They reach a backend only through the `Store` Protocol, never its
+SQL, and check both the primitives (conditional move, inserts, candidates, the event log,
+queues, schedules, fires) and the rules `Lifecycle` builds on them (initial states, claims,
+dependencies, promotion). What only SQLite has is `test_store.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from taskctl.api import Outcome, TaskState
+from taskctl.errors import Conflict, InvalidRequest
+from taskctld import states
+from taskctld.lifecycle import INITIAL, PROMOTE_AT_MOST, Lifecycle, initial_state
+from taskctld.store import AttemptEnd, EventRow, NewSchedule, NewTask, Store, TaskFilter
+from taskctld.store.sqlite import SqliteStore
+
+
+@dataclass(frozen=True)
+class Backend:
+    open: Callable[[Path], Store]  # a new, empty store
+    constraint_error: type[Exception]  # what a write that breaks a unique key raises
+
+
+BACKENDS = {
+    "sqlite": Backend(
+        lambda folder: SqliteStore(folder / "t.db", durability="normal"), sqlite3.IntegrityError
+    ),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def store(backend: Backend, tmp_path: Path) -> Iterator[Store]:
+    opened = backend.open(tmp_path)
+    yield opened
+    opened.close()
+
+
+def _submit(store: Store, n: int = 1, **kw: object) -> list[int]:
+    with store.transaction():
+        return Lifecycle(store).submit(
+            [NewTask(command=["true"], cwd="/", **kw) for _ in range(n)], now=1000
+        )  # type: ignore[arg-type]
+
+
+def _stage(store: Store, tasks: list[NewTask]) -> str:
+    staging = store.open_staging()
+    store.stage(staging, 1, tasks[: len(tasks) // 2])
+    store.stage(staging, len(tasks) // 2 + 1, tasks[len(tasks) // 2 :])
+    return staging
+
+
+def _state(store: Store, task_id: int) -> TaskState:
+    task = store.get_task(task_id)
+    assert task is not None
+    return task.state
+
+
+def _insert(store: Store, state: TaskState, now: int = 1000, **kw: object) -> int:
+    """One task put straight in `state`, as the lifecycle would give it to the store."""
+    with store.transaction():
+        (task_id,) = store.insert_tasks([NewTask(command=["true"], cwd="/", **kw)], [state], now)  # type: ignore[arg-type]
+    return task_id
+
+
+# -- the primitives ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), list(itertools.product(TaskState, TaskState)), ids=lambda s: str(s)
+)
+def test_move_takes_exactly_the_pairs_of_the_state_machine(
+    store: Store, old: TaskState, new: TaskState
+) -> None:
+    """Every (from, to) cell, the task inserted in `old`: `move` moves it with one event, or
+    raises and leaves the task and the event log as they were."""
+    task_id = _insert(store, old)
+    before, events = store.get_task(task_id), store.events_after(0, 100)
+    with store.transaction():
+        if (old, new) in states.TRANSITIONS:
+            assert store.move(task_id, old, new, 2000, reason="walk", attempt=3)
+        else:
+            with pytest.raises(RuntimeError, match="not in the state machine"):
+                store.move(task_id, old, new, 2000, reason="walk")
+    after = store.get_task(task_id)
+    assert after is not None
+    if (old, new) in states.TRANSITIONS:
+        assert (after.state, after.reason) == (new, "walk")
+        (event,) = store.events_after(events[-1].id, 100)
+        assert (event.task_id, event.from_state, event.to_state) == (task_id, old, new)
+        assert (event.reason, event.attempt, event.queue, event.at) == ("walk", 3, "default", 2000)
+    else:
+        assert after == before and store.events_after(0, 100) == events
+
+
+def test_move_refuses_a_stale_state_or_a_stale_fence_and_changes_nothing(store: Store) -> None:
+    task_id = _insert(store, TaskState.RUNNING)
+    with store.transaction():
+        assert store.move(task_id, TaskState.RUNNING, TaskState.QUEUED, 1100, fence=0, tries=0)
+    events = store.events_after(0, 100)
+    with store.transaction():
+        assert not store.move(task_id, TaskState.RUNNING, TaskState.FAILED, 1200)  # stale state
+        assert not store.move(task_id, TaskState.QUEUED, TaskState.RUNNING, 1200, fence=1)
+        assert list(store.uncommitted_events()) == []
+    task = store.get_task(task_id)
+    assert task is not None and (task.state, task.attempts) == (TaskState.QUEUED, 0)
+    assert store.events_after(0, 100) == events
+
+
+def test_move_sets_the_fields_it_is_given_in_the_same_write(store: Store) -> None:
+    task_id = _insert(store, TaskState.RUNNING)
+    with store.transaction():
+        assert store.move(
+            task_id, TaskState.RUNNING, TaskState.FAILED, 5000, reason="exited", exit_code=3,
+            finished_at=5000, tries=2,
+        )  # fmt: skip
+    task = store.get_task(task_id)
+    assert task is not None
+    assert (task.reason, task.exit_code, task.finished_at, task.tries) == ("exited", 3, 5000, 2)
+
+
+def test_a_move_to_a_final_state_settles_nothing_by_itself(store: Store) -> None:
+    """Settling dependents is the lifecycle's: the store's `move` only moves."""
+    (dep,) = _submit(store)
+    (waiting,) = _submit(store, after=[dep])
+    with store.transaction():
+        assert store.move(dep, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+    assert _state(store, waiting) is TaskState.WAITING
+
+
+def test_insert_gives_ids_in_order_each_task_in_the_state_given(store: Store) -> None:
+    tasks = [NewTask(command=["echo", str(i)], cwd="/", queue=f"q{i % 2}") for i in range(4)]
+    given = [TaskState.QUEUED, TaskState.SCHEDULED, TaskState.WAITING, TaskState.QUEUED]
+    with store.transaction():
+        ids = store.insert_tasks(tasks, given, 1000)
+        created = list(store.uncommitted_events())
+    assert ids == sorted(ids) and len(set(ids)) == 4 and ids[0] > 0
+    rows = store.get_tasks(ids)
+    assert [(r.state, r.command[1], r.queue) for r in rows] == [
+        (s, str(i), f"q{i % 2}") for i, s in enumerate(given)
+    ]
+    assert [(e.task_id, e.from_state, e.to_state, e.queue) for e in created] == [
+        (i, None, s, r.queue) for i, s, r in zip(ids, given, rows, strict=True)
+    ]
+    assert {"q0", "q1"} <= {q.name for q in store.list_queues()}  # made on first use
+    assert store.last_task_id() == ids[-1] and list(store.iter_all_ids()) == ids
+
+
+def test_insert_refuses_an_unknown_dependency_and_inserts_nothing(store: Store) -> None:
+    with pytest.raises(InvalidRequest, match="4242"), store.transaction():
+        Lifecycle(store).submit([NewTask(command=["true"], cwd="/", after=[4242])], 1000)
+    assert store.list_tasks(TaskFilter()) == [] and store.events_after(0, 10) == []
+
+
+def test_events_of_a_savepoint_that_fails_are_dropped_and_the_rest_published(
+    store: Store,
+) -> None:
+    seen: list[list[EventRow]] = []
+    store.on_commit(seen.append)
+    with store.transaction():
+        kept = _submit(store)
+        with pytest.raises(ZeroDivisionError), store.savepoint():
+            _submit(store)
+            1 / 0  # noqa: B018
+        assert [e.task_id for e in store.uncommitted_events()] == kept
+    assert [[e.task_id for e in events] for events in seen] == [kept]
+    assert [t.id for t in store.list_tasks(TaskFilter())] == kept
+
+
+def test_events_after_resumes_where_it_left_off_without_skipping(store: Store) -> None:
+    ids = _submit(store, 7)
+    with store.transaction():
+        for task_id in ids[:5]:
+            store.move(task_id, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+    read: list[EventRow] = []
+    cursor = 0
+    while page := store.events_after(cursor, 3):
+        assert len(page) <= 3
+        read += page
+        cursor = page[-1].id
+    assert cursor == store.last_event_id()
+    assert [e.id for e in read] == sorted({e.id for e in read})  # increasing, no repeats
+    assert [(e.task_id, e.to_state) for e in read] == [
+        *((i, TaskState.QUEUED) for i in ids),
+        *((i, TaskState.CANCELLED) for i in ids[:5]),
+    ]
+    assert store.events_after(read[3].id, 100) == read[4:]
+
+
+def test_attempts_open_once_and_end_once(store: Store) -> None:
+    task_id = _insert(store, TaskState.RUNNING)
+    with store.transaction():
+        store.open_attempt(task_id, 1, 1500)
+        store.mark_started(task_id, 1, pid=77, started_at=1510)
+    assert [(a.task_id, a.number, a.pid) for a in store.open_attempts()] == [(task_id, 1, 77)]
+    end = AttemptEnd(task_id, 1, Outcome.SIGNALED, 1900, signal=9, max_rss=1024)
+    with store.transaction():
+        assert store.end_attempt(end)
+        assert not store.end_attempt(end)  # a repeated report
+        assert not store.end_attempt(AttemptEnd(task_id, 2, Outcome.EXITED, 1900))  # none open
+    (attempt,) = store.attempts_of([task_id])[task_id]
+    assert (attempt.outcome, attempt.signal, attempt.started_at, attempt.ended_at) == (
+        Outcome.SIGNALED, 9, 1510, 1900,
+    )  # fmt: skip
+    assert store.open_attempts() == [] and store.count_attempt_outcomes() == {"signaled": 1}
+
+
+def test_claim_candidates_come_in_claim_order_and_say_when_they_are_all(store: Store) -> None:
+    low = _submit(store, 2, priority=1)
+    late = _submit(store, 1, priority=5, run_at=900)  # in the past: ready, run_at 900
+    high = _submit(store, 1, priority=5)
+    with store.transaction():
+        found, complete = store.claim_candidates("default", 2, held=())
+        rest, all_read = store.claim_candidates("default", 10, held={late[0]})
+    assert [c.id for c in found] == [late[0], *high, low[0]] and not complete
+    assert [c.id for c in rest] == [*high, *low] and all_read
+    assert store.claim_candidates("elsewhere", 5, held=()) == ([], True)
+
+
+def test_the_ready_and_due_counts(store: Store) -> None:
+    _submit(store, 2, queue="a")
+    (later,) = _submit(store, 1, run_at=50_000)
+    (sooner,) = _submit(store, 1, run_at=20_000)
+    with store.transaction():
+        Lifecycle(store).claim({"a": 1}, 1, now=2000)
+    assert store.ready_queues() == {"a"} and store.running_by_queue() == {"a": 1}
+    assert store.oldest_queued() == {"a": 1000}
+    assert store.next_due() == 20_000 and store.count_due(50_000) == 1
+    assert store.due_ids(50_000, 10) == [sooner, later] and store.due_ids(19_999, 10) == []
+
+
+def test_idempotency_keys_are_found_while_the_task_is_live_or_recent(store: Store) -> None:
+    old, new = _submit(store, 2, key="k", key_fingerprint="f")
+    with store.transaction():
+        store.move(old, TaskState.QUEUED, TaskState.CANCELLED, 2000, finished_at=2000)
+        store.move(new, TaskState.QUEUED, TaskState.CANCELLED, 3000, finished_at=3000)
+    assert store.find_by_key("k", since=1000).id == new  # type: ignore[union-attr]
+    assert store.find_by_key("k", since=3000).id == new  # type: ignore[union-attr]
+    assert store.find_by_key("k", since=3001) is None
+    assert store.find_by_key("other", since=0) is None
+    (live,) = _submit(store, key="k", key_fingerprint="f")
+    assert store.find_by_key("k", since=10**12).id == live  # type: ignore[union-attr]
+
+
+def test_queues_are_made_on_first_use_and_changed_by_set(store: Store) -> None:
+    assert [q.name for q in store.list_queues()] == ["default"]
+    with store.transaction():
+        store.ensure_queues({"b", "a"}, 1000)
+        changed = store.set_queue("a", 1000, concurrency=2, paused=True, defaults={"retries": 3})
+        store.set_queue("c", 1000)
+    assert (changed.name, changed.concurrency, changed.paused) == ("a", 2, True)
+    assert changed.defaults == {"retries": 3} and store.get_queue("a") == changed
+    assert [q.name for q in store.list_queues()] == ["a", "b", "c", "default"]
+    b = store.get_queue("b")
+    assert b is not None and (b.concurrency, b.paused, b.defaults) == (None, False, {})
+    assert store.get_queue("nowhere") is None
+
+
+def _schedule(name: str | None, kind: str = "cron", next_due: int | None = 60_000) -> NewSchedule:
+    return NewSchedule(name, kind, "* * * * *", None, "allow", "latest", '{"command": ["true"]}', next_due)  # fmt: skip
+
+
+def test_schedules_are_added_found_changed_and_deleted(store: Store) -> None:
+    with store.transaction():
+        first = store.add_schedule(_schedule("nightly"), 1000)
+        unnamed = store.add_schedule(_schedule(None, "trigger", None), 1000)
+    assert (first.name, first.created_at, first.paused) == ("nightly", 1000, False)
+    assert unnamed.name == f"trigger-{unnamed.id}"
+    with pytest.raises(Conflict, match="nightly"), store.transaction():
+        store.add_schedule(_schedule("nightly"), 2000)
+    assert store.get_schedule("nightly") == first == store.get_schedule_by_id(first.id)
+    assert store.list_schedules() == [first, unnamed] and store.list_schedules("trigger") == [
+        unnamed
+    ]
+    assert store.schedule_names({first.id, unnamed.id}) == {
+        first.id: "nightly",
+        unnamed.id: unnamed.name,
+    }
+    assert store.due_schedules(59_999) == [] and store.due_schedules(60_000) == [first]
+    assert store.next_schedule_due() == 60_000
+    with store.transaction():
+        store.update_schedule(first.id, paused=1, next_due=120_000)
+    assert store.due_schedules(200_000) == [] and store.next_schedule_due() is None
+    with store.transaction():
+        store.record_fire(first.id, 60_000, 60_010, None, "fired")
+        store.delete_schedule(first.id)
+    assert store.get_schedule("nightly") is None and store.fires_of(first.id, 10) == []
+
+
+def test_a_due_time_fires_once(store: Store, backend: Backend) -> None:
+    """The (schedule, due time) key refuses a second fire, and the writes of its
+    transaction (the task it would have made) go with it."""
+    with store.transaction():
+        schedule = store.add_schedule(_schedule("every"), 1000)
+    (task_id,) = _submit(store, schedule_id=schedule.id, due_at=60_000)
+    with store.transaction():
+        assert not store.fire_exists(schedule.id, 60_000)
+        store.record_fire(schedule.id, 60_000, 60_010, task_id, "fired")
+    assert store.fire_exists(schedule.id, 60_000)
+    with pytest.raises(backend.constraint_error), store.transaction():
+        (again,) = Lifecycle(store).submit([NewTask(command=["true"], cwd="/")], 60_020)
+        store.record_fire(schedule.id, 60_000, 60_020, again, "fired")
+    assert [t.id for t in store.list_tasks(TaskFilter())] == [task_id]
+    (fire,) = store.fires_of(schedule.id, 10)
+    assert (fire.due_at, fire.task_id, fire.outcome, fire.task_state) == (
+        60_000, task_id, "fired", "queued",
+    )  # fmt: skip
+    assert store.latest_task_of(schedule.id) == (task_id, "queued")
+
+
+def test_removed_tasks_take_their_attempts_and_dependencies_with_them(store: Store) -> None:
+    (done,) = _submit(store)
+    with store.transaction():
+        Lifecycle(store).claim({"default": 1}, 1, now=1500)
+        store.move(done, TaskState.RUNNING, TaskState.SUCCEEDED, 2000, fence=1, finished_at=2000)
+    (after,) = _submit(store, after=[done])
+    assert store.prunable(cutoff=2001, keep=10, limit=10) == [(done, "default", "succeeded", 1)]
+    with store.transaction():
+        store.remove_tasks([done])
+    assert store.get_task(done) is None and store.attempts_of([done]) == {done: []}
+    assert store.deps_of([after]) == {after: ([], [])}
+
+
+# -- moved from test_store.py: the first tests of the contract -----------------------------------
+
+
+def test_move_is_conditional_on_the_current_state(store: Store) -> None:
+    (task_id,) = _submit(store)
+    with store.transaction():
+        assert store.move(task_id, TaskState.QUEUED, TaskState.CANCELLED, 2000, reason="cancelled")
+        assert not store.move(task_id, TaskState.QUEUED, TaskState.RUNNING, 2000)
+    assert store.get_task(task_id).state is TaskState.CANCELLED  # type: ignore[union-attr]
+
+
+def test_submit_ids_are_in_order_and_never_reused(store: Store) -> None:
+    first = _submit(store, 3)
+    assert first == [1, 2, 3]
+    with store.transaction():
+        store.remove_tasks([3])
+    assert _submit(store, 2) == [4, 5]
+
+
+def test_claim_takes_highest_priority_first_then_fifo(store: Store) -> None:
+    low = _submit(store, 2, priority=1)
+    high = _submit(store, 1, priority=5)
+    with store.transaction():
+        claim = Lifecycle(store).claim({"default": 10}, 2, now=3000)
+    assert [t.id for t in claim.tasks] == [high[0], low[0]]
+    assert all(t.state is TaskState.RUNNING and t.attempts == 1 for t in claim.tasks)
+    assert claim.exhausted == set()
+    with store.transaction():
+        rest = Lifecycle(store).claim({"default": 10}, 10, now=3000)
+    assert [t.id for t in rest.tasks] == [low[1]] and rest.exhausted == {"default"}
+
+
+def test_claim_respects_per_queue_slots(store: Store) -> None:
+    a = _submit(store, 3, queue="a")
+    b = _submit(store, 3, queue="b")
+    with store.transaction():
+        claim = Lifecycle(store).claim({"a": 1, "b": 2}, 10, now=3000)
+    assert sorted(t.id for t in claim.tasks) == sorted([a[0], *b[:2]])
+
+
+def test_a_late_report_cannot_move_a_newer_attempt(store: Store) -> None:
+    (task_id,) = _submit(store)
+    with store.transaction():
+        Lifecycle(store).claim({"default": 1}, 1, now=2000)
+        store.end_attempt(AttemptEnd(task_id, 1, Outcome.EXITED, 2100, exit_code=1))
+        assert store.move(task_id, TaskState.RUNNING, TaskState.QUEUED, 2100, fence=1)
+        Lifecycle(store).claim({"default": 1}, 1, now=2200)
+        # a duplicate report about attempt 1 arrives: the fence refuses it
+        assert not store.move(task_id, TaskState.RUNNING, TaskState.FAILED, 2300, fence=1)
+    task = store.get_task(task_id)
+    assert task is not None and task.state is TaskState.RUNNING and task.attempts == 2
+
+
+def test_events_are_published_after_commit_and_dropped_on_rollback(store: Store) -> None:
+    seen: list[list] = []
+    store.on_commit(seen.append)
+    (task_id,) = _submit(store)
+    assert [(e.task_id, e.from_state, e.to_state) for e in seen[0]] == [
+        (task_id, None, TaskState.QUEUED)
+    ]
+    with pytest.raises(ZeroDivisionError), store.transaction():
+        store.move(task_id, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+        1 / 0  # noqa: B018
+    assert len(seen) == 1
+    assert store.get_task(task_id).state is TaskState.QUEUED  # type: ignore[union-attr]
+    assert [e.to_state for e in store.events_after(0, 10)] == [TaskState.QUEUED]
+
+
+def test_writes_outside_a_transaction_are_refused(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="transaction"):
+        Lifecycle(store).submit([NewTask(command=["true"], cwd="/")], now=1)
+
+
+def test_a_queue_that_loses_the_global_slot_is_not_exhausted(store: Store) -> None:
+    (older,) = _submit(store, 1, queue="a")
+    (newer,) = _submit(store, 1, queue="b")
+    with store.transaction():
+        claim = Lifecycle(store).claim({"a": 1, "b": 1}, 1, now=3000)
+    assert [t.id for t in claim.tasks] == [older]
+    assert claim.exhausted == {"a"}  # b still has its task queued
+    assert store.get_task(newer).state is TaskState.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_held_start_is_claimed_only_for_the_queueing_it_was_held_from(
+    store: Store,
+) -> None:
+    """A supervisor's report of a held attempt claims the task when it is queued at the
+    attempt before and was queued before that start; an old run (a journal's record from
+    before the task was queued again) or a repeated report claims nothing."""
+    held, retried = _submit(store, 2)  # queued at 1000
+    with store.transaction():
+        assert (
+            Lifecycle(store).claim_attempt(held, 2, now=1500, started_at=1400) is None
+        )  # not attempt 1
+        claimed = Lifecycle(store).claim_attempt(held, 1, now=1500, started_at=1400)
+        assert (
+            Lifecycle(store).claim_attempt(held, 1, now=1600, started_at=1400) is None
+        )  # already ran
+        assert store.move(retried, TaskState.QUEUED, TaskState.CANCELLED, 2000)
+        assert store.move(retried, TaskState.CANCELLED, TaskState.QUEUED, 3000)  # retried
+        assert (
+            Lifecycle(store).claim_attempt(retried, 1, now=3100, started_at=2500) is None
+        )  # old run
+        fresh = Lifecycle(store).claim_attempt(retried, 1, now=3100, started_at=3050)
+        # an end is written once: a repeated report is not news
+        assert store.end_attempt(AttemptEnd(held, 1, Outcome.EXITED, 1700, exit_code=0))
+        assert not store.end_attempt(AttemptEnd(held, 1, Outcome.EXITED, 1800, exit_code=0))
+    assert claimed is not None and claimed.state is TaskState.RUNNING and claimed.attempts == 1
+    assert fresh is not None and fresh.attempts == 1
+
+
+def test_a_held_start_claims_the_row_it_was_held_with(store: Store) -> None:
+    """The dispatcher passes the row it held (unchanged since: any change takes the hold back);
+    it is claimed as given, behind the same fences, without being read again."""
+    (task_id,) = _submit(store, 1)  # queued at 1000
+    with store.transaction():
+        (row,) = store.peek_ready("default", 1, held=())
+        assert (
+            Lifecycle(store).claim_attempt(task_id, 1, now=1500, started_at=999, known=row) is None
+        )
+        claimed = Lifecycle(store).claim_attempt(task_id, 1, now=1500, started_at=1400, known=row)
+    assert claimed is row and row.state is TaskState.RUNNING and (row.attempts, row.tries) == (1, 1)
+    stored = store.get_task(task_id)
+    assert stored is not None and stored.state is TaskState.RUNNING and stored.attempts == 1
+
+
+def test_claim_passes_over_held_tasks(store: Store) -> None:
+    first, second, third = _submit(store, 3)
+    with store.transaction():
+        ahead = store.peek_ready("default", 1, held=())
+        claim = Lifecycle(store).claim({"default": 10}, 10, now=3000, held={first})
+    assert [t.id for t in ahead] == [first] and ahead[0].state is TaskState.QUEUED
+    assert [t.id for t in claim.tasks] == [second, third] and claim.exhausted == {"default"}
+    with store.transaction():  # the held one is still queued: claimable once taken back
+        assert [t.id for t in store.peek_ready("default", 5, held=())] == [first]
+
+
+def test_a_staged_key_taken_meanwhile_gives_that_task_back_or_conflicts(
+    store: Store,
+) -> None:
+    staged = [NewTask(command=["true"], cwd="/", key="k", key_fingerprint="f") for _ in range(1)]
+    staged += [NewTask(command=["true"], cwd="/") for _ in range(3)]
+    staging = _stage(store, staged)
+    (meanwhile,) = _submit(store, key="k", key_fingerprint="f")
+    with store.transaction():
+        published = Lifecycle(store).publish_staged(staging, 2000, 0)
+    store.drop_staging(staging)
+    assert published.taken == {1: meanwhile}
+    assert store.get_task(published.base + 1) is None  # not inserted: the key's task stands
+    assert len(store.get_tasks([published.base + s for s in (2, 3, 4)])) == 3
+    staging = _stage(store, [NewTask(command=["true"], cwd="/", key="k", key_fingerprint="g")] * 2)
+    before = store.last_task_id()
+    with pytest.raises(Conflict, match=f"task {meanwhile}"), store.transaction():
+        Lifecycle(store).publish_staged(staging, 3000, 0)
+    store.drop_staging(staging)
+    assert store.last_task_id() == before
+
+
+def test_a_staged_dependency_removed_meanwhile_publishes_nothing(store: Store) -> None:
+    (dep,) = _submit(store)
+    staging = _stage(store, [NewTask(command=["true"], cwd="/", after=[dep])] * 4)
+    with store.transaction():
+        store.remove_tasks([dep])
+    with pytest.raises(InvalidRequest, match=str(dep)), store.transaction():
+        Lifecycle(store).publish_staged(staging, 2000, 0)
+    store.drop_staging(staging)
+    assert store.list_tasks(TaskFilter()) == []
+
+
+# -- the lifecycle on the store ------------------------------------------------------------------
+
+
+@pytest.fixture
+def lifecycle(store: Store) -> Lifecycle:
+    return Lifecycle(store, jitter=lambda: 0.0)
+
+
+def _run(lifecycle: Lifecycle, task_id: int, now: int) -> None:
+    """Claim `task_id`, the only queued task."""
+    with lifecycle.store.transaction():
+        (task,) = lifecycle.claim({"default": 1}, 1, now).tasks
+    assert task.id == task_id
+
+
+def _end(lifecycle: Lifecycle, task_id: int, now: int, exit_code: int = 0, **kw: object) -> bool:
+    """The running attempt of `task_id` exited with `exit_code`."""
+    store = lifecycle.store
+    task = store.get_task(task_id)
+    assert task is not None
+    end = AttemptEnd(task_id, task.attempts, Outcome.EXITED, now, exit_code=exit_code)
+    with store.transaction():
+        store.end_attempt(end)
+        return lifecycle.finish(task, end, now, counts=bool(kw.get("counts", True)))
+
+
+def test_a_new_task_starts_waiting_scheduled_or_queued(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    (dep,) = _submit(store)
+    tasks = [
+        NewTask(command=["true"], cwd="/"),
+        NewTask(command=["true"], cwd="/", run_at=999),
+        NewTask(command=["true"], cwd="/", run_at=1001),
+        NewTask(command=["true"], cwd="/", run_at=1001, after=[dep]),
+        NewTask(command=["true"], cwd="/", after_any=[dep]),
+    ]
+    with store.transaction():
+        ids = lifecycle.submit(tasks, 1000)
+    expected = [TaskState.QUEUED, TaskState.QUEUED, TaskState.SCHEDULED] + [TaskState.WAITING] * 2
+    assert [_state(store, i) for i in ids] == expected
+    assert [initial_state(t, 1000) for t in tasks] == expected
+    assert [t.run_at for t in store.get_tasks(ids)] == [1000, 999, 1001, 1001, 1000]
+    assert store.any_dependencies()
+
+
+def test_a_staged_batch_starts_each_task_as_submit_would(lifecycle: Lifecycle) -> None:
+    """The store applies `INITIAL` to a whole batch in one statement: the same states as the
+    lifecycle's own rule, then its waiting tasks are settled the same way."""
+    store = lifecycle.store
+    (pending,) = _submit(store)
+    (done,) = _submit(store)
+    with store.transaction():
+        store.move(done, TaskState.QUEUED, TaskState.CANCELLED, 1500, finished_at=1500)
+    tasks = [
+        NewTask(command=["true"], cwd="/"),
+        NewTask(command=["true"], cwd="/", run_at=9000),
+        NewTask(command=["true"], cwd="/", after=[pending]),
+        NewTask(command=["true"], cwd="/", after_any=[done]),
+        NewTask(command=["true"], cwd="/", after=[done]),
+    ]
+    staging = _stage(store, tasks)
+    with store.transaction():
+        batch = lifecycle.publish_staged(staging, 2000, 0)
+        created = [e.to_state for e in store.events_after(0, 100) if e.task_id > batch.base]
+    store.drop_staging(staging)
+    ids = [batch.base + seq for seq in range(1, 6)]
+    assert created[:5] == [initial_state(t, 2000) for t in tasks]
+    assert [d.id for d in batch.dependent] == ids[2:]
+    assert [_state(store, i) for i in ids] == [
+        TaskState.QUEUED, TaskState.SCHEDULED, TaskState.WAITING, TaskState.QUEUED, TaskState.FAILED,
+    ]  # fmt: skip
+    dependent = _stage(store, tasks)
+    assert not store.can_publish_apart(dependent)
+    with pytest.raises(RuntimeError, match="dependencies"):
+        lifecycle.publish_apart(dependent, 3000, 0)
+    store.drop_staging(dependent)
+    apart = _stage(store, tasks[:2])
+    assert store.can_publish_apart(apart)
+    published, span = lifecycle.publish_apart(apart, 3000, 0)
+    store.drop_staging(apart)
+    assert span.created == {("default", TaskState.QUEUED): 1, ("default", TaskState.SCHEDULED): 1}
+    assert [_state(store, published.base + s) for s in (1, 2)] == [INITIAL.ready, INITIAL.delayed]
+
+
+def test_dependencies_settle_as_the_tasks_they_wait_on_end(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    first, second = _submit(store, 2)
+    (both,) = _submit(store, after=[first, second])
+    (any_end,) = _submit(store, after_any=[first])
+    (delayed,) = _submit(store, after=[first], run_at=50_000)
+    assert {_state(store, i) for i in (both, any_end, delayed)} == {TaskState.WAITING}
+    with store.transaction():
+        (claimed,) = lifecycle.claim({"default": 1}, 1, 2000).tasks
+    assert claimed.id == first
+    assert _end(lifecycle, first, 3000, exit_code=1)  # failed: no retries left
+    assert _state(store, any_end) is TaskState.QUEUED  # any end will do
+    assert _state(store, both) is TaskState.FAILED and _state(store, delayed) is TaskState.FAILED
+    task = store.get_task(both)
+    assert task is not None and (task.reason, task.finished_at) == ("dependency_failed", 3000)
+    (late,) = _submit(store, after_any=[second], run_at=50_000)
+    with store.transaction():
+        assert lifecycle.cancel(store.get_task(second), 4000)  # type: ignore[arg-type]
+    assert _state(store, late) is TaskState.SCHEDULED  # its dependency ended, its time has not
+
+
+def test_a_task_waits_until_every_dependency_succeeded(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    first, second = _submit(store, 2)
+    (both,) = _submit(store, after=[first, second])
+    for task_id, now in ((first, 2000), (second, 4000)):
+        with store.transaction():
+            (claimed,) = lifecycle.claim({"default": 1}, 1, now).tasks
+        assert claimed.id == task_id and _end(lifecycle, task_id, now + 500)
+        if task_id == first:
+            assert _state(store, both) is TaskState.WAITING
+    task = store.get_task(both)
+    assert task is not None and (task.state, task.run_at) == (TaskState.QUEUED, 4500)
+
+
+def test_a_dependency_that_ended_already_settles_its_task_at_submit(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    (cancelled,) = _submit(store)
+    with store.transaction():
+        assert lifecycle.cancel(store.get_task(cancelled), 1500)  # type: ignore[arg-type]
+    (needs,) = _submit(store, after=[cancelled])
+    (any_end,) = _submit(store, after_any=[cancelled])
+    (later,) = _submit(store, after_any=[cancelled], run_at=9000)
+    assert [_state(store, i) for i in (needs, any_end, later)] == [
+        TaskState.FAILED, TaskState.QUEUED, TaskState.SCHEDULED,
+    ]  # fmt: skip
+    assert [e.to_state for e in store.events_after(0, 100) if e.task_id == needs] == [
+        TaskState.WAITING, TaskState.FAILED,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("length", [2, 1500])
+def test_a_failure_cascades_down_a_chain_of_any_length(lifecycle: Lifecycle, length: int) -> None:
+    """Longer than Python's recursion limit: the cascade is worked through as a queue."""
+    store = lifecycle.store
+    with store.transaction():
+        chain = lifecycle.submit([NewTask(command=["true"], cwd="/")], 1000)
+        for _ in range(length - 1):
+            chain += lifecycle.submit([NewTask(command=["true"], cwd="/", after=[chain[-1]])], 1000)
+    (side,) = _submit(store, after_any=[chain[-1]])
+    with store.transaction():
+        assert lifecycle.cancel(store.get_task(chain[0]), 2000)  # type: ignore[arg-type]
+    rows = store.get_tasks(chain[1:])
+    assert {(t.state, t.reason, t.finished_at) for t in rows} == {
+        (TaskState.FAILED, "dependency_failed", 2000)
+    }
+    assert _state(store, side) is TaskState.QUEUED  # the end of the chain ended: any end will do
+
+
+def test_a_success_releases_only_the_next_link_of_a_chain(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    with store.transaction():
+        chain = lifecycle.submit([NewTask(command=["true"], cwd="/")], 1000)
+        for _ in range(3):
+            chain += lifecycle.submit([NewTask(command=["true"], cwd="/", after=[chain[-1]])], 1000)
+    _run(lifecycle, chain[0], 2000)
+    assert _end(lifecycle, chain[0], 2500)
+    assert [_state(store, i) for i in chain] == [
+        TaskState.SUCCEEDED, TaskState.QUEUED, TaskState.WAITING, TaskState.WAITING,
+    ]  # fmt: skip
+
+
+def test_no_dependency_ever_means_none_is_looked_for(store: Store) -> None:
+    assert not store.any_dependencies()
+    _submit(store, 3)
+    assert not store.any_dependencies()
+    (first,) = _submit(store)
+    _submit(store, after=[first])
+    assert store.any_dependencies()
+
+
+def test_due_tasks_are_promoted_a_batch_at_a_time(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    (soon,) = _submit(store, run_at=5000)
+    many = _submit(store, PROMOTE_AT_MOST + 2, run_at=6000)
+    with store.transaction():
+        assert lifecycle.promote_due(4999) == 0
+        assert lifecycle.promote_due(5000) == 1
+    assert _state(store, soon) is TaskState.QUEUED
+    with store.transaction():
+        assert lifecycle.promote_due(6000) == PROMOTE_AT_MOST
+        assert lifecycle.promote_due(6000) == 2
+        assert lifecycle.promote_due(6000) == 0
+    assert {_state(store, i) for i in many} == {TaskState.QUEUED}
+    assert store.next_due() is None
+
+
+def test_claims_take_every_queue_in_priority_then_fifo_order(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    (a,) = _submit(store, queue="a", priority=1)
+    (b,) = _submit(store, queue="b", priority=5)
+    (c,) = _submit(store, queue="c", priority=1, run_at=900)  # queued earlier than a
+    (d,) = _submit(store, queue="a", priority=1)
+    slots = {"a": 5, "b": 5, "c": 5}
+    with store.transaction():
+        first = lifecycle.claim(slots, 2, now=3000)
+        second = lifecycle.claim(slots, 5, now=3000)
+    assert [t.id for t in first.tasks] == [b, c] and first.exhausted == {"b", "c"}
+    assert [t.id for t in second.tasks] == [a, d] and second.exhausted == {"a", "b", "c"}
+    attempts = store.attempts_of([a, b])
+    assert [(r.number, r.started_at) for r in attempts[a] + attempts[b]] == [(1, 3000)] * 2
+
+
+def test_a_stray_start_is_recorded_on_a_cancelled_task_only(lifecycle: Lifecycle) -> None:
+    store = lifecycle.store
+    (task_id,) = _submit(store)
+    with store.transaction():
+        assert not lifecycle.record_stray_start(task_id, 1, pid=4242, started_at=1500)
+        assert lifecycle.cancel(store.get_task(task_id), 1600)  # type: ignore[arg-type]
+        assert lifecycle.record_stray_start(task_id, 1, pid=4242, started_at=1500)
+        assert not lifecycle.record_stray_start(task_id, 1, pid=4242, started_at=1500)
+    task = store.get_task(task_id)
+    assert task is not None and (task.state, task.attempts) == (TaskState.CANCELLED, 1)
+    assert [(a.number, a.pid, a.outcome) for a in store.attempts_of([task_id])[task_id]] == [
+        (1, 4242, None)
+    ]
+    assert store.stray_attempts() == [(task_id, 1, "default")]
+
+
+def test_an_attempt_end_follows_the_retry_policy_and_ignores_stale_reports(
+    lifecycle: Lifecycle,
+) -> None:
+    store = lifecycle.store
+    (task_id,) = _submit(store, retries=1, retry_delay=2.0)
+    _run(lifecycle, task_id, 2000)
+    assert _end(lifecycle, task_id, 3000, exit_code=1)
+    task = store.get_task(task_id)
+    assert task is not None and (task.state, task.run_at, task.tries) == (
+        TaskState.SCHEDULED, 5000, 1,
+    )  # fmt: skip
+    with store.transaction():
+        assert not lifecycle.finish(
+            task, AttemptEnd(task_id, 1, Outcome.EXITED, 3100), 3100, counts=True
+        )
+        assert lifecycle.promote_due(5000) == 1
+    _run(lifecycle, task_id, 5000)
+    assert _end(lifecycle, task_id, 5500, exit_code=0, counts=False)  # interrupted: again
+    task = store.get_task(task_id)
+    assert task is not None and (task.state, task.tries, task.attempts) == (TaskState.QUEUED, 1, 2)
+    with store.transaction():
+        assert lifecycle.cancel(task, 6000)
+        assert lifecycle.retry(store.get_task(task_id), 7000)  # type: ignore[arg-type]
+    task = store.get_task(task_id)
+    assert task is not None and (task.state, task.tries, task.finished_at) == (
+        TaskState.QUEUED, 0, None,
+    )  # fmt: skip
