@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from taskctl.api import TaskState
@@ -132,7 +132,7 @@ class HoldAhead:
 
     # -- taking back ----------------------------------------------------------------------------
 
-    def note_events(self, events: Iterable[EventRow]) -> None:
+    def note_events(self, events: Sequence[EventRow]) -> None:
         """After a commit: a held task that left `queued` other than by starting (cancelled)
         is taken back; so is every held task when another queue has queued work (slots go by
         priority again)."""

@@ -23,8 +23,10 @@ from taskctld.store import TaskRow
 
 
 class Slots:
+    """One dispatcher's slot accounting (see the module's docstring)."""
+
     def __init__(self) -> None:
-        self.running: dict[str, int] = {}  # queue -> slots taken
+        self._running: dict[str, int] = {}  # queue -> slots taken
         self._claimed: dict[Key, TaskRow] = {}  # running attempts, as claimed
         self._inherited: dict[Key, str] = {}  # started in a passed-on slot (queue), unclaimed
         self._refused: dict[Key, str] = {}  # started once taken back: keeps its slot to its end
@@ -42,35 +44,33 @@ class Slots:
     def count(self, running: dict[str, int], strays: list[tuple[int, int, str]]) -> None:
         """The store's view: running tasks by queue, and stray attempts still being stopped
         (task id, attempt, queue), counted as refused starts so that their ends free them."""
-        self.running = running
+        self._running = running
         for task_id, attempt, queue in strays:
             self.count_stray((task_id, attempt), queue)
 
     def taken(self) -> int:
-        return sum(self.running.values())
+        return sum(self._running.values())
 
     def taken_in(self, queue: str) -> int:
-        return self.running.get(queue, 0)
+        return self._running.get(queue, 0)
 
     def free(self, concurrency: int) -> int:
         """How many slots are free under the global `concurrency` (negative: over it)."""
-        return concurrency - sum(self.running.values())
+        return concurrency - sum(self._running.values())
 
     def open_in(self, queues: set[str], free: int, limits: dict[str, int]) -> dict[str, int]:
         """How many of the `free` slots each of `queues` may take, within its own limit."""
-        running = self.running
-        return {
-            queue: free
-            if (limit := limits.get(queue)) is None
-            else min(free, limit - running.get(queue, 0))
-            for queue in queues
-        }
+        slots = {}
+        for queue in queues:
+            limit = limits.get(queue)
+            slots[queue] = free if limit is None else min(free, limit - self._running.get(queue, 0))
+        return slots
 
     # -- claimed attempts -----------------------------------------------------------------------
 
     def claimed(self, task: TaskRow) -> None:
         """A claim of ours: the task runs as its attempt `task.attempts`."""
-        self.running[task.queue] = self.running.get(task.queue, 0) + 1
+        self._running[task.queue] = self._running.get(task.queue, 0) + 1
         self._claimed[(task.id, task.attempts)] = task
 
     def is_claimed(self, key: Key) -> bool:
@@ -100,13 +100,13 @@ class Slots:
             if inherited is not None:  # it is being stopped: its slot is taken until it ends
                 self._refused[key] = inherited
         elif inherited is None:
-            self.running[queue] = self.running.get(queue, 0) + 1
+            self._running[queue] = self._running.get(queue, 0) + 1
 
     def count_stray(self, key: Key, queue: str) -> None:
         """A stray attempt (its start crossed its task's cancel) takes a slot until it ends;
         counted as a refused start, whose end frees it."""
         self._refused[key] = queue
-        self.running[queue] = self.running.get(queue, 0) + 1
+        self._running[queue] = self._running.get(queue, 0) + 1
 
     def is_refused(self, key: Key) -> bool:
         return key in self._refused
@@ -118,7 +118,7 @@ class Slots:
     def pass_or_free(self, queue: str, following: Key | None) -> None:
         """An attempt of `queue` ended: its slot is free, or passed on to `following`."""
         if following is None:
-            self.running[queue] = max(0, self.running.get(queue, 0) - 1)
+            self._running[queue] = max(0, self._running.get(queue, 0) - 1)
         else:
             self._inherited[following] = queue  # the count stays
 
@@ -126,7 +126,7 @@ class Slots:
         """A held attempt came back unstarted: a slot passed on to it is free."""
         queue = self._inherited.pop(key, None)
         if queue is not None:
-            self.running[queue] = max(0, self.running.get(queue, 0) - 1)
+            self._running[queue] = max(0, self._running.get(queue, 0) - 1)
 
     # -- how long attempts take -----------------------------------------------------------------
 
