@@ -90,9 +90,10 @@ class HoldAhead:
     # -- choosing, in the turn's transaction; handing over, after its commit --------------------
 
     def pick(self, queue: str, allowed: int) -> list[Held]:
-        """Hold the next queued tasks of `queue` (the only queue with work, within its limits,
-        `allowed` slots), each after the last attempt in line for one of its running slots;
-        only while its tasks are short and it runs within its limits."""
+        """Hold the next queued tasks of `queue`, the only queue with work, which may take
+        `allowed` slots: each after the last attempt in line for one of its running slots (at
+        most HOLD_AHEAD per slot); only while its tasks are short (HOLD_BELOW) and it runs
+        within `allowed`."""
         if (
             self.slots.takes(queue, HOLD_BELOW) >= HOLD_BELOW
             or self.slots.taken_in(queue) > allowed
