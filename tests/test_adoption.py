@@ -11,7 +11,7 @@ import pytest
 
 from taskctl.units import now_ms
 from taskctld.procfs import ProcessId, read_boot_id
-from taskctld.runner import _kill_orphan
+from taskctld.runner.journals import kill_orphan
 
 from conftest import Home, need, need_root, wait_until
 
@@ -103,12 +103,12 @@ def test_a_reused_pid_is_never_taken_for_an_orphaned_task() -> None:
         ident = ProcessId.of(other.pid)
         assert ident is not None
         started = {"pid": other.pid, "boot_id": read_boot_id(), "started_at": now_ms()}
-        _kill_orphan(started, {"start": ident.start + 1})  # the pid was taken since
-        _kill_orphan({**started, "boot_id": "an-earlier-boot"}, {"start": ident.start})
-        _kill_orphan({**started, "started_at": now_ms() - 60_000}, None)  # no ticks journaled
+        kill_orphan(started, {"start": ident.start + 1})  # the pid was taken since
+        kill_orphan({**started, "boot_id": "an-earlier-boot"}, {"start": ident.start})
+        kill_orphan({**started, "started_at": now_ms() - 60_000}, None)  # no ticks journaled
         with pytest.raises(subprocess.TimeoutExpired):
             other.wait(timeout=0.5)  # none of those was it
-        _kill_orphan(started, None)  # it is: started when the journal says
+        kill_orphan(started, None)  # it is: started when the journal says
         assert other.wait(timeout=5) == -signal.SIGKILL
     finally:
         other.kill()

@@ -183,12 +183,12 @@ def test_an_end_the_journal_cannot_take_keeps_the_supervisor_until_acknowledged(
         supervisor.ever_attached = True  # its daemon has gone: idle, it would exit now
         assert supervisor._finished()
         spec = AttemptSpec(1, 1, ["true"], "/", {}, "/dev/null", "/dev/null")
-        supervisor._record_final(spec, Final(1, 1, "exited", exit_code=7, ended_at=1))
+        supervisor.attempts.record_final(spec, Final(1, 1, "exited", exit_code=7, ended_at=1))
         assert not supervisor._finished()
-        supervisor._rejournal()  # still full: it stays
+        supervisor.attempts.upkeep.rejournal()  # still full: it stays
         assert not supervisor._finished()
         journal.path = tmp_path / "journal"
         journal.fd = os.open(journal.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        supervisor._rejournal()
+        supervisor.attempts.upkeep.rejournal()
         assert supervisor._finished()
         assert read_journal(journal.path)[(1, 1)]["final"]["exit_code"] == 7

@@ -149,20 +149,6 @@ def test_claim_reads_only_queued_rows(store: SqliteStore) -> None:
     assert any("tasks_ready" in plan for plan in plans)  # the ready list's own index
 
 
-def test_the_due_timer_looks_at_the_wall_clock_at_least_once_a_minute(store: SqliteStore) -> None:
-    """Timers run on the monotonic clock, which stops while the machine is suspended: a task
-    due in an hour must not wait an hour of monotonic time, whatever the hour spent asleep."""
-    _submit(store, run_at=1000 + 3_600_000)
-
-    async def armed_delay() -> float:
-        dispatcher = Dispatcher(
-            store, cast(Launcher, None), Limits(concurrency=1), clock=lambda: 1000
-        )
-        dispatcher._arm_due_timer()
-        assert dispatcher._due_timer is not None
-        return dispatcher._due_timer.when() - asyncio.get_running_loop().time()
-
-    assert 0 < asyncio.run(armed_delay()) <= 60
 
 
 def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) -> None:
@@ -182,150 +168,12 @@ def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) 
     assert seen == [StorageFull]
 
 
-def test_a_held_task_that_starts_as_it_is_cancelled_is_stopped_and_on_the_record(
-    store: SqliteStore,
-) -> None:
-    """The cancel commits while its supervisor is already starting the held task (the two
-    cross on the wire): the task stays cancelled, the start is stopped, and the attempt it
-    ran is recorded with how it ended. The cancel hears that it had started."""
-    running, held = _submit(store, 2)
-    runner = ScriptedRunner()
-    ends: list[AttemptEnd] = []
-
-    async def scenario() -> bool:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
-        dispatcher.on_attempt_end.append(ends.append)
-        dispatcher._took["default"] = 5.0  # its tasks have been short: hold ahead
-        dispatcher.load()
-        dispatcher.cycle()
-        assert runner.asked == [("start", running), ("hold", held, (running, 1))]
-        answer = dispatcher.hold_settled(held)
-        assert answer is not None
-        token = dispatcher._held[held].token
-
-        def cancel(now: int) -> bool:
-            return store.move(held, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
-
-        assert dispatcher.cycle(cancel)
-        assert runner.asked[-1] == ("unhold", held, 1)
-        end = AttemptEnd(running, 1, Outcome.EXITED, now_ms(), exit_code=0)
-        dispatcher.report(Ended(end, next=(held, 1)))  # its slot passed on to the held one
-        dispatcher.report(Started(held, 1, pid=4242, started_at=now_ms()))
-        dispatcher.report(Unheld(held, 1, taken=True, token=token - 1))  # an earlier hold's
-        dispatcher.report(Unheld(held, 1, taken=False, token=token))
-
-        def store_fails(now: int) -> None:
-            raise StorageFull("disk full")
-
-        with pytest.raises(StorageFull):  # the turn that applies them rolls back...
-            dispatcher.cycle(store_fails)
-        assert not answer.done()  # ...so the cancel must not go and look yet
-        dispatcher.cycle()
-        assert answer.done() and runner.asked[-1] == ("stop", held, 1, "cancel")
-        dispatcher.report(Ended(AttemptEnd(held, 1, Outcome.CANCELLED, now_ms(), signal=15)))
-        dispatcher.cycle()
-        assert dispatcher.running_count() == 0  # the slot it took is free again
-        return await answer
-
-    assert asyncio.run(scenario()) is False  # it had started
-    task = store.get_task(held)
-    (attempt,) = store.attempts_of([held])[held]
-    assert task is not None and task.state is TaskState.CANCELLED
-    assert (attempt.pid, attempt.outcome, attempt.signal) == (4242, Outcome.CANCELLED, 15)
-    assert [(e.task_id, e.attempt) for e in ends] == [(running, 1), (held, 1)]
 
 
-def test_a_stray_attempt_keeps_its_slot_across_a_restart(store: SqliteStore) -> None:
-    """A start that crossed a cancel is still being stopped when the daemon restarts: the new
-    daemon counts its slot until its end arrives, so the queue never runs one too many."""
-    (stray,) = _submit(store, 1)
-    with store.transaction():
-        now = now_ms()
-        store.move(stray, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
-        Lifecycle(store).record_stray_start(stray, 1, pid=4242, started_at=now)
-    (waiting,) = _submit(store, 1)
-    runner = ScriptedRunner()
-
-    async def scenario() -> None:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
-        dispatcher.load()  # the next daemon
-        dispatcher.cycle()
-        assert runner.asked == [] and dispatcher.running_count() == 1
-        dispatcher.report(Ended(AttemptEnd(stray, 1, Outcome.CANCELLED, now_ms(), signal=15)))
-        dispatcher.cycle()
-        assert runner.asked == [("start", waiting)] and dispatcher.running_count() == 1
-
-    asyncio.run(scenario())
-    (attempt,) = store.attempts_of([stray])[stray]
-    assert (attempt.outcome, attempt.signal) == (Outcome.CANCELLED, 15)
 
 
-def test_a_stray_start_first_heard_of_after_a_restart_keeps_its_slot(store: SqliteStore) -> None:
-    """The same, but the old daemon died before it heard of the start: the new one learns of
-    it from the supervisor it adopts, and counts its slot from then until its end."""
-    (stray,) = _submit(store, 1)
-    with store.transaction():
-        now = now_ms()
-        store.move(stray, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
-    (waiting,) = _submit(store, 1)
-    runner = ScriptedRunner()
-
-    async def scenario() -> None:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
-        dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # from `hello`
-        dispatcher.load()
-        dispatcher.cycle()
-        dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # said again
-        dispatcher.cycle()
-        assert (
-            runner.asked[0] == ("stop", stray, 1, "cancel")
-            and ("start", waiting) not in runner.asked
-        )
-        assert dispatcher.running_count() == 1
-        dispatcher.report(Ended(AttemptEnd(stray, 1, Outcome.CANCELLED, now_ms(), signal=15)))
-        dispatcher.cycle()
-        assert runner.asked[-1] == ("start", waiting) and dispatcher.running_count() == 1
-
-    asyncio.run(scenario())
 
 
-def test_a_held_spawn_that_fails_as_it_is_cancelled_passes_its_slot_on(
-    store: SqliteStore,
-) -> None:
-    """The crossing again, but the held command could not start: no `started`, only its end,
-    and the supervisor started the next one in line in that slot. The slot is counted once."""
-    running, held, later = _submit(store, 3)
-    runner = ScriptedRunner()
-
-    async def scenario() -> None:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
-        dispatcher._took["default"] = 5.0
-        dispatcher.load()
-        dispatcher.cycle()
-        assert [a[:2] for a in runner.asked] == [
-            ("start", running),
-            ("hold", held),
-            ("hold", later),
-        ]
-
-        def cancel(now: int) -> bool:
-            return store.move(held, TaskState.QUEUED, TaskState.CANCELLED, now, finished_at=now)
-
-        assert dispatcher.cycle(cancel)
-        token = dispatcher._taking_back[held]
-        end = AttemptEnd(running, 1, Outcome.EXITED, now_ms(), exit_code=0)
-        dispatcher.report(Ended(end, next=(held, 1)))
-        failed = AttemptEnd(held, 1, Outcome.SPAWN_ERROR, now_ms(), error="no such program")
-        dispatcher.report(Ended(failed, counts=False, next=(later, 1)))
-        dispatcher.report(Started(later, 1, pid=4343, started_at=now_ms()))
-        dispatcher.report(Unheld(held, 1, taken=False, token=token))
-        dispatcher.cycle()
-        assert dispatcher.running_count() == 1  # `later`, in the slot passed on twice
-        assert not dispatcher._taking_back
-
-    asyncio.run(scenario())
-    tasks = {t.id: t.state for t in store.get_tasks([held, later])}
-    assert tasks == {held: TaskState.CANCELLED, later: TaskState.RUNNING}
 
 
 def _stage(store: SqliteStore, tasks: list[NewTask]) -> str:

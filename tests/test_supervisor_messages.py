@@ -13,7 +13,16 @@ import pytest
 
 from taskctl.api import Outcome
 from taskctl.paths import Paths
-from taskctld.runner import Ended, Link, Released, Report, Runner, RunnerSettings, Unheld
+from taskctld.runner import (
+    Ended,
+    Link,
+    Released,
+    Report,
+    Runner,
+    RunnerSettings,
+    Started,
+    Unheld,
+)
 from taskctld.supervisor import SupervisorInfo, encode_frame, read_journal
 from taskctld.supervisor import messages as wire
 
@@ -89,17 +98,17 @@ def test_the_runner_adopts_a_v0_supervisor_from_its_frames(tmp_path: Path) -> No
     async def run() -> tuple[Link, Runner]:
         paths = Paths(tmp_path / "rt", tmp_path / "st", tmp_path / "c.toml")
         runner = Runner(paths, RunnerSettings(), reports.append)
-        runner.current = Link(runner, info)
-        runner.ping_sent = 1.0
-        runner.current.data_received(b"".join(encode_frame(f) for f in frames[:second]))
+        runner.fleet.current = current = Link(runner, info)
+        runner.fleet.watch.sent = 1.0
+        current.data_received(b"".join(encode_frame(f) for f in frames[:second]))
         link = Link(runner, info)
         link.data_received(b"".join(encode_frame(f) for f in frames[second:]))
         runner.recover([], [link.hello.result()])
         return link, runner
 
     link, runner = asyncio.run(run())
-    assert link.protocol == 0 and runner.ping_sent is None  # the pong was heard
-    started = [(r.task_id, r.pid) for r in reports if isinstance(r, wire.Started)]
+    assert link.protocol == 0 and runner.fleet.watch.sent is None  # the pong was heard
+    started = [(r.task_id, r.pid) for r in reports if isinstance(r, Started)]
     assert started[:3] == [(1, 7421), (2, 7422), (3, 7424)]
     assert (1, 7421) in started[3:]  # from the second hello: runs, unknown to an empty store
     assert Released(4, 1, token=104) in reports

@@ -85,10 +85,15 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     store = SqliteStore(paths.database, durability=config.durability)
     hub = EventHub()
     store.on_commit(hub.publish, hub.publish_span)
-    runner = Runner(paths, RunnerSettings(log_cap=config.log_cap), report=lambda r: None)
+    # Each needs the other: the runner reaches the dispatcher through closures (it reports
+    # nothing before `attach`, by when the dispatcher exists).
+    runner = Runner(
+        paths,
+        RunnerSettings(log_cap=config.log_cap),
+        report=lambda report: dispatcher.report(report),
+        on_ready=lambda: dispatcher.wake(),
+    )
     dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
-    runner.report = dispatcher.report
-    runner.on_ready = dispatcher.wake
     install_child_reaper(loop)
     try:
         hellos = await runner.attach()

@@ -20,6 +20,7 @@ The package:
   messages    the closed, versioned set of frames and journal records, encoded in one place
   connection  who may talk to it (SO_PEERCRED, the `auth` secret) and the daemon's outbox
   loop        `Supervisor`: the selector loop and one handler per message
+  running     `Running`: the attempts it runs, from spawn through reaping to the final record
   attempt     one attempt and its explicit phases (RUNNING, STOPPING, EXITED, CLEANING, ENDED)
   holds       specs held to start the moment another attempt ends
   spawn       starting a command (posix_spawn, or fork with a memory limit)
@@ -39,7 +40,7 @@ from taskctld.supervisor.launch import (
     known_supervisors,
     launch_supervisor,
 )
-from taskctld.supervisor.loop import Supervisor, now_ms
+from taskctld.supervisor.loop import Supervisor
 from taskctld.supervisor.messages import (
     HEADER,
     PROTOCOL,
@@ -48,6 +49,7 @@ from taskctld.supervisor.messages import (
     FrameReader,
     encode_frame,
 )
+from taskctld.supervisor.running import now_ms
 from taskctld.supervisor.spawn import spawn_message
 
 __all__ = [

@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     # Outcomes no daemon acknowledged stay in the journal for the next daemon; without them
     # the journal holds nothing anyone needs.
     leftovers = [info.path_in(run_dir), Path(socket_path)]
-    if not supervisor.done:
+    if not supervisor.attempts.done:
         leftovers.append(journal.path)
     for leftover in leftovers:
         with contextlib.suppress(OSError):
