@@ -40,6 +40,7 @@ from taskctld.runner import Ended, Key, Released, Report, Started, Unheld
 from taskctld.store import AttemptEnd, EventRow, EventSpan, Store, TaskRow
 
 if TYPE_CHECKING:
+    from taskctld.reports import Reports
     from taskctld.scheduler import Scheduler
 
 log = logging.getLogger("taskctld.dispatcher")
@@ -104,18 +105,22 @@ class Dispatcher:
         *,
         lifecycle: Lifecycle | None = None,
         clock: Callable[[], int] = now_ms,
+        reports: Reports | None = None,
+        scheduler: Scheduler | None = None,
+        on_attempt_end: Sequence[Callable[[AttemptEnd], None]] = (),
+        accepting: bool = True,
     ) -> None:
         self.store = store
         self.lifecycle = lifecycle or Lifecycle(store)
         self.runner = runner
         self.limits = limits
-        self.scheduler: Scheduler | None = None
-        self.on_attempt_end: list[Callable[[AttemptEnd], None]] = []  # after the commit
+        self.scheduler = scheduler
+        self.on_attempt_end = list(on_attempt_end)  # after the commit
         self.clock = clock
         self.reports: list[Report] = []
         self.running: dict[str, int] = {}
         self.ready_queues: set[str] = set()
-        self.accepting = True
+        self.accepting = accepting
         self.last_cycle_at = 0
         self._wake = asyncio.Event()
         self._due_timer: asyncio.TimerHandle | None = None
@@ -137,6 +142,8 @@ class Dispatcher:
         self._stale = False  # counts could not be reloaded after a rollback
         self._full_since: float | None = None  # when turns began to fail for want of space
         store.on_commit(self.note_events, self.note_span)
+        if reports is not None:
+            reports.listen(self.report, self.wake)
 
     # -- inputs ---------------------------------------------------------------------------------
 

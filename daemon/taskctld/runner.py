@@ -170,11 +170,16 @@ class Link(asyncio.Protocol):
 
 class Runner:
     def __init__(
-        self, paths: Paths, settings: RunnerSettings, report: Callable[[Report], None]
+        self,
+        paths: Paths,
+        settings: RunnerSettings,
+        report: Callable[[Report], None],
+        on_ready: Callable[[], None] = lambda: None,  # a new supervisor takes attempts
     ) -> None:
         self.paths = paths
         self.settings = settings
         self.report = report
+        self.on_ready = on_ready
         self.current: Link | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.owner: dict[Key, Link] = {}  # attempts that have not ended, by supervisor
@@ -184,7 +189,6 @@ class Runner:
         self.closing = False
         self.orphaned: dict[Key, dict[str, Any]] = {}  # journals of supervisors that died
         self.dead_journals: list[Path] = []  # to delete once their outcomes are committed
-        self.on_ready: Callable[[], None] = lambda: None  # a new supervisor takes attempts
         self.problem: str | None = None  # why no supervisor takes attempts, when none does
         self.cgroup_home: Path | None = None  # where attempts' cgroups go (None: no cgroups)
         self.containment = containment.PROCESS_GROUP  # as our supervisor said in its hello
