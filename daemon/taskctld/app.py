@@ -1,9 +1,10 @@
 """The daemon proper: builds the object graph, recovers, serves, and shuts down.
 
-`run` reads like the daemon's table of contents: open the store, adopt what the last daemon left
-running, start the dispatch loop, serve the socket, wait for a stop request or signal, stop.
-The first SIGTERM or SIGINT stops gracefully (running tasks go on and are adopted by the next
-daemon); a second one forces.
+`compose` is the composition root: the one place objects are built and given to each other,
+by constructor. `_serve` reads like the daemon's table of contents: build, adopt what the last
+daemon left running, serve the socket, start the dispatch loop, wait for a stop request or
+signal, stop. The first SIGTERM or SIGINT stops gracefully (running tasks go on and are adopted
+by the next daemon); a second one forces.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def compose(
 
 
 def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
+    """The store, and what drives tasks through it, each after what it needs."""
     store = SqliteStore(paths.database, durability=config.durability)  # migrations run
     hub = EventHub()
     metrics = Metrics(store, paths.database, started, clock)
@@ -152,24 +154,28 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
 def _services(
     core: Core, paths: Paths, config: Config, started: float, shutdown: asyncio.Event, clock: Clock
 ) -> Services:
-    c = core
+    """The use cases over the core, each given the parts it needs."""
     streams = Streams()
-    tasks = TaskService(c.store, c.dispatcher, c.lifecycle, c.runner, c.hub, c.ends)
-    queues = QueueService(c.store, c.dispatcher, c.metrics)
+    tasks = TaskService(
+        core.store, core.dispatcher, core.lifecycle, core.runner, core.hub, core.ends
+    )
+    queues = QueueService(core.store, core.dispatcher, core.metrics)
     health = HealthService(
-        c.store, c.dispatcher, c.runner, c.scheduler, c.triggers, c.metrics, queues, streams,
-        config, paths, started, clock,
+        core.store, core.dispatcher, core.runner, core.scheduler, core.triggers, core.metrics,
+        queues, streams, config, paths, started, clock,
     )  # fmt: skip
     return Services(
         tasks=tasks,
-        submit=SubmitService(c.store, c.dispatcher, c.lifecycle, c.resolver, config, clock),
-        logs=LogService(tasks, c.hub, paths.logs, streams),
-        retention=RetentionService(c.store, c.dispatcher, c.metrics, config, paths, clock),
-        feed=EventFeed(c.store, c.hub, streams),
-        schedules=ScheduleService(c.store, c.dispatcher, c.triggers, c.resolver, clock),
+        submit=SubmitService(
+            core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock
+        ),
+        logs=LogService(tasks, core.hub, paths.logs, streams),
+        retention=RetentionService(core.store, core.dispatcher, core.metrics, config, paths, clock),
+        feed=EventFeed(core.store, core.hub, streams),
+        schedules=ScheduleService(core.store, core.dispatcher, core.triggers, core.resolver, clock),
         queues=queues,
         health=health,
-        daemon=DaemonService(c.dispatcher, c.runner, shutdown),
+        daemon=DaemonService(core.dispatcher, core.runner, shutdown),
     )
 
 

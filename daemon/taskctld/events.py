@@ -1,4 +1,5 @@
-"""Committed events, pushed to whoever listens: `watch` streams and waiters for a final state.
+"""Committed events, pushed to whoever listens: `watch` streams and waiters for a final state
+(`EventHub`), and waiters for the end of one attempt (`AttemptEnds`).
 
 The store calls `publish` after each commit with the events that transaction appended, so a
 listener never sees a change that could still roll back. Streams get a bounded queue each: a

@@ -205,7 +205,7 @@ class PeerCheckedProtocol(HttpToolsProtocol):
     client cannot hold a connection open for ever). A request that has arrived may take as
     long as it needs to be answered (`wait`, streams)."""
 
-    request_timeout = 10.0  # seconds; set from the daemon's config
+    request_timeout = 10.0  # seconds; `peer_checked` makes the class with the configured one
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
