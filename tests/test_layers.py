@@ -115,7 +115,7 @@ def test_services_take_time_from_the_clock_they_are_given(tmp_path: Path) -> Non
             paths, Config(retention=3600), 0.0, asyncio.Event(), clock=lambda: now[0]
         )
         try:
-            (done,) = services.submit.submit([TaskSpec(command=["true"], cwd="/", delay=90)])
+            (done,) = services.submissions.submit([TaskSpec(command=["true"], cwd="/", delay=90)])
             task = services.tasks.task(done.task_id)
             assert (task.state, task.created_at, task.run_at) == (
                 TaskState.SCHEDULED,

@@ -166,7 +166,7 @@ def _services(
     )  # fmt: skip
     return Services(
         tasks=tasks,
-        submit=SubmitService(
+        submissions=SubmitService(
             core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock
         ),
         logs=LogService(tasks, core.hub, paths.logs, streams),

@@ -20,7 +20,7 @@ def routers(services: Services) -> list[APIRouter]:
     s = services
     return [
         HealthRoutes(s.health).router(),
-        TaskRoutes(s.tasks, s.submit, s.logs, s.retention).router(),
+        TaskRoutes(s.tasks, s.submissions, s.logs, s.retention).router(),
         EventRoutes(s.feed).router(),
         ScheduleRoutes(s.schedules).router(),
         QueueRoutes(s.queues).router(),

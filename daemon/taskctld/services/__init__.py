@@ -25,7 +25,7 @@ class Services:
     """Everything the HTTP layer may call."""
 
     tasks: TaskService
-    submit: SubmitService
+    submissions: SubmitService
     logs: LogService
     retention: RetentionService
     feed: EventFeed
