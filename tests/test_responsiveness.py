@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taskctld.server import tail_offset
+from taskctld.services.logs import tail_offset
 
 from conftest import Home, figure, http_get
 

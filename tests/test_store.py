@@ -4,24 +4,17 @@ every backend must do is `test_store_contract.py`."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-from taskctl.api import Outcome, TaskState
+from taskctl.api import TaskState
 from taskctl.errors import StorageFull
-from taskctl.units import now_ms
 from taskctld import states
-from taskctld.dispatcher import Dispatcher, Launcher, Limits
 from taskctld.lifecycle import Lifecycle
-from taskctld.runner import Ended, Started, Unheld
-from taskctld.store import AttemptEnd, NewTask, TaskFilter
+from taskctld.store import NewTask, TaskFilter
 from taskctld.store.sqlite import MIGRATIONS, SqliteStore
-
-from conftest import ScriptedRunner
 
 
 @pytest.fixture
@@ -149,8 +142,6 @@ def test_claim_reads_only_queued_rows(store: SqliteStore) -> None:
     assert any("tasks_ready" in plan for plan in plans)  # the ready list's own index
 
 
-
-
 def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) -> None:
     """A schedule's fire runs in a savepoint and must tell a full disk (retry the whole turn)
     from a bad fire (record it and go on): the savepoint converts the error itself."""
@@ -166,14 +157,6 @@ def test_a_full_database_inside_a_savepoint_is_storage_full(store: SqliteStore) 
             seen.append(type(e))
             raise
     assert seen == [StorageFull]
-
-
-
-
-
-
-
-
 
 
 def _stage(store: SqliteStore, tasks: list[NewTask]) -> str:

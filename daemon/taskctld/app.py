@@ -1,9 +1,10 @@
 """The daemon proper: builds the object graph, recovers, serves, and shuts down.
 
-`run` reads like the daemon's table of contents: open the store, adopt what the last daemon left
-running, start the dispatch loop, serve the socket, wait for a stop request or signal, stop.
-The first SIGTERM or SIGINT stops gracefully (running tasks go on and are adopted by the next
-daemon); a second one forces.
+`compose` is the composition root: the one place objects are built and given to each other,
+by constructor. `_serve` reads like the daemon's table of contents: build, adopt what the last
+daemon left running, serve the socket, start the dispatch loop, wait for a stop request or
+signal, stop. The first SIGTERM or SIGINT stops gracefully (running tasks go on and are adopted
+by the next daemon); a second one forces.
 """
 
 from __future__ import annotations
@@ -17,26 +18,42 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from taskctl.errors import StorageFull, TaskctlError
 from taskctl.paths import Paths
+from taskctl.units import now_ms
 from taskctld import logfile
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
-from taskctld.events import EventHub
+from taskctld.events import AttemptEnds, EventHub
+from taskctld.lifecycle import Lifecycle
+from taskctld.metrics import Metrics
+from taskctld.reports import Reports
 from taskctld.runner import Runner, RunnerSettings
-from taskctld.server import PeerCheckedProtocol, create_app
-from taskctld.service import Service
+from taskctld.scheduler import Scheduler, Triggers
+from taskctld.server import create_app, start_server, stop_server
+from taskctld.services import Services
+from taskctld.services.daemon import DaemonService
+from taskctld.services.feed import EventFeed
+from taskctld.services.health import HealthService
+from taskctld.services.logs import LogService
+from taskctld.services.queues import QueueService
+from taskctld.services.resolve import Resolver
+from taskctld.services.retention import RetentionService
+from taskctld.services.schedules import ScheduleService, fire_on_burst
+from taskctld.services.streams import Streams
+from taskctld.services.submit import SubmitService
+from taskctld.services.tasks import TaskService
 from taskctld.store.sqlite import SqliteStore
 
 log = logging.getLogger("taskctld")
 
-# At a stop, event streams end and waits answer at once; a `logs -f` (or any other request
-# still going) is cut after this many seconds, so no client can hold the daemon.
-STREAMS_CUT_AFTER = 2
+Clock = Callable[[], int]  # epoch milliseconds
 READY = "ok"  # what the starting process hears when the daemon is ready
 ROOM_PROBE = 4096  # bytes the state folder must take before the daemon starts
 
@@ -78,58 +95,109 @@ def _fail(ready_fd: int | None, lock_fd: int | None, message: str, code: int = 1
     return code
 
 
+@dataclass(frozen=True)
+class Core:
+    """What the services stand on: the store, and what drives tasks through it."""
+
+    store: SqliteStore
+    hub: EventHub
+    metrics: Metrics
+    lifecycle: Lifecycle
+    resolver: Resolver
+    scheduler: Scheduler
+    runner: Runner
+    ends: AttemptEnds
+    dispatcher: Dispatcher
+    triggers: Triggers
+
+
+def compose(
+    paths: Paths, config: Config, started: float, shutdown: asyncio.Event, clock: Clock = now_ms
+) -> tuple[Core, Services]:
+    """The composition root: every object of the daemon, built in order, each given its
+    collaborators by its constructor (nothing is wired afterwards). `started`: monotonic
+    time of the start; `shutdown`: set to stop; `clock`: epoch ms, for every time decision."""
+    core = _core(paths, config, started, clock)
+    return core, _services(core, paths, config, started, shutdown, clock)
+
+
+def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
+    """The store, and what drives tasks through it, each after what it needs."""
+    store = SqliteStore(paths.database, durability=config.durability)  # migrations run
+    hub = EventHub()
+    metrics = Metrics(store, paths.database, started, clock)
+    metrics.load()
+    store.on_commit(hub.publish, hub.publish_span)  # after each commit, in this order
+    store.on_commit(metrics.on_events, metrics.on_span)
+    lifecycle = Lifecycle(store)
+    resolver = Resolver(store, config, clock)
+    scheduler = Scheduler(
+        store, resolver.build_from_template, paths.state / "changes",
+        lifecycle=lifecycle, on_fire=[metrics.on_fire],
+    )  # fmt: skip
+    reports = Reports()  # the runner's to the dispatcher (each needs the other)
+    runner = Runner(
+        paths, RunnerSettings(log_cap=config.log_cap), report=reports.send, on_ready=reports.ready
+    )
+    ends = AttemptEnds()
+    dispatcher = Dispatcher(
+        store, runner, Limits(concurrency=config.concurrency), lifecycle=lifecycle, clock=clock,
+        reports=reports, scheduler=scheduler, on_attempt_end=[metrics.on_attempt_end, ends.note],
+        accepting=not config.hold,
+    )  # fmt: skip
+    triggers = Triggers(fire_on_burst(dispatcher, scheduler))
+    return Core(
+        store, hub, metrics, lifecycle, resolver, scheduler, runner, ends, dispatcher, triggers
+    )
+
+
+def _services(
+    core: Core, paths: Paths, config: Config, started: float, shutdown: asyncio.Event, clock: Clock
+) -> Services:
+    """The use cases over the core, each given the parts it needs."""
+    streams = Streams()
+    tasks = TaskService(
+        core.store, core.dispatcher, core.lifecycle, core.runner, core.hub, core.ends
+    )
+    queues = QueueService(core.store, core.dispatcher, core.metrics)
+    health = HealthService(
+        core.store, core.dispatcher, core.runner, core.scheduler, core.triggers, core.metrics,
+        queues, streams, config, paths, started, clock,
+    )  # fmt: skip
+    return Services(
+        tasks=tasks,
+        submissions=SubmitService(
+            core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock
+        ),
+        logs=LogService(tasks, core.hub, paths.logs, streams),
+        retention=RetentionService(core.store, core.dispatcher, core.metrics, config, paths, clock),
+        feed=EventFeed(core.store, core.hub, streams),
+        schedules=ScheduleService(core.store, core.dispatcher, core.triggers, core.resolver, clock),
+        queues=queues,
+        health=health,
+        daemon=DaemonService(core.dispatcher, core.runner, shutdown),
+    )
+
+
 async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
-    started = time.monotonic()
     check_room(paths.run)
-    store = SqliteStore(paths.database, durability=config.durability)
-    hub = EventHub()
-    store.on_commit(hub.publish, hub.publish_span)
-    # Each needs the other: the runner reaches the dispatcher through closures (it reports
-    # nothing before `attach`, by when the dispatcher exists).
-    runner = Runner(
-        paths,
-        RunnerSettings(log_cap=config.log_cap),
-        report=lambda report: dispatcher.report(report),
-        on_ready=lambda: dispatcher.wake(),
-    )
-    dispatcher = Dispatcher(store, runner, Limits(concurrency=config.concurrency))
-    install_child_reaper(loop)
-    try:
-        hellos = await runner.attach()
-    except TaskctlError:
-        check_room(paths.run)  # a supervisor that could not write its files: say so
-        raise
-    runner.recover(store.open_attempts(), hellos)
-    dispatcher.load()
-
     shutdown = asyncio.Event()
-    service = Service(store, dispatcher, runner, hub, config, paths, started, shutdown)
-    service.arm_triggers()
+    core, services = compose(paths, config, time.monotonic(), shutdown)
+    install_child_reaper(loop)
+    await _recover(core, paths)
+    services.schedules.arm_triggers()
     sock = bind_control_socket(paths.socket)
-    PeerCheckedProtocol.request_timeout = config.request_timeout
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service),
-            http=PeerCheckedProtocol,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            timeout_keep_alive=5,
-            timeout_graceful_shutdown=STREAMS_CUT_AFTER,
-            limit_concurrency=config.max_connections,
-        )
-    )
-    server.config.load()
-    server.lifespan = server.config.lifespan_class(server.config)
-    await server.startup(sockets=[sock])
-    dispatch = asyncio.create_task(dispatcher.run())
-    maintenance = asyncio.create_task(_maintain(service))
+    app = create_app(services)
+    server = await start_server(app, sock, config.request_timeout, config.max_connections)
+    background = [
+        asyncio.create_task(core.dispatcher.run()),
+        asyncio.create_task(_maintain(services.retention)),
+    ]
     if ready_fd is not None:  # detached: our stdout and stderr are taskctld.log
-        rotation = asyncio.create_task(logfile.keep_rotating(paths.daemon_log, config.log_size))
-    dispatcher.wake()
+        rotation = logfile.keep_rotating(paths.daemon_log, config.log_size)
+        background.append(asyncio.create_task(rotation))
+    core.dispatcher.wake()
     install_signal_handlers(loop, shutdown)
     _tell_starter(ready_fd, READY)
     log.info(
@@ -138,45 +206,64 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
         os.getpid(),
         config.concurrency,
     )
-
     await shutdown.wait()
-    log.info(
-        "stopping (%s)",
-        {
-            "leave": "running tasks go on; the next daemon adopts them",
-            "drain": "waiting for running tasks",
-            "kill": "ending running tasks; they will run again",
-        }[service.stop_mode],
-    )
-    await service.wind_down()
-    hub.close()  # streams end and waits answer, so no client holds the stop
-    server.should_exit = True
-    await server.shutdown()
-    dispatch.cancel()
-    maintenance.cancel()
-    if ready_fd is not None:
-        rotation.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await dispatch
-    with contextlib.suppress(TaskctlError):
-        dispatcher.cycle()  # commit what supervisors reported in the last moments
-    service.triggers.close()
-    runner.close()
-    store.close()
+    await _stop(core, services.daemon, server, background)
     with contextlib.suppress(FileNotFoundError):
         paths.socket.unlink()
     return 0
 
 
+async def _recover(core: Core, paths: Paths) -> None:
+    """Launch our supervisor, connect to earlier ones, settle every open attempt of the
+    store, and take the dispatcher's counts."""
+    try:
+        hellos = await core.runner.attach()
+    except TaskctlError:
+        check_room(paths.run)  # a supervisor that could not write its files: say so
+        raise
+    core.runner.recover(core.store.open_attempts(), hellos)
+    core.dispatcher.load()
+
+
+STOPPING = {
+    "leave": "running tasks go on; the next daemon adopts them",
+    "drain": "waiting for running tasks",
+    "kill": "ending running tasks; they will run again",
+}
+
+
+async def _stop(
+    core: Core,
+    stopping: DaemonService,
+    server: uvicorn.Server,
+    background: list[asyncio.Task[None]],
+) -> None:
+    """Wind down by the stop's mode, end streams and waits, stop serving, commit what
+    supervisors reported in the last moments, and close everything."""
+    log.info("stopping (%s)", STOPPING[stopping.stop_mode])
+    await stopping.wind_down()
+    core.hub.close()  # streams end and waits answer, so no client holds the stop
+    await stop_server(server)
+    for task in background:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await background[0]  # the dispatcher's loop
+    with contextlib.suppress(TaskctlError):
+        core.dispatcher.cycle()  # commit what supervisors reported in the last moments
+    core.triggers.close()
+    core.runner.close()
+    core.store.close()
+
+
 PRUNE_FIRST, PRUNE_EVERY = 60.0, 3600.0  # seconds
 
 
-async def _maintain(service: Service) -> None:
+async def _maintain(retention: RetentionService) -> None:
     """Retention, a minute after start and then every hour (never a tight loop)."""
     await asyncio.sleep(PRUNE_FIRST)
     while True:
         try:
-            removed = await service.prune()
+            removed = await retention.prune()
             if removed["tasks"] or removed["events"]:
                 log.info(
                     "pruned %(tasks)d finished task(s), %(log_files)d log file(s), %(events)d event(s)",

@@ -1,4 +1,5 @@
-"""Committed events, pushed to whoever listens: `watch` streams and waiters for a final state.
+"""Committed events, pushed to whoever listens: `watch` streams and waiters for a final state
+(`EventHub`), and waiters for the end of one attempt (`AttemptEnds`).
 
 The store calls `publish` after each commit with the events that transaction appended, so a
 listener never sees a change that could still roll back. Streams get a bounded queue each: a
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from taskctl.api import FINAL_STATES
 from taskctl.errors import Unavailable
-from taskctld.store import EventRow, EventSpan
+from taskctld.store import AttemptEnd, EventRow, EventSpan
 
 STREAM_QUEUE = 10_000
 
@@ -112,6 +113,33 @@ class EventHub:
                 pending.remove(fut)
                 if not pending:
                     del waiters[task_id]
+
+
+class AttemptEnds:
+    """Waiters for the end of one attempt, told by the dispatcher once the end is committed
+    (`note`, one of its `on_attempt_end` observers). A cancel of a held task that started
+    anyway waits here for that stray attempt to end."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[int, int], asyncio.Event] = {}
+
+    def note(self, end: AttemptEnd) -> None:
+        ended = self._waiting.get((end.task_id, end.attempt))
+        if ended is not None:
+            ended.set()
+
+    async def wait(self, task_id: int, attempt: int, timeout: float) -> bool:
+        """True once attempt `attempt` of the task has ended, False after `timeout` seconds.
+        The waiter is in place before this first yields, so the caller may check that the
+        attempt is open and then call this without missing its end."""
+        ended = self._waiting[(task_id, attempt)] = asyncio.Event()
+        try:
+            await asyncio.wait_for(ended.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting.pop((task_id, attempt), None)
+        return True
 
 
 def _stopping() -> Unavailable:

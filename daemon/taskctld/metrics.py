@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from taskctl.api import Outcome, TaskState
+from taskctl.units import now_ms
 from taskctld.store import AttemptEnd, EventRow, EventSpan, Store
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -27,10 +28,13 @@ LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class Metrics(Collector):
-    def __init__(self, store: Store, database: Path, started: float) -> None:
+    def __init__(
+        self, store: Store, database: Path, started: float, clock: Callable[[], int] = now_ms
+    ) -> None:
         self.store = store
         self.database = database
-        self.started = started
+        self.started = started  # monotonic, for the uptime
+        self.clock = clock
         self.counts: dict[str, Counter[str]] = {}
         self.finished: Counter[str] = Counter()
         self.submitted = 0
@@ -72,11 +76,11 @@ class Metrics(Collector):
         """Tasks deleted by pruning."""
         self.counts.setdefault(queue, Counter())[state] -= n
 
-    def on_attempt_end(self, end: AttemptEnd, started_at: int | None) -> None:
+    def on_attempt_end(self, end: AttemptEnd) -> None:
         self.finished[end.outcome.value] += 1
-        if started_at is not None:
+        if end.started_at is not None:
             self.durations.labels(end.outcome.value).observe(
-                max(0.0, (end.ended_at - started_at) / 1000)
+                max(0.0, (end.ended_at - end.started_at) / 1000)
             )
 
     def on_fire(self, lateness_ms: int) -> None:
@@ -120,11 +124,13 @@ class Metrics(Collector):
         oldest = GaugeMetricFamily(
             "taskctl_queue_oldest_age_seconds", "Age of the oldest queued task.", labels=["queue"]
         )
-        now = time.time()
+        now = self.clock()
         ages = self.store.oldest_queued()
         for queue, states in sorted(self.counts.items()):
             depth.add_metric([queue], states["queued"])
-            oldest.add_metric([queue], max(0.0, now - ages[queue] / 1000) if queue in ages else 0.0)
+            oldest.add_metric(
+                [queue], max(0.0, (now - ages[queue]) / 1000) if queue in ages else 0.0
+            )
         yield depth
         yield oldest
         size = GaugeMetricFamily(

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,13 +186,14 @@ class Scheduler:
         changes_dir: Path,
         *,
         lifecycle: Lifecycle | None = None,
+        on_fire: Sequence[Callable[[int], None]] = (),
     ) -> None:
         self.store = store
         self.lifecycle = lifecycle or Lifecycle(store)
         self.build = build  # a stored task template (API fields) -> the task to insert
         self.changes_dir = changes_dir
         self.last_tick = 0
-        self.on_fire: list[Callable[[int], None]] = []  # lateness (ms) of each cron fire
+        self.on_fire = list(on_fire)  # told the lateness (ms) of each cron fire
 
     def fire_due(self, now: int) -> None:
         """Fire every cron schedule that is due (call inside a transaction)."""

@@ -1,9 +1,11 @@
-"""REST over the Unix socket: routes that adapt HTTP to the `Service`, and nothing else.
+"""The daemon's HTTP server: the FastAPI app that mounts the routers (`taskctld.http`), and
+everything between the socket and a route.
 
 Errors are converted here, in one place: a `TaskctlError` becomes its status and
 `{"error": {"code", "message"}}`; a request that fails validation becomes 400 `invalid` with the
 field named; anything unexpected becomes 500 `internal` with no traceback on the wire (the
-traceback goes to the daemon log).
+traceback goes to the daemon log). Bodies are checked here before anything parses them
+(`StrictJSON`), and so are unknown query parameters.
 
 Connections are accepted only from the daemon's own uid (SO_PEERCRED on the accepted socket),
 whatever the socket file's permissions say.
@@ -12,90 +14,93 @@ whatever the socket file's permissions say.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi import Path as PathParam
+import uvicorn
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from taskctl import API_VERSION, __version__
-from taskctl.api import (
-    FINAL_STATES,
-    QUEUE_NAME_PATTERN,
-    BatchSpec,
-    ErrorBody,
-    Event,
-    Health,
-    Moment,
-    PruneRequest,
-    QueueInfo,
-    QueueSettings,
-    Schedule,
-    ScheduleSpec,
-    StopRequest,
-    Summary,
-    Task,
-    TaskSpec,
-    TaskState,
-)
+from taskctl.api import BatchSpec, ErrorBody, Event
 from taskctl.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
     TaskctlError,
-    TooMany,
     Unavailable,
 )
-from taskctld.batch import BatchText
-from taskctld.service import Service, Submitted
-from taskctld.store import TaskFilter
-from taskctld.views import event_view
+from taskctld.http import routers
+from taskctld.http.routing import json_response
+from taskctld.services import Services
 from taskctld.wording import describe
 
 log = logging.getLogger("taskctld.server")
 
 MAX_BODY = 1 << 20
-TOTAL_COUNT = "X-Total-Count"  # on GET /v1/tasks: how many tasks the filter matches in all
 MAX_BATCH_BODY = 64 << 20
-MAX_WATCHERS = 64  # concurrent event streams
-MAX_ID = (1 << 63) - 1  # SQLite's integers
-TaskId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
-FOLLOW_POLL = 0.05  # seconds between reads of a log file being followed (only while following)
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    413: {"model": ErrorBody},
-    507: {"model": ErrorBody},
-}
+# At a stop, event streams end and waits answer at once; a `logs -f` (or any other request
+# still going) is cut after this many seconds, so no client can hold the daemon.
+STREAMS_CUT_AFTER = 2
 
 
-BATCH_BODY = {  # the batch route reads its body itself (see _parse_batch)
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchSpec"}}},
-    }
-}
-VIEWS_PER_CHUNK = 250  # a batch's answer is built this many tasks at a time (more: more RSS)
-SMALL_BATCH_BODY = 64 << 10  # a batch this big or smaller is parsed whole and inserted at once
+def create_app(services: Services) -> FastAPI:
+    """The API: every resource's router, behind the body checks and the error conversion."""
+    app = FastAPI(
+        title="taskctld",
+        version=__version__,
+        description="The taskctl daemon's API, served over its Unix socket.",
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(_refuse_unknown_query)],
+        responses={400: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    )
+    _document_errors_as_sent(app)
+    _install_error_handlers(app)
+    app.add_middleware(StrictJSON)
+    for router in routers(services):
+        app.include_router(router)
+    return app
 
 
-class NDJSONResponse(StreamingResponse):
-    media_type = "application/x-ndjson"
+async def start_server(
+    app: FastAPI, sock: socket.socket, request_timeout: float, max_connections: int
+) -> uvicorn.Server:
+    """Serve `app` on the bound socket, through `PeerCheckedProtocol`."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http=peer_checked(request_timeout),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=STREAMS_CUT_AFTER,
+            limit_concurrency=max_connections,
+        )
+    )
+    # What uvicorn's `serve` does before `startup`, which we call ourselves to hand it the
+    # socket bound already.
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await server.startup(sockets=[sock])
+    return server
+
+
+async def stop_server(server: uvicorn.Server) -> None:
+    """Close the socket, let answers in progress end (streams: within STREAMS_CUT_AFTER)."""
+    server.should_exit = True
+    await server.shutdown()
 
 
 def _document_errors_as_sent(app: FastAPI) -> None:
@@ -123,329 +128,6 @@ def _document_errors_as_sent(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def json_response(content: Any, status: int = 200) -> Response:
-    body = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
-    return Response(body, status_code=status, media_type="application/json")
-
-
-def create_app(service: Service) -> FastAPI:
-    """The API. Every route is `async def`: they all run on the event loop's thread, the only
-    thread that may touch the store (FastAPI would run a plain `def` in a thread pool)."""
-    app = FastAPI(
-        title="taskctld",
-        version=__version__,
-        description="The taskctl daemon's API, served over its Unix socket.",
-        docs_url=None,
-        redoc_url=None,
-        dependencies=[Depends(_refuse_unknown_query)],
-        responses={400: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
-    )
-    _document_errors_as_sent(app)
-    _install_error_handlers(app)
-    app.add_middleware(StrictJSON)
-    v1 = f"/{API_VERSION}"
-
-    @app.get("/healthz", response_model=Health, tags=["health"])
-    async def healthz() -> Response:
-        """The daemon is alive; also says its version."""
-        return json_response(service.health())
-
-    @app.get("/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
-    async def readyz() -> Response:
-        """Ready: the store is writable."""
-        health = service.health()
-        return json_response(health, 200 if health["status"] == "ok" else 503)
-
-    @app.post(f"{v1}/tasks", response_model=Task, status_code=201, responses=ERRORS, tags=["tasks"])
-    async def submit(spec: TaskSpec) -> Response:
-        """Create a task. Answered only after the task is committed to the store. With a `key`
-        already in use by an equal request, the existing task is returned (`deduplicated`)."""
-        (done,) = service.submit([spec])
-        view = service.views([service.task(done.task_id)])[0]
-        view["deduplicated"] = done.deduplicated
-        return json_response(view, 200 if done.deduplicated else 201)
-
-    @app.post(
-        f"{v1}/tasks/batch", response_model=list[Task], status_code=201, responses=ERRORS,
-        tags=["tasks"], openapi_extra=BATCH_BODY,
-    )  # fmt: skip
-    async def submit_batch(request: Request) -> Response:
-        """Create many tasks in one transaction: all of them, or none and an error naming the
-        first bad one. The body is a `BatchSpec`."""
-        body = bytearray()
-        async for part in request.stream():  # not request.body(): its parts and their join
-            body += part
-        if len(body) > SMALL_BATCH_BODY:
-            text = await asyncio.to_thread(BatchText, body)
-            del body  # the decoded text is all that is kept
-            done: Iterable[Submitted] = await service.submit_staged(_chunks_of(text))
-        else:
-            specs = await asyncio.to_thread(_parse_batch, bytes(body))
-            places = service.places(specs)
-            tasks = await asyncio.to_thread(service.resolve_all, specs, places)
-            done = service.insert(tasks)
-        return StreamingResponse(
-            _batch_views(service, done), status_code=201, media_type="application/json"
-        )
-
-    @app.get(f"{v1}/tasks", response_model=list[Task], responses=ERRORS, tags=["tasks"])
-    async def list_tasks(
-        state: Annotated[list[TaskState] | None, Query()] = None,
-        queue: str | None = None,
-        label: Annotated[list[str] | None, Query()] = None,
-        limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
-        before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-        show_env: bool = False,
-    ) -> Response:
-        """Tasks, newest first. `X-Total-Count` says how many match beyond `limit`, so that a
-        client never shows fewer than there are without saying so."""
-        where = TaskFilter(
-            states=state or (),
-            queue=queue,
-            labels=_parse_labels(label or []),
-            limit=limit,
-            before_id=before,
-        )
-        rows = service.list_tasks(where)
-        response = json_response(service.views(rows, show_env=show_env))
-        total = len(rows) if len(rows) < limit else service.count_tasks(where)
-        response.headers[TOTAL_COUNT] = str(total)
-        return response
-
-    @app.get(f"{v1}/tasks/{{task_id}}", response_model=Task, responses=ERRORS, tags=["tasks"])
-    async def get_task(task_id: TaskId, show_env: bool = False) -> Response:
-        return json_response(service.views([service.task(task_id)], show_env=show_env)[0])
-
-    @app.post(
-        f"{v1}/tasks/{{task_id}}/cancel", response_model=Task, responses=ERRORS, tags=["tasks"]
-    )
-    async def cancel(task_id: TaskId) -> Response:
-        """Cancel a task; a running one is stopped with its whole process tree first."""
-        task = await service.cancel(task_id)
-        return json_response(service.views([task])[0])
-
-    @app.post(
-        f"{v1}/tasks/{{task_id}}/retry", response_model=Task, responses=ERRORS, tags=["tasks"]
-    )
-    async def retry(task_id: TaskId) -> Response:
-        """Run a finished task again as a new attempt, keeping its history."""
-        return json_response(service.views([service.retry(task_id)])[0])
-
-    @app.get(f"{v1}/tasks/{{task_id}}/wait", response_model=Task, responses=ERRORS, tags=["tasks"])
-    async def wait(
-        task_id: TaskId, timeout: Annotated[float, Query(ge=0, le=3600)] = 60
-    ) -> Response:
-        """The task once it is final, or as it is after `timeout` seconds (check its state)."""
-        task = await service.wait_final(task_id, timeout)
-        return json_response(service.views([task])[0])
-
-    @app.get(
-        f"{v1}/tasks/{{task_id}}/logs",
-        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
-        tags=["tasks"],
-    )
-    async def logs(
-        task_id: TaskId,
-        stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
-        attempt: Annotated[int | None, Query(ge=1)] = None,
-        tail: Annotated[int | None, Query(ge=0)] = None,
-        follow: bool = False,
-    ) -> Response:
-        """An attempt's output as bytes (default: the latest attempt). With `follow`, the
-        response streams until the task is final, across attempts."""
-        task = service.task(task_id)
-        if follow and task.attempts == 0:
-            task = await service.wait_started(task_id)
-        if task.attempts == 0 and task.state in FINAL_STATES:
-            return Response(b"", media_type="application/octet-stream")  # ended without running
-        number, path = service.log_path(task, attempt, stream)
-        start = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
-        if follow:
-            chunks = _follow_log(service, task_id, number, stream, start, across=attempt is None)
-        else:
-            chunks = _read_log(path, start)
-        return StreamingResponse(chunks, media_type="application/octet-stream")
-
-    @app.get(
-        f"{v1}/events",
-        response_class=NDJSONResponse,
-        responses={
-            200: {
-                "content": {
-                    "application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}}
-                }
-            }
-        },
-        tags=["events"],
-    )
-    async def events(
-        after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
-        follow: bool = False,
-        task: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-        queue: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-    ) -> Response:
-        """State changes in order, as NDJSON. `after` resumes after a given event id (0: from
-        the oldest kept); without it, only events from now on. With `follow`, the stream stays
-        open and pushes each new event as it is committed."""
-        start = service.store.last_event_id() if after is None else after
-        if follow and service.watchers >= MAX_WATCHERS:
-            raise TooMany(f"{MAX_WATCHERS} watchers are connected already; try again later")
-        lines = _event_lines(service, start, follow, task, queue, limit)
-        return NDJSONResponse(lines)
-
-    @app.post(
-        f"{v1}/schedules",
-        response_model=Schedule,
-        status_code=201,
-        responses=ERRORS,
-        tags=["schedules"],
-    )
-    async def add_schedule(spec: ScheduleSpec) -> Response:
-        """Create a cron schedule or a file trigger; refused whole if anything is invalid."""
-        return json_response(service.schedule_view(service.add_schedule(spec)), 201)
-
-    @app.get(f"{v1}/schedules", response_model=list[Schedule], tags=["schedules"])
-    async def list_schedules(
-        kind: Annotated[str | None, Query(pattern="^(cron|trigger)$")] = None,
-    ) -> Response:
-        return json_response([service.schedule_view(s) for s in service.store.list_schedules(kind)])
-
-    @app.get(
-        f"{v1}/schedules/{{name}}", response_model=Schedule, responses=ERRORS, tags=["schedules"]
-    )
-    async def show_schedule(name: str, runs: Annotated[int, Query(ge=0, le=1000)] = 20) -> Response:
-        """A schedule with its recent fires (newest first)."""
-        return json_response(service.schedule_view(service.schedule(name), runs=runs))
-
-    @app.delete(f"{v1}/schedules/{{name}}", responses=ERRORS, tags=["schedules"])
-    async def remove_schedule(name: str) -> Response:
-        """Remove a schedule; the tasks it created stay."""
-        service.remove_schedule(name)
-        return json_response({"removed": name})
-
-    @app.post(
-        f"{v1}/schedules/{{name}}/pause",
-        response_model=Schedule,
-        responses=ERRORS,
-        tags=["schedules"],
-    )
-    async def pause_schedule(name: str) -> Response:
-        return json_response(service.schedule_view(service.pause_schedule(name, True)))
-
-    @app.post(
-        f"{v1}/schedules/{{name}}/resume",
-        response_model=Schedule,
-        responses=ERRORS,
-        tags=["schedules"],
-    )
-    async def resume_schedule(name: str) -> Response:
-        """Resume from now: the time spent paused is not caught up."""
-        return json_response(service.schedule_view(service.pause_schedule(name, False)))
-
-    @app.get(
-        f"{v1}/schedules/{{name}}/next",
-        response_model=list[str],
-        responses=ERRORS,
-        tags=["schedules"],
-    )
-    async def next_fires(
-        name: str,
-        n: Annotated[int, Query(ge=1, le=1000)] = 5,
-        after: Annotated[
-            Moment | None, Query(description="from this moment (default: now)")
-        ] = None,
-    ) -> Response:
-        """The next n fire times (RFC 3339 in UTC, as every time of the API; the schedule's
-        zone decides which they are); fewer when the year 9999 ends first."""
-        start = None if after is None else int(after.timestamp() * 1000)
-        return json_response(service.next_fires(name, n, start))
-
-    @app.get(f"{v1}/queues", response_model=list[QueueInfo], tags=["queues"])
-    async def list_queues() -> Response:
-        """Queues with their limit, defaults and task counts by state."""
-        return json_response(service.queues())
-
-    @app.put(f"{v1}/queues/{{name}}", response_model=QueueInfo, responses=ERRORS, tags=["queues"])
-    async def set_queue(
-        name: Annotated[str, PathParam(pattern=QUEUE_NAME_PATTERN)], settings: QueueSettings
-    ) -> Response:
-        """Create or change a queue; fields left out keep their value."""
-        return json_response(service.queue_view(service.set_queue(name, settings)))
-
-    @app.post(
-        f"{v1}/queues/{{name}}/pause", response_model=QueueInfo, responses=ERRORS, tags=["queues"]
-    )
-    async def pause_queue(name: str) -> Response:
-        """Nothing new starts from the queue; running tasks finish."""
-        return json_response(service.queue_view(service.pause_queue(name, True)))
-
-    @app.post(
-        f"{v1}/queues/{{name}}/resume", response_model=QueueInfo, responses=ERRORS, tags=["queues"]
-    )
-    async def resume_queue(name: str) -> Response:
-        return json_response(service.queue_view(service.pause_queue(name, False)))
-
-    @app.get("/metrics", tags=["health"], responses={200: {"content": {"text/plain": {}}}})
-    async def metrics() -> Response:
-        """Prometheus text exposition."""
-        return Response(
-            service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
-
-    @app.get(f"{v1}/summary", response_model=Summary, tags=["health"])
-    async def summary() -> Response:
-        return json_response(service.summary())
-
-    @app.post(f"{v1}/prune", tags=["tasks"])
-    async def prune(request: PruneRequest) -> Response:
-        """Remove finished tasks, their logs and old events now (retention runs hourly too)."""
-        return json_response(await service.prune(request.older_than))
-
-    @app.post(f"{v1}/daemon/stop", tags=["daemon"])
-    async def stop(request: StopRequest) -> Response:
-        """Stop the daemon. `leave` (default): running tasks go on and the next daemon adopts
-        them. `drain`: start nothing new and exit once running tasks have finished (or after
-        `timeout`). `kill`: end running tasks and queue them again, their attempt not counted."""
-        service.request_stop(request.mode, request.timeout)
-        return json_response({"stopping": True, "mode": request.mode, "pid": os.getpid()})
-
-    return app
-
-
-def _parse_batch(body: bytes) -> list[TaskSpec]:
-    """A batch's body, parsed and checked by pydantic's JSON parser (UTF-8, NaN, nesting)
-    and merged with its defaults. Pure CPU, no store: run it in a thread, so that the socket
-    keeps answering while 100,000 tasks are parsed."""
-    try:
-        return BatchSpec.model_validate_json(body).merged()
-    except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
-
-
-async def _chunks_of(text: BatchText) -> AsyncIterator[list[TaskSpec]]:
-    """The batch's tasks a chunk at a time, each validated in a thread."""
-    chunks = text.chunks()
-    while (specs := await asyncio.to_thread(next, chunks, None)) is not None:
-        yield specs
-
-
-async def _batch_views(service: Service, done: Iterable[Submitted]) -> AsyncIterator[bytes]:
-    """The created tasks as one JSON array, built and sent a slice at a time: the views of a
-    whole batch at once would take the loop for seconds and the memory of every view."""
-    yield b"["
-    submitted, first = iter(done), True
-    while part := list(itertools.islice(submitted, VIEWS_PER_CHUNK)):
-        views = service.views(service.store.get_tasks([d.task_id for d in part]))
-        for view, d in zip(views, part, strict=True):
-            view["deduplicated"] = d.deduplicated
-        text = json.dumps(views, separators=(",", ":"), ensure_ascii=False)[1:-1]
-        yield (b"" if first else b",") + text.encode()
-        first = False
-        await asyncio.sleep(0)  # let other requests in between slices
-    yield b"]"
-
-
 async def _refuse_unknown_query(request: Request) -> None:
     """A misspelt query parameter must not be silently dropped (requests refuse unknown body
     fields the same way)."""
@@ -457,150 +139,6 @@ async def _refuse_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-
-
-def _parse_labels(raw: list[str]) -> dict[str, str]:
-    labels = {}
-    for item in raw:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"label filter {item!r} must look like KEY=VALUE")
-        labels[key] = value
-    return labels
-
-
-# -- logs -----------------------------------------------------------------------------------------
-
-
-TAIL_BLOCK = 1 << 16
-
-
-def tail_offset(path: Path, lines: int, block: int = TAIL_BLOCK) -> int:
-    """Offset where the last `lines` lines start (a last line without a newline counts as one;
-    fewer lines than asked: 0). Reads backwards in blocks and stops at the newline it needs,
-    so the cost is what the tail returns plus one block. Blocking I/O: call it in a thread."""
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return 0
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if lines == 0:
-            return size
-        f.seek(max(0, size - 1))
-        pos = size - 1 if f.read(1) == b"\n" else size  # a final newline starts no line
-        while pos > 0:
-            start = max(0, pos - block)
-            f.seek(start)
-            chunk, found = f.read(pos - start), pos - start
-            while (found := chunk.rfind(b"\n", 0, found)) >= 0:
-                lines -= 1
-                if lines == 0:
-                    return start + found + 1
-            pos = start
-    return 0
-
-
-async def _read_log(path: Path, start: int) -> AsyncIterator[bytes]:
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return
-    with f:
-        f.seek(start)
-        while chunk := f.read(65536):
-            yield chunk
-
-
-async def _follow_log(
-    service: Service, task_id: int, number: int, stream: str, start: int, *, across: bool
-) -> AsyncIterator[bytes]:
-    """Stream one attempt's log as it grows; with `across`, move on to later attempts until the
-    task is final."""
-    offset = start
-    service.followers += 1
-    try:
-        async for chunk in _follow_attempts(service, task_id, number, stream, offset, across):
-            yield chunk
-    finally:
-        service.followers -= 1
-
-
-async def _follow_attempts(
-    service: Service, task_id: int, number: int, stream: str, offset: int, across: bool
-) -> AsyncIterator[bytes]:
-    while not service.hub.closed:  # stopping: the CLI finds the task not final and says so
-        _, path = service.log_path(service.task(task_id), number, stream)
-        async for chunk in _read_log(path, offset):
-            offset += len(chunk)
-            yield chunk
-        if service.attempt_open(task_id, number):
-            await asyncio.sleep(FOLLOW_POLL)
-            continue
-        async for chunk in _read_log(path, offset):  # what it wrote just before the end
-            yield chunk
-        task = service.task(task_id)
-        if across and task.attempts > number:  # a later attempt (perhaps already over)
-            number, offset = number + 1, 0
-        elif not across or task.state in FINAL_STATES:
-            return
-        else:
-            with contextlib.suppress(Unavailable):  # stopping: the loop ends
-                await service.hub.wait_change(task_id, 1.0)
-
-
-async def _event_lines(
-    service: Service, after: int, follow: bool, task: int | None, queue: str | None, limit: int
-) -> AsyncIterator[bytes]:
-    """Backlog from the events table, then (with `follow`) live events as they are committed,
-    each batch of events in one chunk. A subscriber that fell behind catches up from the table,
-    so nothing is lost or repeated."""
-
-    def wanted(e: Any) -> bool:
-        return (task is None or e.task_id == task) and (queue is None or e.queue == queue)
-
-    last, sent = after, 0
-    service.watchers += follow
-    try:
-        async for chunk in _event_chunks(service, last, sent, follow, limit, wanted):
-            yield chunk
-    finally:
-        service.watchers -= follow
-
-
-async def _event_chunks(
-    service: Service, last: int, sent: int, follow: bool, limit: int, wanted: Any
-) -> AsyncIterator[bytes]:
-    with service.hub.subscribe() as sub:
-        while sent < limit or follow:
-            backlog = service.store.events_after(last, 1000)
-            if not backlog:
-                break
-            last = backlog[-1].id
-            chunk = [e for e in backlog if wanted(e)][: None if follow else limit - sent]
-            sent += len(chunk)
-            if chunk:
-                yield b"".join(_ndjson(event_view(e)) for e in chunk)
-        if not follow:
-            return
-        while not sub.closed:  # until the daemon stops: then `watch` goes on with the next
-            taken = [await sub.queue.get()]
-            while not sub.queue.empty():
-                taken.append(sub.queue.get_nowait())
-            batch = [e for e in taken if e is not None]
-            if sub.overflow:
-                sub.overflow = False
-                batch = service.store.events_after(last, 100_000)
-            fresh = [e for e in batch if e.id > last]
-            if fresh:
-                last = fresh[-1].id
-                chunk = [e for e in fresh if wanted(e)]
-                if chunk:
-                    yield b"".join(_ndjson(event_view(e)) for e in chunk)
-
-
-def _ndjson(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 # -- errors and limits ----------------------------------------------------------------------------
@@ -655,6 +193,11 @@ def _validation_message(exc: RequestValidationError) -> str:
 # -- the socket -----------------------------------------------------------------------------------
 
 
+def peer_checked(request_timeout: float) -> type[PeerCheckedProtocol]:
+    """The protocol class uvicorn builds for each connection, with the daemon's deadline."""
+    return type("PeerCheckedProtocol", (PeerCheckedProtocol,), {"request_timeout": request_timeout})
+
+
 class PeerCheckedProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol on httptools (llhttp, in C: about 0.4 ms less per request
     than h11 here), refusing any peer that is not the daemon's own user, and closing
@@ -662,7 +205,7 @@ class PeerCheckedProtocol(HttpToolsProtocol):
     client cannot hold a connection open for ever). A request that has arrived may take as
     long as it needs to be answered (`wait`, streams)."""
 
-    request_timeout = 10.0  # seconds; set from the daemon's config
+    request_timeout = 10.0  # seconds; `peer_checked` makes the class with the configured one
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")

@@ -7,11 +7,15 @@ that these dicts match them.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
+from taskctl import DEFAULT_QUEUE
+from taskctl.api import TaskSpec
 from taskctl.units import ms_to_rfc3339
 from taskctl.wire import to_wire
-from taskctld.store import AttemptRow, EventRow, TaskRow
+from taskctld.store import AttemptRow, EventRow, FireRow, QueueRow, ScheduleRow, TaskRow
 
 
 def attempt_view(a: AttemptRow) -> dict[str, Any]:
@@ -87,4 +91,66 @@ def event_view(e: EventRow) -> dict[str, Any]:
         "attempt": e.attempt,
         "exit_code": e.exit_code,
         "reason": e.reason,
+    }
+
+
+def queue_view(q: QueueRow, counts: dict[str, int]) -> dict[str, Any]:
+    """The API's QueueInfo; `counts`: its tasks by state (states with none left out)."""
+    return {
+        "name": q.name,
+        "concurrency": q.concurrency,
+        "paused": q.paused,
+        "defaults": q.defaults,
+        "counts": counts,
+    }
+
+
+def schedule_view(
+    row: ScheduleRow, *, problem: str | None = None, fires: Sequence[FireRow] | None = None
+) -> dict[str, Any]:
+    """The API's Schedule. `problem`: why its trigger is not watching; `fires`: its recent
+    runs, newest first (left out when None)."""
+    template = json.loads(row.template)
+    view: dict[str, Any] = {
+        "name": row.name,
+        "kind": row.kind,
+        "overlap": row.overlap,
+        "catch_up": row.catch_up,
+        "paused": row.paused,
+        "command": [to_wire(arg) for arg in template["command"]],
+        "shell": template.get("shell", False),
+        "queue": template.get("queue", DEFAULT_QUEUE),
+        "options": _template_options(template),
+        "created_at": ms_to_rfc3339(row.created_at),
+    }
+    if problem is not None:
+        view["problem"] = problem
+    if row.kind == "cron":
+        due = None if row.paused else row.next_due
+        view.update(cron=row.spec, tz=row.tz or "UTC", next_due=ms_to_rfc3339(due))
+    else:
+        view.update(json.loads(row.spec))
+    if fires is not None:
+        view["runs"] = [
+            {
+                "due_at": ms_to_rfc3339(f.due_at), "fired_at": ms_to_rfc3339(f.fired_at),
+                "task_id": f.task_id, "outcome": f.outcome, "state": f.task_state, "exit_code": f.exit_code,
+            }
+            for f in fires
+        ]  # fmt: skip
+    return view
+
+
+_SHOWN_APART = {"command", "shell", "queue", "env"}  # env: it may hold secrets
+
+
+def _template_options(template: dict[str, Any]) -> dict[str, Any]:
+    """The submit options a schedule's tasks get, where they differ from the defaults."""
+    fields = TaskSpec.model_fields
+    return {
+        k: to_wire(v) if k == "cwd" and isinstance(v, str) else v
+        for k, v in template.items()
+        if k not in _SHOWN_APART
+        and k in fields
+        and v != fields[k].get_default(call_default_factory=True)
     }

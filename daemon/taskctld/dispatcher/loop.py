@@ -35,6 +35,7 @@ from taskctld.lifecycle import Lifecycle
 from taskctld.store import AttemptEnd, EventRow, EventSpan, Store, TaskRow
 
 if TYPE_CHECKING:
+    from taskctld.reports import Reports
     from taskctld.scheduler import Scheduler
 
 log = logging.getLogger("taskctld.dispatcher")
@@ -100,19 +101,25 @@ class Dispatcher:
         lifecycle: Lifecycle | None = None,
         clock: Callable[[], int] = now_ms,
         hold_ahead: bool = True,
+        reports: Reports | None = None,
+        scheduler: Scheduler | None = None,
+        on_attempt_end: Sequence[Callable[[AttemptEnd], None]] = (),
+        accepting: bool = True,
     ) -> None:
         """`hold_ahead` False: tasks are only ever claimed, never handed over held (for a
-        store that other daemons claim from too: a held task is still `queued` there)."""
+        store that other daemons claim from too: a held task is still `queued` there).
+        `reports`: the runner's inbox, listened to from now on; `on_attempt_end`: told of
+        each end after its commit; `accepting` False: hold every task (`config.hold`)."""
         self.store = store
         self.lifecycle = lifecycle or Lifecycle(store)
         self.runner = runner
         self.limits = limits
-        self.scheduler: Scheduler | None = None
-        self.on_attempt_end: list[Callable[[AttemptEnd], None]] = []  # after the commit
+        self.scheduler = scheduler
+        self.on_attempt_end = list(on_attempt_end)  # after the commit
         self.clock = clock
         self.reports: list[Report] = []
         self.ready_queues: set[str] = set()
-        self.accepting = True
+        self.accepting = accepting
         self._slots = Slots()
         self._holds = HoldAhead(store, runner, self._slots, self._has_work) if hold_ahead else None
         self._applier = ReportApplier(store, self.lifecycle, runner, self._slots, self._holds)
@@ -123,6 +130,8 @@ class Dispatcher:
         self._stale = False  # counts could not be reloaded after a rollback
         self._full_since: float | None = None  # when turns began to fail for want of space
         store.on_commit(self.note_events, self.note_span)
+        if reports is not None:
+            reports.listen(self.report, self.wake)
 
     # -- inputs ---------------------------------------------------------------------------------
 
