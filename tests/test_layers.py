@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+from clocks import ManualClock
+
 from taskctl.api import ScheduleSpec, TaskSpec, TaskState
 from taskctl.paths import Paths
 from taskctl.units import ms_to_rfc3339
@@ -108,12 +110,10 @@ def test_services_take_time_from_the_clock_they_are_given(tmp_path: Path) -> Non
     from it."""
     paths = Paths(runtime=tmp_path, state=tmp_path, config_file=tmp_path / "config.toml")
     paths.logs.mkdir()
-    now = [T0]
+    clock = ManualClock(T0)
 
     async def scenario() -> None:
-        core, services = compose(
-            paths, Config(retention=3600), 0.0, asyncio.Event(), clock=lambda: now[0]
-        )
+        core, services = compose(paths, Config(retention=3600), 0.0, asyncio.Event(), clock=clock)
         try:
             (done,) = services.submissions.submit([TaskSpec(command=["true"], cwd="/", delay=90)])
             task = services.tasks.task(done.task_id)
@@ -131,9 +131,9 @@ def test_services_take_time_from_the_clock_they_are_given(tmp_path: Path) -> Non
             first = ms_to_rfc3339(T0 - T0 % HOUR + HOUR)
             assert services.schedules.next_fires(name, 1, None) == [first]
 
-            now[0] = T0 + HOUR - 1  # not yet older than the retention of an hour
+            clock.set(T0 + HOUR - 1)  # not yet older than the retention of an hour
             assert (await services.retention.prune())["tasks"] == 0
-            now[0] = T0 + HOUR + 1
+            clock.set(T0 + HOUR + 1)
             assert (await services.retention.prune())["tasks"] == 1
         finally:
             core.triggers.close()

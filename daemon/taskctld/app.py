@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import uvicorn
 
 from taskctl.errors import StorageFull, TaskctlError
 from taskctl.paths import Paths
-from taskctl.units import now_ms
 from taskctld import logfile
+from taskctld.clock import SYSTEM_CLOCK, Clock
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
 from taskctld.events import AttemptEnds, EventHub
@@ -53,7 +52,6 @@ from taskctld.store.sqlite import SqliteStore
 
 log = logging.getLogger("taskctld")
 
-Clock = Callable[[], int]  # epoch milliseconds
 READY = "ok"  # what the starting process hears when the daemon is ready
 ROOM_PROBE = 4096  # bytes the state folder must take before the daemon starts
 
@@ -112,11 +110,15 @@ class Core:
 
 
 def compose(
-    paths: Paths, config: Config, started: float, shutdown: asyncio.Event, clock: Clock = now_ms
+    paths: Paths,
+    config: Config,
+    started: float,
+    shutdown: asyncio.Event,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> tuple[Core, Services]:
     """The composition root: every object of the daemon, built in order, each given its
     collaborators by its constructor (nothing is wired afterwards). `started`: monotonic
-    time of the start; `shutdown`: set to stop; `clock`: epoch ms, for every time decision."""
+    time of the start; `shutdown`: set to stop; `clock`: what time it is (epoch ms) and wake-ups, for every time decision."""
     core = _core(paths, config, started, clock)
     return core, _services(core, paths, config, started, shutdown, clock)
 
@@ -125,12 +127,12 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
     """The store, and what drives tasks through it, each after what it needs."""
     store = SqliteStore(paths.database, durability=config.durability)  # migrations run
     hub = EventHub()
-    metrics = Metrics(store, paths.database, started, clock)
+    metrics = Metrics(store, paths.database, started, clock.now)
     metrics.load()
     store.on_commit(hub.publish, hub.publish_span)  # after each commit, in this order
     store.on_commit(metrics.on_events, metrics.on_span)
     lifecycle = Lifecycle(store)
-    resolver = Resolver(store, config, clock)
+    resolver = Resolver(store, config, clock.now)
     scheduler = Scheduler(
         store, resolver.build_from_template, paths.state / "changes",
         lifecycle=lifecycle, on_fire=[metrics.on_fire],
@@ -162,17 +164,21 @@ def _services(
     queues = QueueService(core.store, core.dispatcher, core.metrics)
     health = HealthService(
         core.store, core.dispatcher, core.runner, core.scheduler, core.triggers, core.metrics,
-        queues, streams, config, paths, started, clock,
+        queues, streams, config, paths, started, clock.now,
     )  # fmt: skip
     return Services(
         tasks=tasks,
         submissions=SubmitService(
-            core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock
+            core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock.now
         ),
         logs=LogService(tasks, core.hub, paths.logs, streams),
-        retention=RetentionService(core.store, core.dispatcher, core.metrics, config, paths, clock),
+        retention=RetentionService(
+            core.store, core.dispatcher, core.metrics, config, paths, clock.now
+        ),
         feed=EventFeed(core.store, core.hub, streams),
-        schedules=ScheduleService(core.store, core.dispatcher, core.triggers, core.resolver, clock),
+        schedules=ScheduleService(
+            core.store, core.dispatcher, core.triggers, core.resolver, clock.now
+        ),
         queues=queues,
         health=health,
         daemon=DaemonService(core.dispatcher, core.runner, shutdown),

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from taskctl.api import TaskState
 from taskctl.errors import StorageFull, TaskctlError
-from taskctl.units import now_ms
+from taskctld.clock import SYSTEM_CLOCK, Clock, Timer
 from taskctld.dispatcher.applier import ReportApplier
 from taskctld.dispatcher.holding import Held, HoldAhead
 from taskctld.dispatcher.slots import Slots
 from taskctld.launcher import Ended, Key, Launcher, Report, Started
-from taskctld.lifecycle import Lifecycle
+from taskctld.lifecycle import PROMOTE_AT_MOST, Lifecycle
 from taskctld.store import AttemptEnd, EventRow, EventSpan, Store, TaskRow
 
 if TYPE_CHECKING:
@@ -43,10 +43,6 @@ T = TypeVar("T")
 
 RETRY_AFTER_STORE_ERROR = 1.0
 RETRY_WHEN_FULL = 0.25  # seconds between turns while the state folder is out of space
-PROMOTE_BATCH = 1000  # scheduled tasks made queued per turn at most (see store.promote_due)
-# The due timer runs on the monotonic clock, which stops while the machine is suspended: look at
-# the wall clock at least this often (seconds), so a schedule is not late by the time asleep.
-WALL_CLOCK_CHECK = 60.0
 STARTED_LATENCY = 0.05  # seconds: how late a start may be written when nothing else is
 PASSED_LATENCY = 0.005  # seconds: how late an end whose slot passed on may be applied
 
@@ -59,13 +55,13 @@ class Limits:
 
 
 class DueTimer:
-    """Calls `on_due` at the next due time given to `arm` (epoch ms, read from `clock`), and at
-    least every WALL_CLOCK_CHECK seconds until then. Needs a running loop."""
+    """Calls `on_due` at the next due time given to `arm` (epoch ms), through the clock's
+    wake-up (which comes early rather than late: `on_due` looks at the clock itself)."""
 
-    def __init__(self, clock: Callable[[], int], on_due: Callable[[], None]) -> None:
+    def __init__(self, clock: Clock, on_due: Callable[[], None]) -> None:
         self.clock = clock
         self.on_due = on_due
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Timer | None = None
         self._at: int | None = None
 
     def arm(self, due: int | None) -> None:
@@ -74,16 +70,8 @@ class DueTimer:
             return
         if self._handle is not None:
             self._handle.cancel()
-        loop = asyncio.get_running_loop()
-        delay = min(max(0.0, (due - self.clock()) / 1000), WALL_CLOCK_CHECK)
         self._at = due
-        self._handle = loop.call_later(delay, self._fire)
-
-    def delay(self) -> float | None:
-        """Seconds until `on_due` is called (None: not armed)."""
-        if self._handle is None:
-            return None
-        return self._handle.when() - asyncio.get_running_loop().time()
+        self._handle = self.clock.call_at(due, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
@@ -99,7 +87,7 @@ class Dispatcher:
         limits: Limits,
         *,
         lifecycle: Lifecycle | None = None,
-        clock: Callable[[], int] = now_ms,
+        clock: Clock = SYSTEM_CLOCK,
         hold_ahead: bool = True,
         reports: Reports | None = None,
         scheduler: Scheduler | None = None,
@@ -188,8 +176,8 @@ class Dispatcher:
         self._wake.set()
 
     def _note_queued(self, events: Sequence[EventRow], spans: Sequence[EventSpan]) -> None:
-        """Queues that `work` gave tasks in this very transaction: claim for them in it too,
-        instead of one commit for the submit and one more for the claim."""
+        """Queues that `work`, a cron fire or a promotion gave tasks in this very transaction:
+        claim for them in it too, instead of one commit for those and one more for the claim."""
         self.ready_queues.update(e.queue for e in events if e.to_state is TaskState.QUEUED)
         for span in spans:
             self.ready_queues.update(q for q, state in span.created if state is TaskState.QUEUED)
@@ -309,7 +297,7 @@ class Dispatcher:
         slot is free is inserted and claimed with one commit; its result is returned."""
         if self._stale:
             self._reload_after_rollback()
-        now = self.clock()
+        now = self.clock.now()
         reports, self.reports = self.reports, []
         # Time-driven work (cron fires, due scheduled tasks) only when something may be due:
         # the timer fired, or a change could have made something due earlier.
@@ -321,14 +309,15 @@ class Dispatcher:
                 ended = self._applier.apply(reports, now)
                 if work is not None:
                     result = work(now)
+                if timed and self.scheduler is not None:
+                    self.scheduler.fire_due(now)
+                if timed and self.lifecycle.promote_due(now) >= PROMOTE_AT_MOST:
+                    self._time_dirty = True  # more are due than one turn promotes
+                    self._wake.set()
+                if work is not None or timed:
                     self._note_queued(
                         self.store.uncommitted_events(), self.store.uncommitted_spans()
                     )
-                if timed and self.scheduler is not None:
-                    self.scheduler.fire_due(now)
-                if timed and self.lifecycle.promote_due(now) >= PROMOTE_BATCH:
-                    self._time_dirty = True  # more are due than one turn promotes
-                    self._wake.set()
                 claimed = self._claim(now)
                 held = self._hold_ahead()
         except BaseException:
