@@ -91,7 +91,7 @@ def read_raw(path: Path) -> Profile:
 
 
 def _short(frame: str) -> str:
-    """`commit (taskctld/store/sqlite.py:301)`, from py-spy's frame with its full path."""
+    """`commit (taskctld/store/sqlite/base.py:120)`, from py-spy's frame with its full path."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     for marker in ("/daemon/", "/site-packages/", "/lib/python"):

@@ -456,7 +456,7 @@ def test_a_stray_attempt_keeps_its_slot_across_a_restart(tmp_path: Path) -> None
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1), lifecycle=Lifecycle(store))
         dispatcher.load()  # the next daemon
         dispatcher.cycle()
         assert runner.asked == [] and dispatcher.running_count() == 1
@@ -481,7 +481,7 @@ def test_a_stray_start_first_heard_of_after_a_restart_keeps_its_slot(tmp_path: P
     runner = ScriptedRunner()
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(store, runner, Limits(concurrency=1))
+        dispatcher = Dispatcher(store, runner, Limits(concurrency=1), lifecycle=Lifecycle(store))
         dispatcher.report(Started(stray, 1, pid=4242, started_at=now_ms()))  # from `hello`
         dispatcher.load()
         dispatcher.cycle()

@@ -12,6 +12,7 @@ import pytest
 
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
+from taskctld.lifecycle import Lifecycle
 from taskctld.scheduler import Burst, Scheduler, next_times, normalize_cron, plan
 from taskctld.store import NewSchedule, NewTask, TaskFilter
 from taskctld.store.sqlite import SqliteStore
@@ -137,7 +138,7 @@ def _scheduler(store: SqliteStore, tmp_path: Path) -> Scheduler:
     def build(template: dict, now: int) -> NewTask:
         return NewTask(command=template["command"], cwd=template["cwd"])
 
-    return Scheduler(store, build, tmp_path / "changes")
+    return Scheduler(store, build, tmp_path / "changes", lifecycle=Lifecycle(store))
 
 
 @pytest.mark.parametrize(

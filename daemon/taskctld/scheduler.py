@@ -185,11 +185,11 @@ class Scheduler:
         build: Callable[[dict[str, Any], int], NewTask],
         changes_dir: Path,
         *,
-        lifecycle: Lifecycle | None = None,
+        lifecycle: Lifecycle,
         on_fire: Sequence[Callable[[int], None]] = (),
     ) -> None:
         self.store = store
-        self.lifecycle = lifecycle or Lifecycle(store)
+        self.lifecycle = lifecycle
         self.build = build  # a stored task template (API fields) -> the task to insert
         self.changes_dir = changes_dir
         self.last_tick = 0

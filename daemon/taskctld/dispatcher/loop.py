@@ -86,7 +86,7 @@ class Dispatcher:
         runner: Launcher,
         limits: Limits,
         *,
-        lifecycle: Lifecycle | None = None,
+        lifecycle: Lifecycle,
         clock: Clock = SYSTEM_CLOCK,
         hold_ahead: bool = True,
         reports: Reports | None = None,
@@ -99,7 +99,7 @@ class Dispatcher:
         `reports`: the runner's inbox, listened to from now on; `on_attempt_end`: told of
         each end after its commit; `accepting` False: hold every task (`config.hold`)."""
         self.store = store
-        self.lifecycle = lifecycle or Lifecycle(store)
+        self.lifecycle = lifecycle
         self.runner = runner
         self.limits = limits
         self.scheduler = scheduler
@@ -176,8 +176,8 @@ class Dispatcher:
         self._wake.set()
 
     def _note_queued(self, events: Sequence[EventRow], spans: Sequence[EventSpan]) -> None:
-        """Queues that `work`, a cron fire or a promotion gave tasks in this very transaction:
-        claim for them in it too, instead of one commit for those and one more for the claim."""
+        """Queues that `work` gave tasks in this very transaction: claim for them in it too,
+        instead of one commit for the submit and one more for the claim."""
         self.ready_queues.update(e.queue for e in events if e.to_state is TaskState.QUEUED)
         for span in spans:
             self.ready_queues.update(q for q, state in span.created if state is TaskState.QUEUED)
@@ -309,15 +309,14 @@ class Dispatcher:
                 ended = self._applier.apply(reports, now)
                 if work is not None:
                     result = work(now)
+                    self._note_queued(
+                        self.store.uncommitted_events(), self.store.uncommitted_spans()
+                    )
                 if timed and self.scheduler is not None:
                     self.scheduler.fire_due(now)
                 if timed and self.lifecycle.promote_due(now) >= PROMOTE_AT_MOST:
                     self._time_dirty = True  # more are due than one turn promotes
                     self._wake.set()
-                if work is not None or timed:
-                    self._note_queued(
-                        self.store.uncommitted_events(), self.store.uncommitted_spans()
-                    )
                 claimed = self._claim(now)
                 held = self._hold_ahead()
         except BaseException:
