@@ -28,6 +28,9 @@ demo: $(BASE)
 # Installs nothing outside .venv: a test that needs a program that is missing (zsh, tmux...) is
 # skipped with a line naming it. `.ci/run` installs them first and fails on any skip.
 test: $(TESTS)
+	@# Bytecode for modules added since the install: every daemon a test starts would compile
+	@# them again (PYTHONDONTWRITEBYTECODE is common), hundreds of times a run.
+	$(BIN)/python -m compileall -q taskctl daemon
 	$(BIN)/python -m pytest -q
 
 lint: $(TESTS)
