@@ -121,6 +121,11 @@ def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
         ).stdout
         body, _, status = out.rpartition(b"\n")
         return int(status), body
+    return socket_get(sock_path, path)
+
+
+def socket_get(sock_path: str, path: str) -> tuple[int, bytes]:
+    """A GET over the Unix socket from this process (no program started)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(sock_path)
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
@@ -128,7 +133,20 @@ def http_get(sock_path: str, path: str) -> tuple[int, bytes]:
         while chunk := s.recv(65536):
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _unchunk(body)
     return int(head.split()[1]), body
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, body = out + body[:size], body[size + 2 :]
+    return out
 
 
 def figure(label: str, value: Any) -> None:
@@ -194,6 +212,21 @@ class Home:
         at = words.index("--") if "--" in words else len(words)
         return json.loads(self.ok(*words[:at], "--json", *words[at:], **kw))
 
+    # -- the API, for waiting ---------------------------------------------------------------
+
+    def api(self, path: str) -> Any:
+        """GET `path` (JSON) from the daemon's socket, in this process. For the conditions a
+        test waits on: a poll through the CLI costs a Python start each look (0.2 s of CPU),
+        and what a test checks is still read through the CLI once the wait is over."""
+        status, body = socket_get(str(self.path / "taskctld.sock"), path)
+        assert status == 200, (path, status, body[:200])
+        return json.loads(body)
+
+    def api_task(self, task_id: int) -> dict[str, Any]:
+        """The task as `status --json` shows it, read from the socket (for waiting)."""
+        task: dict[str, Any] = self.api(f"/v1/tasks/{task_id}")
+        return task
+
     def submit(self, *command: str, options: tuple[str, ...] = ()) -> int:
         return int(self.ok("submit", *options, "--", *command).strip())
 
@@ -222,7 +255,7 @@ class Home:
 
     def wait_streams(self, n: int = 1) -> None:
         """Until `n` watch or logs --follow streams are connected to the daemon."""
-        wait_until(lambda: self.json("health")["streams"] >= n)
+        wait_until(lambda: self.api("/healthz")["streams"] >= n)
 
     def wait_watching(self, folder: Path, watches: int = 1) -> None:
         """Until the daemon holds `watches` inotify watches on `folder` (1: a file trigger is

@@ -31,7 +31,7 @@ def _supervisors(home: Home) -> list[int]:
 def test_a_task_running_across_a_daemon_kill_keeps_its_exit_code(daemon: Home) -> None:
     gate = daemon.path / "go"
     task_id = daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 42")
-    wait_until(lambda: daemon.task(task_id)["state"] == "running")
+    wait_until(lambda: daemon.api_task(task_id)["state"] == "running")
     daemon.kill9()
     daemon.start()
     assert daemon.task(task_id)["state"] == "running"  # adopted, not lost
@@ -44,7 +44,7 @@ def test_a_task_running_across_a_daemon_kill_keeps_its_exit_code(daemon: Home) -
 def test_a_task_that_ended_while_no_daemon_ran_keeps_its_exit_code(daemon: Home) -> None:
     gate = daemon.path / "go"
     task_id = daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 42")
-    wait_until(lambda: daemon.task(task_id)["state"] == "running")
+    wait_until(lambda: daemon.api_task(task_id)["state"] == "running")
     daemon.kill9()
     gate.touch()
     wait_until(
@@ -62,7 +62,7 @@ def test_daemon_stop_leaves_tasks_running_and_the_next_daemon_finishes_them(daem
         daemon.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit {n}")
         for n in (3, 4)
     ]
-    wait_until(lambda: all(daemon.task(i)["state"] == "running" for i in ids))
+    wait_until(lambda: all(daemon.api_task(i)["state"] == "running" for i in ids))
     daemon.ok("daemon", "stop")
     gate.touch()
     daemon.start()
@@ -71,7 +71,7 @@ def test_daemon_stop_leaves_tasks_running_and_the_next_daemon_finishes_them(daem
 
 def test_a_dead_supervisor_means_lost_and_no_orphan(daemon: Home) -> None:
     task_id = daemon.submit("sleep", "300")
-    wait_until(lambda: daemon.task(task_id)["attempts"][0]["pid"])
+    wait_until(lambda: daemon.api_task(task_id)["attempts"][0]["pid"])
     pid = daemon.task(task_id)["attempts"][0]["pid"]
     for sup in _supervisors(daemon):
         os.kill(sup, signal.SIGKILL)

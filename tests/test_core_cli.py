@@ -46,7 +46,7 @@ def test_wait_exit_codes_say_how_a_task_ended_that_never_exited(daemon: Home) ->
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_until(lambda: daemon.task(slow)["state"] == "running")
+        wait_until(lambda: daemon.api_task(slow)["state"] == "running")
         daemon.ok("cancel", str(slow))
         assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
@@ -88,11 +88,12 @@ def test_300_tasks_from_a_shell_loop_all_finish_once(daemon: Home) -> None:
     submitted = [int(line) for line in loop.stdout.split()]
     assert len(submitted) == 300 and len(set(submitted)) == 300
 
-    def all_final() -> list[dict] | None:
-        tasks = daemon.json("list", "--limit", "1000")
-        return tasks if all(t["state"] in FINAL for t in tasks) else None
+    def all_final() -> bool:
+        return all(t["state"] in FINAL for t in daemon.api("/v1/tasks?limit=1000"))
 
-    tasks = wait_until(all_final, timeout=120, interval=0.5)
+    wait_until(all_final, timeout=120, interval=0.5)
+    tasks = daemon.json("list", "--limit", "1000")
+    assert all(t["state"] in FINAL for t in tasks)
     assert sorted(t["id"] for t in tasks) == sorted(submitted)
     assert Counter(t["state"] for t in tasks) == {"succeeded": 300}
     assert all(len(t["attempts"]) == 1 for t in tasks)

@@ -52,7 +52,7 @@ def _gated_running(home: Home, code: int) -> tuple[int, int]:
     """A task that exits with `code` once the file `go` exists; (its id, its pid) once it runs."""
     gate = home.path / "go"
     task_id = home.submit("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; exit {code}")
-    wait_until(lambda: home.task(task_id)["state"] == "running")
+    wait_until(lambda: home.api_task(task_id)["state"] == "running")
     return task_id, home.task(task_id)["attempts"][0]["pid"]
 
 

@@ -178,7 +178,7 @@ def _warm(daemon: Home, queue: str = "default") -> None:
 
 def _gated(daemon: Home, gate: Path) -> int:
     task_id = daemon.submit("cat", str(gate))
-    wait_until(lambda: daemon.task(task_id)["state"] == "running")
+    wait_until(lambda: daemon.api_task(task_id)["state"] == "running")
     return task_id
 
 
@@ -203,7 +203,7 @@ def _behind_a_gate(
     gate, runs = _gate(home.path), home.path / "runs"
     first = _gated(home, gate)
     held = _recording(home, runs, codes)
-    wait_until(lambda: home.json("health")["held"] == len(codes))
+    wait_until(lambda: home.api("/healthz")["held"] == len(codes))
     return gate, runs, first, held
 
 
@@ -294,7 +294,7 @@ def test_a_higher_priority_task_of_another_queue_waits_at_most_the_held_lines(ho
     gate = _gate(home.path)
     gated = [_gated(home, gate) for _ in range(2)]  # both slots, each with a line behind it
     backlog = [int(x) for x in home.ok("submit", "--stdin", input="true\n" * 100).split()]
-    wait_until(lambda: home.json("health")["held"] == 2 * HOLD_AHEAD)
+    wait_until(lambda: home.api("/healthz")["held"] == 2 * HOLD_AHEAD)
     urgent = home.submit("true", options=("-q", "urgent", "-p", "10"))
     _open_gate(gate)
     began = rfc3339_to_ms(home.wait_final(urgent)["attempts"][0]["started_at"])

@@ -171,7 +171,7 @@ def test_metrics_parse_and_count_what_list_shows(daemon: Home) -> None:
     daemon.ok("submit", "--stdin", "--json-lines", input=lines)
     wait_until(
         lambda: all(
-            t["state"] in ("succeeded", "failed") for t in daemon.json("list", "-n", "200")
+            t["state"] in ("succeeded", "failed") for t in daemon.api("/v1/tasks?limit=200")
         ),
         timeout=60,
     )

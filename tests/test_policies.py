@@ -126,9 +126,7 @@ def test_cancel_respects_the_kill_grace(daemon: Home) -> None:
     task_id = daemon.submit(
         "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done", options=("--kill-grace", "1s")
     )
-    wait_until(
-        lambda: daemon.task(task_id)["attempts"] and daemon.task(task_id)["attempts"][0]["pid"]
-    )
+    wait_until(lambda: (t := daemon.api_task(task_id))["attempts"] and t["attempts"][0]["pid"])
     began = time.monotonic()
     daemon.ok("cancel", str(task_id))
     assert 0.9 <= time.monotonic() - began <= 5
@@ -192,7 +190,7 @@ def test_cancel_after_the_command_exited_waits_for_the_attempt_not_in_vain(daemo
         "sh", "-c", "trap '' TERM; sleep 30 & exit 1",
         options=("--retries", "1", "--retry-delay", "1h", "--kill-grace", "2s"),
     )  # fmt: skip
-    wait_until(lambda: daemon.task(task_id)["attempts"][0]["pid"])
+    wait_until(lambda: daemon.api_task(task_id)["attempts"][0]["pid"])
     began = time.monotonic()
     done = daemon.run("cancel", str(task_id))
     took = time.monotonic() - began

@@ -129,7 +129,7 @@ def test_stdin_submits_a_batch_of_ten_thousand_that_all_run(daemon: Home) -> Non
     figure("seq 10000 | submit --stdin: accepted in (s)", round(accepted, 2))
 
     def finished() -> bool:
-        counts = {q["name"]: q["counts"] for q in daemon.json("queue", "list")}["bulk"]
+        counts = {q["name"]: q["counts"] for q in daemon.api("/v1/queues")}["bulk"]
         return counts.get("succeeded", 0) == 10_000
 
     wait_until(finished, timeout=240, interval=1)

@@ -29,7 +29,7 @@ def test_restart_replaces_the_daemon_and_running_tasks_finish_with_their_codes(
     daemon.ok("daemon", "stop")
     daemon.start()
     ids = [_gated(daemon, code) for code in (0, 3, 4, 5)]
-    wait_until(lambda: all(daemon.task(i)["state"] == "running" for i in ids))
+    wait_until(lambda: all(daemon.api_task(i)["state"] == "running" for i in ids))
     before = daemon.daemon_pid()
     daemon.ok("daemon", "restart")
     assert daemon.daemon_pid() != before
@@ -63,7 +63,7 @@ def test_stop_kill_ends_tasks_and_queues_them_again_without_counting(daemon: Hom
         daemon.submit("sh", "-c", f"echo run >> {marker}.{n}; sleep 300 & sleep 300; wait")
         for n in range(2)
     ]
-    wait_until(lambda: all(daemon.task(i)["state"] == "running" for i in ids))
+    wait_until(lambda: all(daemon.api_task(i)["state"] == "running" for i in ids))
     wait_until(lambda: len(daemon.task_processes()) >= 6)
     daemon.ok("daemon", "stop", "--kill")
     assert daemon.task_processes() == []  # every process of every task is gone
@@ -76,8 +76,7 @@ def test_stop_kill_ends_tasks_and_queues_them_again_without_counting(daemon: Hom
         assert task["retries"] == 0  # no retry allowed, and yet it runs again: not counted
     wait_until(
         lambda: all(
-            len(daemon.task(i)["attempts"]) == 2 and daemon.task(i)["state"] == "running"
-            for i in ids
+            len((t := daemon.api_task(i))["attempts"]) == 2 and t["state"] == "running" for i in ids
         )
     )
     for i in ids:
@@ -167,7 +166,9 @@ def test_the_store_does_not_grow_without_bound(daemon: Home) -> None:
             check=True,
         )
         wait_until(
-            lambda: daemon.json("status")["states"]["succeeded"] >= 1500, timeout=120, interval=0.5
+            lambda: daemon.api("/v1/summary")["states"]["succeeded"] >= 1500,
+            timeout=120,
+            interval=0.5,
         )
         daemon.ok("prune", "--older-than", "0s")
         return db.stat().st_size + (
@@ -238,8 +239,7 @@ def test_chaos_kill_the_daemon_at_random_moments(home: Home) -> None:
     assert len(acked) == 500
     wait_until(
         lambda: (
-            home.json("status")["states"]["succeeded"] + home.json("status")["states"]["failed"]
-            == 500
+            (states := home.api("/v1/summary")["states"])["succeeded"] + states["failed"] == 500
         ),
         timeout=150,
         interval=0.5,

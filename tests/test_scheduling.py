@@ -11,7 +11,7 @@ import pytest
 
 from taskctl.units import rfc3339_to_ms
 
-from conftest import FINAL, Home, figure, wait_until
+from conftest import FINAL, Home, figure, socket_get, wait_until
 
 
 def test_delay_starts_the_task_after_that_long(daemon: Home) -> None:
@@ -105,12 +105,13 @@ def _minute() -> float:
 def test_cron_fires_once_per_minute_across_a_daemon_kill(daemon: Home) -> None:
     """The issue's check: `* * * * *` over about three minutes with a SIGKILL in the middle."""
     daemon.ok("cron", "add", "-n", "tick", "* * * * *", "--", "date")
-    first = wait_until(lambda: daemon.json("list"), timeout=75, interval=0.5)[0]
+    wait_until(lambda: daemon.api("/v1/tasks"), timeout=75, interval=0.5)
+    first = daemon.json("list")[0]
     first_due = rfc3339_to_ms(first["due_at"]) / 1000
     daemon.kill9()  # down across the next due minute
     wait_until(lambda: time.time() > first_due + 65, timeout=70, interval=0.5)
     daemon.start()
-    wait_until(lambda: len(daemon.json("list")) >= 3, timeout=75, interval=0.5)
+    wait_until(lambda: len(daemon.api("/v1/tasks")) >= 3, timeout=75, interval=0.5)
     tasks = daemon.json("list")
     dues = sorted(rfc3339_to_ms(t["due_at"]) / 1000 for t in tasks)
     assert dues[:3] == [first_due, first_due + 60, first_due + 120], dues
@@ -163,7 +164,7 @@ def test_triggers_work_where_there_is_no_inotify(home: Home, tmp_path) -> None:
     written: list[Path] = []
 
     def fired() -> bool:
-        if home.json("list"):
+        if home.api("/v1/tasks"):
             return True
         written.append(watched / f"poke{len(written)}")
         written[-1].write_text("x")
@@ -171,17 +172,19 @@ def test_triggers_work_where_there_is_no_inotify(home: Home, tmp_path) -> None:
 
     def reported() -> list[str]:
         """Every path the finished tasks were given (all, once none is running)."""
-        tasks = home.json("list")
+        tasks = home.api("/v1/tasks")
         if any(t["state"] not in FINAL for t in tasks):
             return []
-        return [path for t in tasks for path in home.ok("logs", str(t["id"])).split()]
+        sock = str(home.path / "taskctld.sock")
+        logs = [socket_get(sock, f"/v1/tasks/{t['id']}/logs")[1] for t in tasks]
+        return [path for log in logs for path in log.decode().split()]
 
     wait_until(fired, timeout=30, interval=1.0)
     home.wait_watching(watched, 0)  # no inotify watch: the changes were found by polling
     wait_until(lambda: str(written[-1]) in reported(), timeout=30)  # every poke has fired
     before = len(home.json("list"))
     (watched / "later").write_text("x")
-    wait_until(lambda: len(home.json("list")) > before, timeout=30)
+    wait_until(lambda: len(home.api("/v1/tasks")) > before, timeout=30)
     newest = max(t["id"] for t in home.json("list"))
     assert home.ok("logs", str(home.wait_final(newest)["id"])).split() == [str(watched / "later")]
 
@@ -191,7 +194,7 @@ def _outputs_after_change(daemon: Home, tasks: int, change: Path | None = None) 
     output (the paths it was given), sorted, in task order."""
     if change is not None:
         change.write_text("x")
-    wait_until(lambda: len(daemon.json("list")) >= tasks, timeout=10)
+    wait_until(lambda: len(daemon.api("/v1/tasks")) >= tasks, timeout=10)
     ids = sorted(t["id"] for t in daemon.json("list"))
     return [sorted(daemon.ok("logs", str(daemon.wait_final(i)["id"])).split()) for i in ids]
 

@@ -645,7 +645,7 @@ def test_a_stray_connection_to_the_supervisor_changes_nothing(daemon: Home) -> N
     gate, marker = daemon.path / "go", daemon.path / "pwned"
     command = f"echo run >> {daemon.path}/runs; while [ ! -e {gate} ]; do sleep 0.05; done; exit 7"
     task_id = daemon.submit("sh", "-c", command)
-    wait_until(lambda: daemon.task(task_id)["state"] == "running")
+    wait_until(lambda: daemon.api_task(task_id)["state"] == "running")
     idle, spawner = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
     with idle, spawner:
         idle.connect(_supervisor_socket(daemon))
