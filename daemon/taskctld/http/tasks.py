@@ -34,7 +34,10 @@ class TaskRoutes(Routes):
         self.task_logs = task_logs
         self.retention = retention
 
-    @post(f"{V1}/tasks", response_model=Task, status_code=201, responses=ERRORS)
+    @post(
+        f"{V1}/tasks", response_model=Task, status_code=201,
+        responses={**ERRORS, 200: {"model": Task, "description": "Deduplicated: an equal request's task"}},
+    )  # fmt: skip
     async def submit(self, spec: TaskSpec) -> Response:
         """Create a task. Answered only after the task is committed to the store. With a `key`
         already in use by an equal request, the existing task is returned (`deduplicated`)."""
