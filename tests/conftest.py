@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import pgcluster
 from taskctld import containment
 from taskctld.store import TaskRow
 
@@ -338,6 +339,24 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that with several workers they overlap with everything else."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pgcluster.Cluster]:
+    """A throwaway PostgreSQL server for this test process (each xdist worker has its own);
+    the tests that need one are skipped, with a line naming what to install, where the
+    machine has no PostgreSQL server binaries."""
+    if pgcluster.server_bindir() is None:
+        pytest.skip(f"needs {pgcluster.INSTALL}")
+    root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+    with pgcluster.running_cluster(root) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pgcluster.Cluster) -> str:
+    """A fresh, empty database on the tests' own cluster."""
+    return pg_cluster.new_database()
 
 
 @pytest.fixture
