@@ -301,25 +301,43 @@ def test_schedules_are_added_found_changed_and_deleted(store: Store) -> None:
     assert store.get_schedule("nightly") is None and store.fires_of(first.id, 10) == []
 
 
-def test_a_due_time_fires_once(store: Store, backend: Backend) -> None:
-    """The (schedule, due time) key refuses a second fire, and the writes of its
-    transaction (the task it would have made) go with it."""
+def test_a_due_time_fires_once(store: Store) -> None:
+    """`claim_fire` takes a (schedule, due time) once: a second claim (another node's, or a
+    later turn's) gets False and changes nothing, and neither does a second `record_fire`;
+    neither raises, so the rest of the loser's transaction stands."""
     with store.transaction():
         schedule = store.add_schedule(_schedule("every"), 1000)
-    (task_id,) = _submit(store, schedule_id=schedule.id, due_at=60_000)
     with store.transaction():
         assert not store.fire_exists(schedule.id, 60_000)
-        store.record_fire(schedule.id, 60_000, 60_010, task_id, "fired")
+        assert store.claim_fire(schedule.id, 60_000, 60_010)
+        (task_id,) = Lifecycle(store).submit(
+            [NewTask(command=["true"], cwd="/", schedule_id=schedule.id, due_at=60_000)], 60_010
+        )
+        store.set_fire_task(schedule.id, 60_000, task_id, "fired")
     assert store.fire_exists(schedule.id, 60_000)
-    with pytest.raises(backend.constraint_error), store.transaction():
-        (again,) = Lifecycle(store).submit([NewTask(command=["true"], cwd="/")], 60_020)
-        store.record_fire(schedule.id, 60_000, 60_020, again, "fired")
-    assert [t.id for t in store.list_tasks(TaskFilter())] == [task_id]
+    with store.transaction():
+        assert not store.claim_fire(schedule.id, 60_000, 60_020)
+        store.record_fire(schedule.id, 60_000, 60_020, None, "error: late")
+        (other,) = _submit(store)  # the rest of the turn commits
+    assert [t.id for t in store.list_tasks(TaskFilter())] == [other, task_id]
     (fire,) = store.fires_of(schedule.id, 10)
-    assert (fire.due_at, fire.task_id, fire.outcome, fire.task_state) == (
-        60_000, task_id, "fired", "queued",
+    assert (fire.due_at, fire.fired_at, fire.task_id, fire.outcome, fire.task_state) == (
+        60_000, 60_010, task_id, "fired", "queued",
     )  # fmt: skip
     assert store.latest_task_of(schedule.id) == (task_id, "queued")
+    with store.transaction():  # a claim that rolls back leaves the due time free
+        assert store.claim_fire(schedule.id, 120_000, 120_010)
+        with store.savepoint():
+            assert not store.claim_fire(schedule.id, 120_000, 120_010)
+        store.set_fire_task(schedule.id, 120_000, None, "skipped: the previous run is still going")
+    assert [(f.due_at, f.task_id, f.outcome) for f in store.fires_of(schedule.id, 10)] == [
+        (120_000, None, "skipped: the previous run is still going"), (60_000, task_id, "fired"),
+    ]  # fmt: skip
+    with pytest.raises(ZeroDivisionError), store.transaction():
+        assert store.claim_fire(schedule.id, 180_000, 180_010)
+        1 / 0  # noqa: B018
+    with store.transaction():
+        assert store.claim_fire(schedule.id, 180_000, 180_020)
 
 
 def test_removed_tasks_take_their_attempts_and_dependencies_with_them(store: Store) -> None:

@@ -162,7 +162,7 @@ class Lifecycle:
         chosen = [c.id for c in candidates[:limit]]
         taken = set(chosen)
         exhausted = {q for q, last in last_of.items() if last == 0 or last in taken}
-        claimed = [t for t in self.store.get_tasks(chosen) if self._start(t, t.attempts + 1, now)]
+        claimed = self.store.start_attempts(chosen, TaskState.QUEUED, TaskState.RUNNING, now)
         return Claim(claimed, exhausted)
 
     def claim_attempt(

@@ -236,8 +236,7 @@ class Scheduler:
         except (TaskctlError, ValueError, KeyError, TypeError) as e:
             message = e.message if isinstance(e, TaskctlError) else str(e)
             log.error("schedule %s: cannot create its task for %d: %s", schedule.name, due, message)
-            if not self.store.fire_exists(schedule.id, due):
-                self.store.record_fire(schedule.id, due, now, None, f"error: {message}"[:500])
+            self.store.record_fire(schedule.id, due, now, None, f"error: {message}"[:500])
             return None
 
     def fire(
@@ -245,13 +244,13 @@ class Scheduler:
     ) -> int | None:
         """Create the task for one due time, unless it exists already or the overlap policy
         says no. Returns the task id (None when skipped)."""
-        if self.store.fire_exists(schedule.id, due):
-            return None
+        if not self.store.claim_fire(schedule.id, due, now):
+            return None  # fired already, here or by another node
         previous = self.store.latest_task_of(schedule.id)
         running = previous is not None and previous[1] not in FINAL_VALUES
         if running and schedule.overlap == "skip":
-            self.store.record_fire(
-                schedule.id, due, now, None, "skipped: the previous run is still going"
+            self.store.set_fire_task(
+                schedule.id, due, None, "skipped: the previous run is still going"
             )
             return None
         template = json.loads(schedule.template)
@@ -262,7 +261,7 @@ class Scheduler:
         if running and schedule.overlap == "queue" and previous is not None:
             task.after_any = [previous[0]]
         (task_id,) = self.lifecycle.submit([task], now)
-        self.store.record_fire(schedule.id, due, now, task_id, "fired")
+        self.store.set_fire_task(schedule.id, due, task_id, "fired")
         return task_id
 
     def fire_trigger(self, schedule_id: int, changed: list[str], now: int) -> int | None:

@@ -48,6 +48,7 @@ class NewTask:
     schedule_id: int | None = None  # the cron schedule or trigger that created it
     due_at: int | None = None  # the schedule's due time it stands for
     key_fingerprint: str | None = None  # what a repeated submit with the same key must match
+    node: str | None = None  # run only on this node (a distributed store); None: anywhere
 
 
 @dataclass
@@ -78,6 +79,23 @@ class AttemptRow:
     max_rss: int | None = None
     cpu_user: float | None = None
     cpu_system: float | None = None
+    node: str | None = None  # the node that runs it (a distributed store); None on SQLite
+
+
+@dataclass
+class NodeRow:
+    """A daemon sharing a distributed store, as `NodeStore.nodes` reports it. Times are the
+    database's clock (epoch ms): nodes' own clocks never decide a lease."""
+
+    name: str
+    version: str
+    state: str  # up | draining | lost
+    started_at: int
+    heartbeat_at: int
+    age_ms: int  # since its last heartbeat, by the database's clock
+    slots: int
+    queues: list[str] | None  # the queues it serves; None: every queue
+    running: int  # its open attempts
 
 
 @dataclass
@@ -226,8 +244,9 @@ class Transactions(Protocol):
     """The unit of work. Events appended inside a transaction are published to the
     `on_commit` subscribers once it commits, in commit order, and dropped if it rolls back.
 
-    PostgreSQL next: subscribers on other nodes hear commits through LISTEN/NOTIFY; this
-    interface stays the node-local half."""
+    On PostgreSQL, event ids are given at the commit (in commit order across nodes), so
+    `uncommitted_events` has id 0 on each; other nodes hear a commit through NOTIFY
+    (`taskctld.store.postgres.CHANNEL`); this interface stays the node-local half."""
 
     def transaction(self) -> AbstractContextManager[None]: ...
     def savepoint(self) -> AbstractContextManager[None]: ...
@@ -249,8 +268,14 @@ class TaskStore(Protocol):
     `any_dependencies` only lets the lifecycle skip a read after each end: it may say True
     when unsure, never False once a dependency exists.
 
-    PostgreSQL next: `move`'s fence also names the attempt's lease, so that a node that lost
-    its lease cannot write; `any_dependencies` cannot cache a False another node may end."""
+    `start_attempts` is the set-based form of a claim's moves: many tasks to their next
+    attempt at once, with their attempt rows and events (one statement on PostgreSQL).
+
+    On PostgreSQL a node that lost its lease cannot write through the fence: the node that
+    rescued it ended its attempts (`NodeStore.take_lost`), so the late node's `move` finds
+    the task in another state or at another attempt. `any_dependencies` does not cache a
+    False there (another node may add the first dependency). `find_by_key`, in a transaction,
+    first locks the key until the commit, so two nodes submitting one key make one task."""
 
     def insert_tasks(
         self, tasks: Sequence[NewTask], states: Sequence[TaskState], now: int
@@ -269,6 +294,9 @@ class TaskStore(Protocol):
         queue: str | None = None,
         **fields: object,
     ) -> bool: ...
+    def start_attempts(
+        self, ids: Sequence[int], old: TaskState, new: TaskState, now: int
+    ) -> list[TaskRow]: ...
     def state_of(self, task_id: int) -> tuple[TaskState, int] | None: ...
     def any_dependencies(self) -> bool: ...
     def dependency_states(self, task_id: int) -> list[tuple[TaskState, bool]]: ...
@@ -289,9 +317,11 @@ class ReadyStore(Protocol):
     """What is ready to run or due, read for claims, hold-ahead and promotion. Candidates come
     in claim order (`Candidate`); choosing among them and claiming is the lifecycle's.
 
-    PostgreSQL next: candidates are read `FOR UPDATE SKIP LOCKED` inside the claim's
-    transaction, so that two nodes never get the same task, and queue limits are counted
-    there too (running attempts of every node)."""
+    On PostgreSQL, candidates are read `FOR UPDATE SKIP LOCKED` inside the claim's
+    transaction, so that two nodes never get the same task; a queue's concurrency limit is
+    counted there too, over every node (its queue row locked), and caps `want`; tasks pinned
+    to another node are passed over, and a node that is not up gets none. `running_by_queue`
+    counts this node's attempts only (its slots)."""
 
     def claim_candidates(
         self, queue: str, want: int, held: Collection[int]
@@ -309,7 +339,8 @@ class BatchStore(Protocol):
     """A big batch staged out of the main tables a chunk at a time, then published in one
     transaction (one statement per table), its initial states given as `InitialStates`.
 
-    PostgreSQL next: staging is a temporary or unlogged table filled with COPY."""
+    On PostgreSQL, staging is an unlogged table filled with COPY, and a batch is never
+    published apart (`can_publish_apart` is False)."""
 
     def open_staging(self) -> str: ...
     def stage(self, staging: str, first_seq: int, tasks: Sequence[NewTask]) -> None: ...
@@ -328,10 +359,10 @@ class BatchStore(Protocol):
 class AttemptStore(Protocol):
     """Attempt rows: opened when a task is claimed (or a held start is found), ended once.
 
-    PostgreSQL next: an attempt carries the node that runs it and a lease (an expiry its
-    heartbeat renews); another node rescues an attempt whose lease expired. Room for
-    `open_attempt(..., node=, lease_until=)`, `renew_leases(node, until)` and
-    `expired_attempts(now)`."""
+    On PostgreSQL an attempt carries the node that runs it (the store's own, set by
+    `open_attempt`); its lease is its node's heartbeat (`NodeStore`). `open_attempts` and
+    `stray_attempts` are this node's only (what its runner has), and `node_of` says which
+    node runs a task's open attempt (None on SQLite)."""
 
     def open_attempt(
         self, task_id: int, number: int, started_at: int, pid: int | None = None
@@ -343,6 +374,7 @@ class AttemptStore(Protocol):
     def open_attempts(self) -> list[AttemptRow]: ...
     def stray_attempts(self) -> list[tuple[int, int, str]]: ...
     def count_attempt_outcomes(self) -> dict[str, int]: ...
+    def node_of(self, task_id: int) -> str | None: ...
 
 
 class QueueStore(Protocol):
@@ -356,7 +388,12 @@ class QueueStore(Protocol):
 
 class ScheduleStore(Protocol):
     """Cron schedules and file triggers, and their fires: one per (schedule, due time), the
-    key that makes a fire exactly-once (on every backend: a primary key)."""
+    key that makes a fire exactly-once (on every backend: a primary key).
+
+    `claim_fire` takes a due time (False: it was taken, here or by another node, and nothing
+    changed), `set_fire_task` then records what came of it; `record_fire` of a due time
+    that has a fire already changes nothing. None of them raises on a taken key, so a fire
+    that loses a race never takes the rest of its transaction down."""
 
     def add_schedule(self, schedule: NewSchedule, now: int) -> ScheduleRow: ...
     def get_schedule(self, name: str) -> ScheduleRow | None: ...
@@ -371,6 +408,10 @@ class ScheduleStore(Protocol):
     def record_fire(
         self, schedule_id: int, due_at: int, now: int, task_id: int | None, outcome: str
     ) -> None: ...
+    def claim_fire(self, schedule_id: int, due_at: int, now: int) -> bool: ...
+    def set_fire_task(
+        self, schedule_id: int, due_at: int, task_id: int | None, outcome: str
+    ) -> None: ...
     def fires_of(self, schedule_id: int, limit: int) -> list[FireRow]: ...
     def latest_task_of(self, schedule_id: int) -> tuple[int, str] | None: ...
 
@@ -380,9 +421,9 @@ class EventLog(Protocol):
     publish) in the changing transaction; read back in id order, which `watch --since` and a
     stream that overflowed resume from.
 
-    PostgreSQL next: ids from a sequence are not in commit order when several nodes write at
-    once; the cursor becomes a commit-ordered one (a commit sequence or log position) and
-    `events_after` takes it."""
+    On PostgreSQL, ids are given under one lock at each commit, so they are in commit order
+    across nodes: a cursor never skips an event that commits later with a smaller id.
+    `last_event_id` is the newest committed one."""
 
     def events_after(self, event_id: int, limit: int) -> list[EventRow]: ...
     def last_event_id(self) -> int: ...
@@ -411,4 +452,29 @@ class Store(
     Maintenance,
     Protocol,
 ):
-    """Every role: what the daemon is given (`SqliteStore` today)."""
+    """Every role: what the daemon is given (`SqliteStore`, or `PostgresStore`).
+
+    `distributed`: whether other nodes share this store (PostgreSQL); then it is also a
+    `NodeStore`, and a claim's slots, open attempts and wake-ups are this node's."""
+
+    distributed: bool
+
+
+class NodeStore(Protocol):
+    """The daemons sharing a distributed store (PostgreSQL only; `Store.distributed` says).
+
+    Each node has a row, its heartbeat renewed by `beat` on the database's clock; a node
+    whose heartbeat is older than the lease has lapsed, and any other node may `take_lost`
+    it (in its transaction: the lifecycle then ends each returned attempt as `lost`). A
+    node that finds itself lost (`beat` is False) stops its own task trees. A node whose
+    row is not up (draining, lost) claims nothing. `join`, `beat` and `set_node_state` are
+    one statement each and may run outside a transaction."""
+
+    node: str
+
+    def join(self, name: str, version: str, slots: int, queues: list[str] | None) -> None: ...
+    def beat(self) -> bool: ...
+    def nodes(self) -> list[NodeRow]: ...
+    def set_node_state(self, name: str, state: str) -> bool: ...
+    def lapsed(self) -> list[str]: ...
+    def take_lost(self, name: str) -> list[AttemptRow]: ...

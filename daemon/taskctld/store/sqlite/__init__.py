@@ -40,6 +40,8 @@ class SqliteStore(
     """`Store` on one SQLite database file: opened, configured and migrated here; each role
     is a part of its own (see the module docstring)."""
 
+    distributed = False  # one node: no other daemon shares this file
+
     def __init__(self, path: Path, *, durability: str = "full") -> None:
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))

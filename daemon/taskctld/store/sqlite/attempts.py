@@ -80,6 +80,10 @@ class SqliteAttempts(SqliteBase):
             "WHERE a.outcome IS NULL AND NOT (t.state = 'running' AND t.attempts = a.number)"
         ).fetchall()
 
+    def node_of(self, task_id: int) -> str | None:
+        """One node runs everything here: no node is named."""
+        return None
+
     def count_attempt_outcomes(self) -> dict[str, int]:
         return dict(
             self.conn.execute(

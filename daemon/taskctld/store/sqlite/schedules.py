@@ -92,12 +92,33 @@ class SqliteSchedules(SqliteBase):
     def record_fire(
         self, schedule_id: int, due_at: int, now: int, task_id: int | None, outcome: str
     ) -> None:
-        """The (schedule, due time) key is the primary key: a second fire of the same due
-        time fails here, and takes its task down with it (same transaction)."""
+        """Record a fire; a due time that has one already keeps it (this changes nothing)."""
         self._require_transaction()
         self.conn.execute(
-            "INSERT INTO fires (schedule_id, due_at, fired_at, task_id, outcome) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO fires (schedule_id, due_at, fired_at, task_id, outcome) "
+            "VALUES (?, ?, ?, ?, ?)",
             (schedule_id, due_at, now, task_id, outcome),
+        )
+
+    def claim_fire(self, schedule_id: int, due_at: int, now: int) -> bool:
+        """Take a due time for this transaction: its fire row, with no task yet (the
+        (schedule, due time) primary key makes it once). False, changing nothing, when it was
+        taken already."""
+        self._require_transaction()
+        return self.conn.execute(
+            "INSERT OR IGNORE INTO fires (schedule_id, due_at, fired_at, task_id, outcome) "
+            "VALUES (?, ?, ?, NULL, 'claimed')",
+            (schedule_id, due_at, now),
+        ).rowcount == 1  # fmt: skip
+
+    def set_fire_task(
+        self, schedule_id: int, due_at: int, task_id: int | None, outcome: str
+    ) -> None:
+        """What a claimed fire came to: its task (None when skipped) and outcome."""
+        self._require_transaction()
+        self.conn.execute(
+            "UPDATE fires SET task_id = ?, outcome = ? WHERE schedule_id = ? AND due_at = ?",
+            (task_id, outcome, schedule_id, due_at),
         )
 
     def fires_of(self, schedule_id: int, limit: int) -> list[FireRow]:

@@ -81,6 +81,36 @@ class SqliteTasks(SqliteBase):
         self._append_event(now, task_id, old, new, attempt, exit_code, reason, queue)
         return True
 
+    def start_attempts(
+        self, ids: Sequence[int], old: TaskState, new: TaskState, now: int
+    ) -> list[TaskRow]:
+        """Move each task that is still in `old` to `new` as its next attempt (attempts and
+        tries counted, started_at kept from a first start), with its open attempt row and its
+        event; returns the tasks that moved, as they are now, in the order given. A task no
+        longer in `old` is passed over. The set-based form of a claim's moves (here a loop:
+        a local file pays no round trips)."""
+        self._require_transaction()
+        if not states.allowed(old, new):
+            raise RuntimeError(f"transition {old} -> {new} is not in the state machine")
+        moved: list[int] = []
+        for task_id in ids:
+            found = self.conn.execute(
+                "UPDATE tasks SET state = ?, reason = NULL, updated_at = ?, attempts = attempts + 1, "
+                "tries = tries + 1, started_at = coalesce(started_at, ?) WHERE id = ? AND state = ? "
+                "RETURNING attempts, queue",
+                (new.value, now, now, task_id, old.value),
+            ).fetchall()
+            if not found:
+                continue
+            ((number, queue),) = found
+            self.conn.execute(
+                "INSERT INTO attempts (task_id, number, started_at) VALUES (?, ?, ?)",
+                (task_id, number, now),
+            )
+            self._append_event(now, task_id, old, new, number, queue=queue)
+            moved.append(task_id)
+        return self.get_tasks(moved)
+
     # -- inserts --------------------------------------------------------------------------------
 
     def insert_tasks(
