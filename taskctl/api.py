@@ -159,6 +159,9 @@ class TaskOptions(RetryPolicy, ExecutionLimits):
     shell: bool = Field(False, description="run command[0] through `sh -c`")
     name: str | None = Field(None, max_length=200)
     queue: str = Field(DEFAULT_QUEUE, pattern=QUEUE_NAME_PATTERN)
+    node: str | None = Field(
+        None, pattern=QUEUE_NAME_PATTERN, description="run only on this node of a cluster"
+    )
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="higher runs first")
     cwd: Bytes | None = Field(None, description="absolute path; default: the daemon owner's home")
     env: dict[str, Bytes] | None = Field(
@@ -223,6 +226,7 @@ class Schedule(Response):
     glob: str | None = None
     recursive: bool | None = None
     debounce: float | None = None
+    node: str | None = Field(None, description="a trigger's node in a cluster: it watches it")
     overlap: str
     catch_up: str
     paused: bool
@@ -316,6 +320,7 @@ class Attempt(Response):
     max_rss: int | None = Field(None, description="peak resident set size, bytes")
     cpu_user: float | None = Field(None, description="seconds")
     cpu_system: float | None = Field(None, description="seconds")
+    node: str | None = Field(None, description="the node it ran on (a cluster's)")
 
 
 class Task(Response):
@@ -324,6 +329,7 @@ class Task(Response):
     state: TaskState
     reason: str | None = None
     queue: str
+    node: str | None = Field(None, description="the only node it may run on (a cluster's)")
     priority: int
     command: list[BytesOut]
     shell: bool = False
@@ -372,6 +378,19 @@ class QueueInfo(Response):
     counts: dict[str, int] = Field(default_factory=dict)
 
 
+class NodeInfo(Response):
+    """One daemon of a cluster sharing a PostgreSQL store (on SQLite: the one daemon)."""
+
+    name: str
+    version: str
+    state: str  # up | draining | lost
+    heartbeat_age: float  # seconds since its last heartbeat, by the database's clock
+    running: int  # attempts it runs now
+    slots: int  # its concurrency
+    queues: list[str] | None = None  # the queues it takes work from (None: all)
+    this: bool = False  # the node that answered
+
+
 class Health(Response):
     status: str  # "ok" or "unhealthy"
     reasons: list[str] = Field(default_factory=list)
@@ -388,6 +407,8 @@ class Health(Response):
     hold: bool = False  # config.toml's `hold = true`: tasks are accepted, none is started
     containment: str | None = None  # "cgroup", or "process-group (why no cgroup)"
     last_event_id: int | None = None
+    store: str | None = None  # "sqlite", or the cluster's PostgreSQL (never its password)
+    node: str | None = None  # this daemon's name in a cluster
     streams: int = 0  # connected `watch` and `logs --follow` streams
     scheduler_heartbeat_age: float | None = None
     database_size: int | None = None

@@ -198,6 +198,24 @@ def _default_value(key: str, value: Any) -> str:
 QUEUE_HEADER = ("QUEUE", "LIMIT", "STATE", "RUNNING", "QUEUED", "SCHEDULED", "WAITING", "DEFAULTS")
 
 
+NODE_HEADER = ("NODE", "STATE", "HEARTBEAT", "RUNNING", "QUEUES", "VERSION")
+
+
+def node_rows(nodes: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One row per node; the one that answered is marked with a `*`."""
+    return [
+        (
+            safe(n["name"]) + (" *" if n.get("this") else ""),
+            n["state"],
+            f"{n['heartbeat_age']:.1f}s ago",
+            f"{n['running']}/{n['slots']}",
+            ",".join(map(safe, n["queues"])) if n.get("queues") is not None else "all",
+            safe(n["version"]),
+        )
+        for n in nodes
+    ]
+
+
 def queue_rows(queues: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for q in queues:
@@ -301,6 +319,7 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
     field("name", safe(task["name"]) if task.get("name") else None)
     field("command", command_text(task) + ("   (via sh -c)" if task.get("shell") else ""))
     field("queue", f"{task['queue']}   priority {task['priority']}")
+    field("node", safe(task["node"]) + " only" if task.get("node") else None)
     field("cwd", safe(task["cwd"]) if task.get("cwd") else None)
     field("labels", safe(" ".join(f"{k}={v}" for k, v in (task.get("labels") or {}).items())))
     field("created", f"{when(task['created_at'])} ({ago(task['created_at'], now)} ago)")
@@ -323,9 +342,12 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
     attempts = task.get("attempts") or []
     if attempts:
         lines.append("  attempts")
-        header = ("#", "OUTCOME", "EXIT", "STARTED", "TIME", "MAX RSS", "CPU", "ERROR")
+        header: tuple[str, ...] = ("#", "OUTCOME", "EXIT", "STARTED", "TIME", "MAX RSS", "CPU")
+        on_nodes = any(a.get("node") for a in attempts)  # a cluster's: where each ran
+        header += ("NODE", "ERROR") if on_nodes else ("ERROR",)
         rows: list[tuple[str, ...]] = []
         for a in attempts:
+            where = (safe(a.get("node") or "-"),) if on_nodes else ()
             cpu = (a.get("cpu_user") or 0) + (a.get("cpu_system") or 0)
             exit_ = f"sig{a['signal']}" if a.get("signal") else a.get("exit_code")
             rows.append(
@@ -337,6 +359,7 @@ def task_detail(task: dict[str, Any], now: datetime | None = None) -> str:
                     format_duration(elapsed(a.get("started_at"), a.get("ended_at"), now)),
                     format_size(a.get("max_rss")),
                     format_duration(cpu) if a.get("outcome") else "-",
+                    *where,
                     safe(a.get("error") or ""),
                 )
             )
@@ -388,7 +411,9 @@ def health_text(h: dict[str, Any]) -> str:
         f"version       {h['version']} (api {h['api']})",
         f"pid           {h['pid']}",
         f"uptime        {format_duration(h['uptime'])}",
-        f"store         {'writable' if h['store_writable'] else 'NOT writable'}",
+        f"store         {'writable' if h['store_writable'] else 'NOT writable'}"
+        + (f" ({safe(h['store'])})" if h.get("store") not in (None, "sqlite") else ""),
+        *([f"node          {safe(h['node'])}"] if h.get("node") else []),
         f"running       {h['running']} of {h['concurrency']}",
         *([f"hold          on: {HOLD_WHY}"] if h.get("hold") else []),
         f"queued        {h['queued']}"

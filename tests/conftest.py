@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
-import pgcluster
 from taskctld import containment
 from taskctld.store import TaskRow
+
+import pgcluster
 
 BIN = Path(sys.executable).parent
 TASKCTL = str(BIN / "taskctl")

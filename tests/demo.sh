@@ -98,3 +98,6 @@ show taskctl health
 
 step "stop the daemon"
 show taskctl daemon stop
+
+# Several hosts, one queue: three daemons on a throwaway PostgreSQL (where its binaries are).
+bash "$(dirname "$0")/demo-cluster.sh"

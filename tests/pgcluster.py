@@ -113,3 +113,36 @@ def running_cluster(root: Path, **kw: str) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/pgcluster.py start ROOT` starts a cluster in ROOT and prints its URL (a
+    fresh database `taskctl`); `stop ROOT` stops it and removes ROOT. For `make demo`."""
+    import sys
+
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print("usage: pgcluster.py start|stop ROOT", file=sys.stderr)
+        return 2
+    root = Path(argv[1])
+    bindir = server_bindir()
+    if bindir is None:
+        print(f"needs {INSTALL}", file=sys.stderr)
+        return 1
+    cluster = Cluster(root, bindir)
+    if argv[0] == "stop":
+        cluster.stop()
+        return 0
+    cluster.start()
+    (root / "port").write_text(str(cluster.port))
+    import psycopg
+
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "taskctl"')
+    print(cluster.url("taskctl"))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--foreground", action="store_true", help="stay attached and log to stderr (for systemd)"
     )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="share a queue with other nodes in PostgreSQL (postgresql://...); "
+        "else TASKCTL_STORE, else config.toml's store, else SQLite in the home",
+    )
     parser.add_argument("--version", action="version", version=f"taskctld {__version__}")
     args = parser.parse_args(argv)
     forget_task_markers()
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     write_pid(lock_fd)
     from taskctld import app
 
-    return app.run(paths, ready_fd=ready_fd, lock_fd=lock_fd)
+    return app.run(paths, ready_fd=ready_fd, lock_fd=lock_fd, store=args.store)
 
 
 def forget_task_markers() -> None:

@@ -18,8 +18,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import uvicorn
 
@@ -27,6 +29,15 @@ from taskctl.errors import StorageFull, TaskctlError
 from taskctl.paths import Paths
 from taskctld import logfile
 from taskctld.clock import SYSTEM_CLOCK, Clock
+from taskctld.cluster import (
+    ClusterStops,
+    Heartbeat,
+    Listener,
+    Node,
+    NodeSettings,
+    Rescuer,
+    Tailer,
+)
 from taskctld.config import Config
 from taskctld.dispatcher import Dispatcher, Limits
 from taskctld.events import AttemptEnds, EventHub
@@ -41,13 +52,16 @@ from taskctld.services.daemon import DaemonService
 from taskctld.services.feed import EventFeed
 from taskctld.services.health import HealthService
 from taskctld.services.logs import LogService
+from taskctld.services.nodes import NodeService
 from taskctld.services.queues import QueueService
 from taskctld.services.resolve import Resolver
 from taskctld.services.retention import RetentionService
 from taskctld.services.schedules import ScheduleService, fire_on_burst
 from taskctld.services.streams import Streams
 from taskctld.services.submit import SubmitService
+from taskctld.services.tasks import Stopper as TaskStops
 from taskctld.services.tasks import TaskService
+from taskctld.store import DistributedStore, NodeStore, Store
 from taskctld.store.sqlite import SqliteStore
 
 log = logging.getLogger("taskctld")
@@ -56,14 +70,16 @@ READY = "ok"  # what the starting process hears when the daemon is ready
 ROOM_PROBE = 4096  # bytes the state folder must take before the daemon starts
 
 
-def run(paths: Paths, *, ready_fd: int | None, lock_fd: int | None = None) -> int:
+def run(
+    paths: Paths, *, ready_fd: int | None, lock_fd: int | None = None, store: str | None = None
+) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s taskctld[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        config = Config.load(paths.config_file)
+        config = Config.load(paths.config_file, store)
     except TaskctlError as e:  # the user's config.toml: a usage error (exit 2), not a fault
         if ready_fd is None:
             print(f"taskctld: {e.message}", file=sys.stderr)
@@ -97,7 +113,7 @@ def _fail(ready_fd: int | None, lock_fd: int | None, message: str, code: int = 1
 class Core:
     """What the services stand on: the store, and what drives tasks through it."""
 
-    store: SqliteStore
+    store: Store
     hub: EventHub
     metrics: Metrics
     lifecycle: Lifecycle
@@ -107,6 +123,8 @@ class Core:
     ends: AttemptEnds
     dispatcher: Dispatcher
     triggers: Triggers
+    stops: TaskStops  # the runner, or on a cluster what also reaches other nodes
+    node: Node | None  # on a shared store: heartbeat, rescue, notifications
 
 
 def compose(
@@ -125,12 +143,15 @@ def compose(
 
 def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
     """The store, and what drives tasks through it, each after what it needs."""
-    store = SqliteStore(paths.database, durability=config.durability)  # migrations run
+    store = open_store(paths, config)  # migrations run
     hub = EventHub()
-    metrics = Metrics(store, paths.database, started, clock.now)
+    if config.distributed:  # (hub and metrics hear the cluster's event log: see _node)
+        metrics = Metrics(store, None, started, clock.now, node=config.node)
+    else:
+        metrics = Metrics(store, paths.database, started, clock.now)
+        store.on_commit(hub.publish, hub.publish_span)  # after each commit, in this order
+        store.on_commit(metrics.on_events, metrics.on_span)
     metrics.load()
-    store.on_commit(hub.publish, hub.publish_span)  # after each commit, in this order
-    store.on_commit(metrics.on_events, metrics.on_span)
     lifecycle = Lifecycle(store)
     resolver = Resolver(store, config, clock.now)
     scheduler = Scheduler(
@@ -139,18 +160,87 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
     )  # fmt: skip
     reports = Reports()  # the runner's to the dispatcher (each needs the other)
     runner = Runner(
-        paths, RunnerSettings(log_cap=config.log_cap), report=reports.send, on_ready=reports.ready
+        paths,
+        RunnerSettings(log_cap=config.log_cap, node=config.node if config.distributed else None),
+        report=reports.send,
+        on_ready=reports.ready,
     )
     ends = AttemptEnds()
+    limits = Limits(
+        concurrency=config.concurrency, node_limits=config.node_limits,
+        served=frozenset(config.queues) if config.queues is not None else None,
+    )  # fmt: skip
     dispatcher = Dispatcher(
-        store, runner, Limits(concurrency=config.concurrency), lifecycle=lifecycle, clock=clock,
-        reports=reports, scheduler=scheduler, on_attempt_end=[metrics.on_attempt_end, ends.note],
-        accepting=not config.hold,
+        store, runner, limits, lifecycle=lifecycle, clock=clock, reports=reports,
+        scheduler=scheduler, on_attempt_end=[metrics.on_attempt_end, ends.note],
+        accepting=not config.hold, hold_ahead=not config.distributed,
     )  # fmt: skip
     triggers = Triggers(fire_on_burst(dispatcher, scheduler))
+    stops: TaskStops = runner
+    node = None
+    if config.distributed:
+        nodes = cast(DistributedStore, store)
+        node = _node(config, nodes, lifecycle, hub, metrics, dispatcher, runner)
+        stops = ClusterStops(runner, nodes, config.node)
     return Core(
-        store, hub, metrics, lifecycle, resolver, scheduler, runner, ends, dispatcher, triggers
+        store, hub, metrics, lifecycle, resolver, scheduler, runner, ends, dispatcher, triggers,
+        stops, node,
+    )  # fmt: skip
+
+
+def _announcer(core: Core, config: Config) -> Callable[[], None]:
+    """What tells the other nodes that queue settings changed (nothing, alone on SQLite)."""
+    if not config.distributed:
+        return lambda: None
+    nodes = cast(NodeStore, core.store)
+    return lambda: nodes.tell({"queues": True})
+
+
+def open_store(paths: Paths, config: Config) -> Store:
+    """SQLite in the home, or the cluster's PostgreSQL (imported only then)."""
+    if config.store is None:
+        return SqliteStore(paths.database, durability=config.durability)
+    from taskctld.store.postgres import PostgresStore
+
+    return PostgresStore(config.store, node=config.node, lease_ms=int(config.lease * 1000))
+
+
+def _node(
+    config: Config,
+    store: DistributedStore,
+    lifecycle: Lifecycle,
+    hub: EventHub,
+    metrics: Metrics,
+    dispatcher: Dispatcher,
+    runner: Runner,
+) -> Node:
+    """This daemon as a node of a cluster (see `taskctld.cluster`)."""
+    from taskctld.store.postgres import PostgresStore
+    from taskctld.store.postgres.notices import listen
+
+    url = config.store
+    assert url is not None and isinstance(store, PostgresStore)
+    loop = asyncio.get_running_loop()
+    settings = NodeSettings(config.node, config.lease, config.concurrency, config.queues)
+    tailer = Tailer(store, [hub.publish, metrics.on_events, dispatcher.note_events])
+    store.on_commit(tailer.poke, tailer.poke)
+    rescuer = Rescuer(store, store, lifecycle, dispatcher.cycle)
+
+    def heartbeat_store() -> DistributedStore:
+        return PostgresStore(url, node=config.node, lease_ms=int(config.lease * 1000))
+
+    node = Node(
+        settings,
+        store,
+        Heartbeat(heartbeat_store, settings, loop, lambda why: node.lost_lease(why)),
+        Listener(lambda stop: listen(url, stop), loop, lambda message: node.heard(message)),
+        tailer,
+        rescuer,
+        runner,
+        dispatcher.load_queues,
+        dispatcher.look_again,
     )
+    return node
 
 
 def _services(
@@ -159,9 +249,9 @@ def _services(
     """The use cases over the core, each given the parts it needs."""
     streams = Streams()
     tasks = TaskService(
-        core.store, core.dispatcher, core.lifecycle, core.runner, core.hub, core.ends
+        core.store, core.dispatcher, core.lifecycle, core.stops, core.hub, core.ends
     )
-    queues = QueueService(core.store, core.dispatcher, core.metrics)
+    queues = QueueService(core.store, core.dispatcher, core.metrics, _announcer(core, config))
     health = HealthService(
         core.store, core.dispatcher, core.runner, core.scheduler, core.triggers, core.metrics,
         queues, streams, config, paths, started, clock.now,
@@ -177,11 +267,19 @@ def _services(
         ),
         feed=EventFeed(core.store, core.hub, streams),
         schedules=ScheduleService(
-            core.store, core.dispatcher, core.triggers, core.resolver, clock.now
+            core.store,
+            core.dispatcher,
+            core.triggers,
+            core.resolver,
+            clock.now,
+            node=config.node if config.distributed else None,
         ),
         queues=queues,
         health=health,
         daemon=DaemonService(core.dispatcher, core.runner, shutdown),
+        nodes=NodeService(
+            cast(NodeStore, core.store) if config.distributed else None, core.dispatcher, config
+        ),
     )
 
 
@@ -191,7 +289,11 @@ async def _serve(paths: Paths, config: Config, ready_fd: int | None) -> int:
     shutdown = asyncio.Event()
     core, services = compose(paths, config, time.monotonic(), shutdown)
     install_child_reaper(loop)
+    if core.node is not None:
+        core.node.join()
     await _recover(core, paths)
+    if core.node is not None:
+        core.node.start()
     services.schedules.arm_triggers()
     sock = bind_control_socket(paths.socket)
     app = create_app(services)
@@ -257,6 +359,8 @@ async def _stop(
     with contextlib.suppress(TaskctlError):
         core.dispatcher.cycle()  # commit what supervisors reported in the last moments
     core.triggers.close()
+    if core.node is not None:
+        core.node.close()
     core.runner.close()
     core.store.close()
 

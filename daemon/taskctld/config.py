@@ -19,18 +19,30 @@ Every key is optional; an unknown key or a bad value stops the daemon with a mes
     max_connections = 256      # connections at once; more are answered 503
     hold = false               # accept tasks but start none (a maintenance switch)
     log_size = "10M"           # taskctld.log is rotated to taskctld.log.1 past this size
+
+Several hosts sharing one queue (PostgreSQL; see README, "Running on several hosts"):
+
+    store = "postgresql://taskctl@db.example/taskctl"   # or TASKCTL_STORE, or --store;
+                               # credentials the libpq ways: ~/.pgpass, PGPASSFILE, a service
+                               # file (store = "postgresql:///?service=taskctl"), sslmode=...
+    node = "build-3"           # this daemon's name in the cluster (default: the host name)
+    lease = "30s"              # a node silent this long is lost: its tasks are rescued
+    queues = ["build", "ci"]   # the queues this node takes work from (default: all)
+    node_limits = { build = 2 }  # at most this many of a queue at once on this node
+                               # (a queue's concurrency is for the whole cluster)
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from taskctl.api import Backoff, Duration, Request
+from taskctl.api import QUEUE_NAME_PATTERN, Backoff, Duration, Request
 from taskctl.errors import InvalidRequest
 from taskctld.wording import describe
 
@@ -58,6 +70,24 @@ class Config(Request):
     max_connections: int = Field(256, ge=1, le=100_000)
     hold: bool = False  # accept tasks but start none (a maintenance switch)
     log_size: int = Field(10 << 20, ge=64 << 10)  # the daemon's log is rotated past this
+    store: str | None = None  # postgresql://...; None: SQLite in the home
+    node: str = Field(default_factory=socket.gethostname, pattern=QUEUE_NAME_PATTERN)
+    lease: Duration = Field(30.0, ge=1.0, le=3600.0)
+    queues: list[str] | None = None  # served by this node (None: all)
+    node_limits: dict[str, int] = {}  # queue -> at most this many at once on this node
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, url: str | None) -> str | None:
+        """Only PostgreSQL is shared. The URL is never repeated in the error: it may hold a
+        password."""
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (its text is not shown)")
+        return url
+
+    @property
+    def distributed(self) -> bool:
+        return self.store is not None
 
     @classmethod
     def log_size_of(cls, path: Path) -> int:
@@ -69,8 +99,10 @@ class Config(Request):
             return int(cls.model_fields["log_size"].default)
 
     @classmethod
-    def load(cls, path: Path) -> Config:
-        """Read `path` (a missing file means all defaults); raises InvalidRequest on bad input."""
+    def load(cls, path: Path, store: str | None = None) -> Config:
+        """Read `path` (a missing file means all defaults); raises InvalidRequest on bad input.
+        `store`: the store URL given on the command line, which wins over TASKCTL_STORE, which
+        wins over the file's."""
         try:
             raw = tomllib.loads(path.read_text()) if path.exists() else {}
         except (OSError, tomllib.TOMLDecodeError) as e:
@@ -83,6 +115,9 @@ class Config(Request):
                     raw[key] = parse_size(raw[key])
                 except ValueError as e:
                     raise InvalidRequest(f"{path}: {key}: {e}") from None
+        store = store or os.environ.get("TASKCTL_STORE") or None
+        if store is not None:
+            raw["store"] = store
         try:
             return cls.model_validate(raw)
         except ValidationError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskctl.api import Outcome, TaskState
@@ -28,11 +28,21 @@ LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class Metrics(Collector):
+    """`database`: the SQLite file, whose size is shown (None on PostgreSQL); `node`: on a
+    cluster, this node's name, given as a `node` label to every sample (task counts are the
+    cluster's on every node, attempt totals and durations this node's)."""
+
     def __init__(
-        self, store: Store, database: Path, started: float, clock: Callable[[], int] = now_ms
+        self,
+        store: Store,
+        database: Path | None,
+        started: float,
+        clock: Callable[[], int] = now_ms,
+        node: str | None = None,
     ) -> None:
         self.store = store
         self.database = database
+        self.node = node
         self.started = started  # monotonic, for the uptime
         self.clock = clock
         self.counts: dict[str, Counter[str]] = {}
@@ -95,7 +105,9 @@ class Metrics(Collector):
         return sum(c[state] for c in self.counts.values())
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.node is None:
+            return generate_latest(self.registry)
+        return generate_latest(NodeLabelled(self.registry, self.node))
 
     def collect(self) -> Iterator[Any]:
         tasks = GaugeMetricFamily(
@@ -133,6 +145,13 @@ class Metrics(Collector):
             )
         yield depth
         yield oldest
+        if self.database is None:
+            yield GaugeMetricFamily(
+                "taskctl_uptime_seconds",
+                "Seconds since the daemon started.",
+                value=time.monotonic() - self.started,
+            )
+            return
         size = GaugeMetricFamily(
             "taskctl_store_bytes", "Size of the database files.", labels=["file"]
         )
@@ -147,6 +166,23 @@ class Metrics(Collector):
             "Seconds since the daemon started.",
             value=time.monotonic() - self.started,
         )
+
+
+class NodeLabelled:
+    """Every sample of `registry`, with `node` added to its labels (what `generate_latest`
+    reads: anything with `collect`)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                s._replace(labels={"node": self.node, **s.labels}) for s in family.samples
+            ]
+            yield labelled
 
 
 def _size(path: Path) -> int:

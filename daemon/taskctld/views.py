@@ -31,6 +31,7 @@ def attempt_view(a: AttemptRow) -> dict[str, Any]:
         "max_rss": a.max_rss,
         "cpu_user": a.cpu_user,
         "cpu_system": a.cpu_system,
+        "node": a.node,
     }
 
 
@@ -49,6 +50,7 @@ def task_view(
         "state": t.state.value,
         "reason": t.reason,
         "queue": t.queue,
+        "node": t.node,
         "priority": t.priority,
         "command": [to_wire(arg) for arg in t.command],
         "shell": t.shell,

@@ -41,6 +41,7 @@ GROUPS: dict[str, str] = {
     "cron": "taskctl.cli.cron",
     "trigger": "taskctl.cli.trigger",
     "queue": "taskctl.cli.queue",
+    "nodes": "taskctl.cli.nodes",
     "daemon": "taskctl.cli.daemon",
 }
 _CONTEXT = {"help_option_names": ["-h", "--help"]}

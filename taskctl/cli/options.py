@@ -50,6 +50,14 @@ Queue = Annotated[
         autocompletion=complete.queues,
     ),
 ]
+Node = Annotated[
+    str | None,
+    typer.Option(
+        "--node",
+        metavar="NODE",
+        help="Run only on this node of a cluster (see `taskctl nodes`).",
+    ),
+]
 Priority = Annotated[
     int, typer.Option("-p", "--priority", metavar="N", help="Higher runs first within its queue.")
 ]
@@ -235,6 +243,7 @@ def task_spec(command: list[str], **o: Any) -> dict[str, Any]:
         raise typer.BadParameter("give either --delay or --at", param_hint="--at")
     optional = {
         "name": o.get("name"),
+        "node": o.get("node"),
         "retries": o.get("retries"),
         "backoff": o.get("backoff"),
         "retry_delay": duration(o.get("retry_delay"), "--retry-delay"),

@@ -30,6 +30,7 @@ def submit(
     ] = None,
     name: o.Name = None,
     queue: o.Queue = DEFAULT_QUEUE,
+    node: o.Node = None,
     priority: o.Priority = 0,
     shell: o.Shell = False,
     cwd: o.Cwd = None,
@@ -97,7 +98,7 @@ def submit(
             "--json-lines reads standard input: add --stdin", param_hint="--json-lines"
         )
     spec = o.task_spec(
-        command or ["-"], name=name, queue=queue, priority=priority, shell=shell, cwd=cwd, env=env,
+        command or ["-"], name=name, queue=queue, node=node, priority=priority, shell=shell, cwd=cwd, env=env,
         no_env=no_env, label=label, retries=retries, backoff=backoff, retry_delay=retry_delay,
         max_delay=max_delay, retry_on=retry_on, no_retry_on=no_retry_on, timeout=timeout,
         kill_grace=kill_grace, memory_limit=memory_limit, delay=delay, at=at, after=after,

@@ -49,9 +49,21 @@ PASSED_LATENCY = 0.005  # seconds: how late an end whose slot passed on may be a
 
 @dataclass
 class Limits:
+    """`concurrency`: this daemon's slots; `queue_limits`: each queue's concurrency (for the
+    whole cluster on a shared store, where the store also counts the other nodes' attempts);
+    `node_limits`: this node's own cap per queue; `served`: the only queues it takes work
+    from (None: all)."""
+
     concurrency: int
     queue_limits: dict[str, int] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
+    node_limits: dict[str, int] = field(default_factory=dict)
+    served: frozenset[str] | None = None
+
+    def claimable(self, queues: set[str]) -> set[str]:
+        """Of `queues`, those this node may take work from now."""
+        open_queues = queues - self.paused
+        return open_queues if self.served is None else open_queues & self.served
 
 
 class DueTimer:
@@ -190,6 +202,13 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def look_again(self) -> None:
+        """Take the store's word for which queues have work, and look (on a shared store,
+        where another node's claim that rolled back or a node resumed leaves no event here)."""
+        self.ready_queues |= self.store.ready_queues()
+        self._time_dirty = True
+        self._wake.set()
+
     def times_changed(self) -> None:
         """A schedule was added, paused or resumed, or a due time came: look for due work."""
         self._time_dirty = True
@@ -218,9 +237,10 @@ class Dispatcher:
     def load_queues(self) -> None:
         """Queue limits and pauses, after a change; a resumed queue may start tasks now."""
         queues = self.store.list_queues()
-        self.limits.queue_limits = {
-            q.name: q.concurrency for q in queues if q.concurrency is not None
-        }
+        limits = {q.name: q.concurrency for q in queues if q.concurrency is not None}
+        for name, cap in self.limits.node_limits.items():
+            limits[name] = min(cap, limits.get(name, cap))
+        self.limits.queue_limits = limits
         self.limits.paused = {q.name for q in queues if q.paused}
         self._unhold_all()  # held tasks were chosen under the old limits
         self._wake.set()
@@ -354,7 +374,7 @@ class Dispatcher:
         free = self._slots.free(self.limits.concurrency)
         if free <= 0 or not self.ready_queues:
             return []
-        queues = self.ready_queues - self.limits.paused
+        queues = self.limits.claimable(self.ready_queues)
         slots = self._slots.open_in(queues, free, self.limits.queue_limits)
         held = self._holds.held() if self._holds is not None else ()
         claim = self.lifecycle.claim(slots, free, now, held=held)
@@ -368,7 +388,7 @@ class Dispatcher:
         within its limits (else slots go to claims, by priority)."""
         if self._holds is None:
             return []
-        queues = self.ready_queues - self.limits.paused
+        queues = self.limits.claimable(self.ready_queues)
         if not self.accepting or not self.runner.ready() or len(queues) != 1:
             return []
         (queue,) = queues

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from taskctld.http.daemon import DaemonRoutes
 from taskctld.http.events import EventRoutes
 from taskctld.http.health import HealthRoutes
+from taskctld.http.nodes import NodeRoutes
 from taskctld.http.queues import QueueRoutes
 from taskctld.http.schedules import ScheduleRoutes
 from taskctld.http.tasks import TaskRoutes
@@ -24,5 +25,6 @@ def routers(services: Services) -> list[APIRouter]:
         EventRoutes(s.feed).router(),
         ScheduleRoutes(s.schedules).router(),
         QueueRoutes(s.queues).router(),
+        NodeRoutes(s.nodes).router(),
         DaemonRoutes(s.daemon).router(),
     ]

@@ -20,6 +20,7 @@ from taskctld.supervisor import messages as wire
 @dataclass
 class RunnerSettings:
     log_cap: int = 100 << 20
+    node: str | None = None  # a cluster's node: named in the spawn errors it reports
 
 
 class Runner:
@@ -148,6 +149,13 @@ class Runner:
         for task_id, attempt in list(self.owner):
             self.stop(task_id, attempt, "interrupt")
 
+    def stop_all(self, kind: str) -> int:
+        """Ask every running attempt's supervisor to end it; how many were asked."""
+        keys = list(self.owner)
+        for task_id, attempt in keys:
+            self.stop(task_id, attempt, kind)
+        return len(keys)
+
     def ready(self) -> bool:
         """Whether a supervisor takes new attempts now (ours said hello and is connected)."""
         current = self.fleet.current
@@ -172,7 +180,8 @@ class Runner:
             self.report(translate.started(message))
         elif isinstance(message, wire.Done):
             self.held.pop(message.final.key, None)
-            self.report(translate.ended_from_final(message.final, message.next))
+            ended = translate.ended_from_final(message.final, message.next)
+            self.report(translate.on_node(ended, self.settings.node))
         elif isinstance(message, wire.Released):
             self.held.pop((message.task_id, message.attempt), None)
             self.report(translate.released(message))

@@ -40,6 +40,15 @@ def ended_from_final(final: wire.Final, following: Key | None = None) -> Ended:
     )
 
 
+def on_node(ended: Ended, node: str | None) -> Ended:
+    """On a cluster, a spawn error says on which node (a cwd or program that exists on the
+    node where the task was submitted may not exist where it ran)."""
+    end = ended.end
+    if node is not None and end.outcome is Outcome.SPAWN_ERROR:
+        end.error = f"on node {node}: {end.error or 'could not start'}"
+    return ended
+
+
 def released(message: wire.Released) -> Released:
     return Released(message.task_id, message.attempt, token=_token(message.hold))
 

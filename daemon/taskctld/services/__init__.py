@@ -13,6 +13,7 @@ from taskctld.services.daemon import DaemonService
 from taskctld.services.feed import EventFeed
 from taskctld.services.health import HealthService
 from taskctld.services.logs import LogService
+from taskctld.services.nodes import NodeService
 from taskctld.services.queues import QueueService
 from taskctld.services.retention import RetentionService
 from taskctld.services.schedules import ScheduleService
@@ -33,3 +34,4 @@ class Services:
     queues: QueueService
     health: HealthService
     daemon: DaemonService
+    nodes: NodeService

@@ -50,6 +50,10 @@ class HealthService:
         reasons += self._processes()
         tick = self.scheduler.last_tick
         database = self.paths.database
+        try:
+            last_event = self.store.last_event_id()
+        except TaskctlError:
+            last_event = None  # the store is unreachable: a reason says so already
         return {
             "status": "unhealthy" if reasons else "ok",
             "reasons": reasons,
@@ -65,11 +69,15 @@ class HealthService:
             "concurrency": self.config.concurrency,
             "hold": self.config.hold,
             "containment": self.runner.containment,
-            "last_event_id": self.store.last_event_id(),
+            "last_event_id": last_event,
+            "store": self.store.describe(),
+            "node": self.config.node if self.config.distributed else None,
             "streams": self.streams.total,
             "scheduler_heartbeat_age": round((self.clock() - tick) / 1000, 3) if tick else None,
-            "database_size": _size(database),
-            "wal_size": _size(database.with_name(database.name + "-wal")),
+            "database_size": None if self.config.distributed else _size(database),
+            "wal_size": None
+            if self.config.distributed
+            else _size(database.with_name(database.name + "-wal")),
             "disk_free": shutil.disk_usage(self.paths.state).free,
             "disk_free_logs": shutil.disk_usage(self.paths.logs).free,
         }
@@ -101,7 +109,9 @@ class HealthService:
         if silent := self.runner.unanswered():
             reasons.append(silent)
         failing = self.triggers.failures
-        names = self.store.schedule_names(set(failing)) if failing else {}
+        names: dict[int, str] = {}
+        with contextlib.suppress(TaskctlError):
+            names = self.store.schedule_names(set(failing)) if failing else {}
         reasons += [f"trigger {names.get(i, i)}: {why}" for i, why in failing.items()]
         late = self.scheduler.overdue(self.clock())
         if late:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ class QueueService:
     store: Store
     dispatcher: Dispatcher
     metrics: Metrics
+    announce: Callable[[], None] = lambda: None  # tells other nodes (a cluster's) of a change
 
     def queues(self) -> list[dict[str, Any]]:
         counts = self.metrics.state_counts()
@@ -44,6 +46,7 @@ class QueueService:
         row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, **fields))
         assert row is not None
         self.dispatcher.load_queues()
+        self.announce()
         return row
 
     def pause_queue(self, name: str, paused: bool) -> QueueRow:
@@ -53,4 +56,5 @@ class QueueService:
         row = self.dispatcher.cycle(lambda now: self.store.set_queue(name, now, paused=paused))
         assert row is not None
         self.dispatcher.load_queues()
+        self.announce()
         return row

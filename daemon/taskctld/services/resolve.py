@@ -82,6 +82,7 @@ class Resolver:
             command=spec.command,
             cwd=cwd,
             queue=spec.queue,
+            node=spec.node,
             name=spec.name,
             shell=spec.shell,
             priority=spec.priority,
@@ -108,10 +109,17 @@ class Resolver:
         cwd = spec.cwd or os.path.expanduser("~")
         queue = self.store.get_queue(spec.queue)
         if check:
-            _check_cwd(cwd)
+            if self._runs_here(spec):
+                _check_cwd(cwd)
             if queue is None:
                 self._unknown_queue(spec.queue)
         return cwd, queue
+
+    def _runs_here(self, spec: TaskSpec) -> bool:
+        """Whether the task will run on this machine, so that its cwd is checked here: on a
+        cluster only when pinned to this node (elsewhere a missing cwd is the running node's
+        spawn error, which names it)."""
+        return not self.config.distributed or spec.node == self.config.node
 
     def _unknown_queue(self, name: str) -> NoReturn:
         """A typo must not make a queue free of its limits and pause: queues are created only

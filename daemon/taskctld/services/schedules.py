@@ -37,12 +37,19 @@ class ScheduleService:
     triggers: Triggers
     resolver: Resolver
     clock: Callable[[], int] = now_ms
+    node: str | None = None  # on a cluster: this node, which watches the triggers added here
 
     def arm_triggers(self) -> None:
-        """Watch every active trigger (at start-up: triggers persist)."""
+        """Watch every active trigger of this node (at start-up: triggers persist)."""
         for schedule in self.store.list_schedules("trigger"):
             if not schedule.paused:
-                self.triggers.arm(schedule)
+                self._arm(schedule)
+
+    def _arm(self, row: ScheduleRow) -> None:
+        """Watch a trigger if it is this node's: a path is one machine's, so on a cluster a
+        trigger is watched by the node it was added on (its tasks run there too)."""
+        if json.loads(row.spec).get("node") == self.node:
+            self.triggers.arm(row)
 
     def add(self, spec: ScheduleSpec) -> ScheduleRow:
         """Validate everything (expression, zone, paths, the task), then store it. Nothing is
@@ -55,12 +62,12 @@ class ScheduleService:
                 "start time (the schedule decides when it runs)"
             )
         self.resolver.resolve(spec.task, now)  # the task must be valid today
-        new = _cron(spec, now) if spec.kind == "cron" else _trigger(spec)
+        new = _cron(spec, now) if spec.kind == "cron" else _trigger(spec, self.node)
         row = self.dispatcher.cycle(lambda now: self.store.add_schedule(new, now))
         assert row is not None
         self.dispatcher.times_changed()
         if row.kind == "trigger":
-            self.triggers.arm(row)
+            self._arm(row)
         return row
 
     def get(self, name: str) -> ScheduleRow:
@@ -99,7 +106,7 @@ class ScheduleService:
             if paused:
                 self.triggers.disarm(row.id)
             else:
-                self.triggers.arm(row)
+                self._arm(row)
         return row
 
     def next_fires(self, name: str, n: int, after: int | None) -> list[str]:
@@ -130,14 +137,18 @@ def _cron(spec: ScheduleSpec, now: int) -> NewSchedule:
     return NewSchedule(spec.name, "cron", expr, tz, spec.overlap, spec.catch_up, template, due)
 
 
-def _trigger(spec: ScheduleSpec) -> NewSchedule:
+def _trigger(spec: ScheduleSpec, node: str | None) -> NewSchedule:
+    """A file trigger; on a cluster it belongs to `node` (where the paths are), and so do its
+    tasks unless they name another node."""
     paths = [_existing_path(p) for p in spec.paths]
     if not paths:
         raise InvalidRequest("a trigger needs at least one path to watch")
-    detail = json.dumps(
-        {"paths": paths, "glob": spec.glob, "recursive": spec.recursive, "debounce": spec.debounce}
+    watch = {"paths": paths, "glob": spec.glob, "recursive": spec.recursive}
+    detail = json.dumps({**watch, "debounce": spec.debounce, **({"node": node} if node else {})})
+    task = (
+        spec.task if spec.task.node or node is None else spec.task.model_copy(update={"node": node})
     )
-    template = spec.task.model_dump_json(exclude_none=True)
+    template = task.model_dump_json(exclude_none=True)
     return NewSchedule(spec.name, "trigger", detail, None, spec.overlap, spec.catch_up, template)
 
 

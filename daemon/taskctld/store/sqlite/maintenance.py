@@ -66,3 +66,6 @@ class SqliteMaintenance(SqliteTasks):
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write_check', ?)",
                 (str(os.getpid()),),
             )
+
+    def describe(self) -> str:
+        return "sqlite"

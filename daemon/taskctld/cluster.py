@@ -1,0 +1,392 @@
+"""One node of a cluster: what a daemon on a shared PostgreSQL store does besides its own work.
+
+Nodes never talk to each other; the database is the one shared surface. A node:
+
+- **beats** (`Heartbeat`, a thread with its own connection, so that a loop busy or stuck on a
+  slow query never lets the lease lapse unnoticed): every third of the lease it renews its
+  row. When the store says the node was declared lost (another node rescued its attempts), or
+  when no beat got through for a whole lease (partitioned, or the process was stopped), it
+  stops its own task trees at once and says so in its log: their attempts belong to others now.
+- **rescues** (`Rescuer`, on the loop): nodes whose heartbeat is older than the lease are
+  declared lost, one transaction each, and their open attempts end `lost`; the retry policy
+  decides (`Lifecycle.finish`).
+- **hears** (`Listener`, a thread on a LISTEN connection): every commit that appends events
+  NOTIFYs; a stop asked for an attempt this node runs is carried out.
+- **tails** the event log (`Tailer`): watchers, waiters and the dispatcher learn of changes
+  from the events table in id order, which the store makes commit order. Local commits and
+  notifications only poke it; it reads what is new. So `watch --since N` resumes anywhere
+  without a gap, whichever node wrote what.
+
+Polling is the fallback for lost notifications: the tailer also reads every `POLL` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from taskctl import __version__
+from taskctl.api import Outcome, TaskState
+from taskctl.errors import TaskctlError
+from taskctld.lifecycle import Lifecycle
+from taskctld.store import AttemptEnd, EventRow, NodeStore, Store
+
+log = logging.getLogger("taskctld.cluster")
+
+POLL = 2.0  # seconds between reads of the event log when no notification came
+STOP_KIND = "cancel"  # how a node ends the trees it no longer owns
+
+
+class Beats(Protocol):
+    """What the heartbeat asks of its own connection to the store."""
+
+    def join(self, name: str, version: str, slots: int, queues: list[str] | None) -> None: ...
+    def beat(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class Owners(Protocol):
+    """Who runs an attempt, and a word to every node."""
+
+    def node_of(self, task_id: int) -> str | None: ...
+    def tell(self, message: dict[str, object]) -> None: ...
+
+
+class Stops(Protocol):
+    """What the node asks of the local runner."""
+
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool: ...
+    def stop_all(self, kind: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str
+    lease: float  # seconds
+    slots: int
+    queues: list[str] | None
+
+    @property
+    def beat_every(self) -> float:
+        return self.lease / 3
+
+
+# -- the heartbeat --------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Renews the node's lease from a thread (see the module docstring). `lost` is called on
+    the loop, once per loss, when the node must stop its own trees."""
+
+    def __init__(
+        self,
+        open_store: Callable[[], Beats],
+        settings: NodeSettings,
+        loop: asyncio.AbstractEventLoop,
+        lost: Callable[[str], None],
+    ) -> None:
+        self.open_store = open_store
+        self.settings = settings
+        self.loop = loop
+        self.lost = lost
+        self.last_ok = time.monotonic()
+        self.owning = True  # False once our trees were stopped, until we rejoin
+        self.error: str | None = None  # why the last beat failed, for health
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.settings.lease)
+
+    def _run(self) -> None:
+        store: Beats | None = None
+        while not self._stop.wait(self.settings.beat_every):
+            try:
+                store = store or self.open_store()
+                self._beat(store)
+            except TaskctlError as e:
+                self.error = e.message
+                store = self._drop(store)
+                self._check_silence()
+            except Exception as e:  # a bug must not stop the heartbeat for good
+                log.exception("heartbeat failed")
+                self.error = repr(e)
+                store = self._drop(store)
+                self._check_silence()
+        self._drop(store)
+
+    def _beat(self, store: Beats) -> None:
+        silent = time.monotonic() - self.last_ok
+        if silent > self.settings.lease and self.owning:
+            # Stopped (SIGSTOP) or cut off longer than the lease: others may have rescued our
+            # attempts already. Stop first, ask after.
+            self._lose(
+                f"no heartbeat got through for {silent:.0f}s (lease {self.settings.lease:.0f}s)"
+            )
+        if store.beat():
+            self.last_ok = time.monotonic()
+            self.error = None
+            return
+        if self.owning:
+            self._lose("another node declared this node lost and rescued its tasks")
+        s = self.settings
+        store.join(s.name, __version__, s.slots, s.queues)  # back, with nothing of old
+        log.warning("node %s rejoined the cluster", s.name)
+        self.owning = True
+        self.last_ok = time.monotonic()
+
+    def _check_silence(self) -> None:
+        silent = time.monotonic() - self.last_ok
+        if silent > self.settings.lease and self.owning:
+            self._lose(f"the store could not be reached for {silent:.0f}s: {self.error}")
+
+    def _lose(self, why: str) -> None:
+        self.owning = False
+        self.loop.call_soon_threadsafe(self.lost, why)
+
+    @staticmethod
+    def _drop(store: Beats | None) -> None:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
+        return None
+
+
+# -- rescue ---------------------------------------------------------------------------------------
+
+
+class Rescuer:
+    """Declares lapsed nodes lost and ends their open attempts `lost` (on the loop, in one
+    transaction per node, through the dispatcher's turn so that its counts stay right)."""
+
+    def __init__(
+        self,
+        store: Store,
+        nodes: NodeStore,
+        lifecycle: Lifecycle,
+        run_in_turn: Callable[[Callable[[int], Any]], Any],
+    ) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.lifecycle = lifecycle
+        self.run_in_turn = run_in_turn
+        self.rescued = 0
+
+    def sweep(self) -> int:
+        """Rescue every lapsed node; how many attempts were ended."""
+        ended = 0
+        for name in self.nodes.lapsed():
+            ended += self.run_in_turn(functools.partial(self._rescue, name)) or 0
+        self.rescued += ended
+        return ended
+
+    def _rescue(self, name: str, now: int) -> int:
+        attempts = self.nodes.take_lost(name)
+        tasks = {t.id: t for t in self.store.get_tasks([a.task_id for a in attempts])}
+        ended = 0
+        for attempt in attempts:
+            end = AttemptEnd(
+                task_id=attempt.task_id, attempt=attempt.number, outcome=Outcome.LOST,
+                ended_at=now, error=f"node {name} was lost (no heartbeat within its lease)",
+                cause="node_lost",
+            )  # fmt: skip
+            if not self.store.end_attempt(end):
+                continue
+            task = tasks.get(attempt.task_id)
+            if task is not None and task.state is TaskState.RUNNING:
+                self.lifecycle.finish(task, end, now, counts=True)
+            ended += 1
+        if attempts:
+            log.warning("node %s lost: %d attempt(s) rescued", name, ended)
+        else:
+            log.warning("node %s lost (it ran nothing)", name)
+        return ended
+
+
+# -- notifications and the event log ---------------------------------------------------------------
+
+
+class Listener:
+    """A thread on a LISTEN connection; each notification is handed to `heard` on the loop.
+    It reconnects when the connection drops (and says so once)."""
+
+    def __init__(
+        self,
+        listen: Callable[[threading.Event], Any],
+        loop: asyncio.AbstractEventLoop,
+        heard: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.listen = listen
+        self.loop = loop
+        self.heard = heard
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                for payload in self.listen(self._stop):
+                    failing = False
+                    self.loop.call_soon_threadsafe(self.heard, _parse(payload))
+            except Exception as e:
+                if not failing:
+                    log.warning("listening for other nodes failed (polling meanwhile): %s", e)
+                failing = True
+                self._stop.wait(POLL)
+
+
+def _parse(payload: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class Tailer:
+    """Hands the events table to the hub, the metrics and the dispatcher, in id (commit) order, whichever
+    node appended them. `poke` after a commit or a notification; it reads on the loop's next
+    turn, at most once per turn."""
+
+    READ_AT_MOST = 2000
+
+    def __init__(self, store: Store, hear: list[Callable[[list[EventRow]], None]]) -> None:
+        self.store = store
+        self.hear = hear  # in order: the hub, the metrics, the dispatcher
+        self.cursor = store.last_event_id()
+        self._pending = False
+
+    def poke(self, *_: object) -> None:
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(self.read)
+
+    def read(self) -> None:
+        self._pending = False
+        try:
+            while True:
+                events = self.store.events_after(self.cursor, self.READ_AT_MOST)
+                if not events:
+                    return
+                self.cursor = events[-1].id
+                for heard in self.hear:
+                    heard(events)
+                if len(events) < self.READ_AT_MOST:
+                    return
+        except TaskctlError as e:
+            log.warning("cannot read the event log: %s", e.message)
+
+
+class ClusterStops:
+    """Stops for the services: an attempt this node runs is stopped here; one that another
+    node runs is asked of it through the store (a notification), and its end comes back
+    through the event log like any other change."""
+
+    def __init__(self, local: Stops, nodes: Owners, me: str) -> None:
+        self.local = local
+        self.nodes = nodes
+        self.me = me
+
+    def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        owner = self.nodes.node_of(task_id)
+        if owner is None or owner == self.me:
+            return self.local.stop(task_id, attempt, kind)
+        self.nodes.tell({"stop": [[owner, task_id, attempt, kind]]})
+        return True
+
+
+# -- the node -------------------------------------------------------------------------------------
+
+
+class Node:
+    """The parts above, started and stopped together by the daemon."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        nodes: NodeStore,
+        heartbeat: Heartbeat,
+        listener: Listener,
+        tailer: Tailer,
+        rescuer: Rescuer,
+        stops: Stops,
+        queues_changed: Callable[[], None],
+        look_again: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.nodes = nodes
+        self.heartbeat = heartbeat
+        self.listener = listener
+        self.tailer = tailer
+        self.rescuer = rescuer
+        self.stops = stops
+        self.queues_changed = queues_changed
+        self.look_again = look_again
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def join(self) -> None:
+        """Register (or come back) as up, before anything is claimed or adopted."""
+        s = self.settings
+        self.nodes.join(s.name, __version__, s.slots, s.queues)
+        log.info("node %s joined (lease %.0fs)", s.name, s.lease)
+
+    def start(self) -> None:
+        self.heartbeat.start()
+        self.listener.start()
+        self._tasks.append(asyncio.create_task(self._periodic()))
+
+    async def _periodic(self) -> None:
+        """Rescue, read the log and look for work on a timer (notifications may be lost)."""
+        while True:
+            await asyncio.sleep(min(POLL, self.settings.beat_every))
+            try:
+                self.rescuer.sweep()
+                self.look_again()
+            except TaskctlError as e:
+                log.warning("rescue failed: %s", e.message)
+            except Exception:
+                log.exception("rescue failed")
+            self.tailer.poke()
+
+    def heard(self, message: dict[str, Any]) -> None:
+        """A notification: stop what we were asked to stop, take new queue settings, read
+        the log."""
+        if message.get("queues"):
+            self.queues_changed()
+        for item in message.get("stop", ()):
+            with contextlib.suppress(ValueError, TypeError):
+                node, task_id, attempt, kind = item
+                if node == self.settings.name:
+                    self.stops.stop(int(task_id), int(attempt), str(kind))
+        self.tailer.poke()
+
+    def lost_lease(self, why: str) -> None:
+        """Our attempts may belong to others now: end every tree we run."""
+        stopped = self.stops.stop_all(STOP_KIND)
+        log.error("lease lost: %s; stopped %d task tree(s) of this node", why, stopped)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.listener.close()
+        self.heartbeat.close()

@@ -1,0 +1,339 @@
+"""Several daemons sharing one queue in PostgreSQL: real daemons, each in its own home (socket,
+supervisor, cgroups), on the tests' own throwaway PostgreSQL cluster.
+
+What a task did is counted from inside it: each appends a line to a file of the test's, so
+"ran exactly once" means one line, whatever the store says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TASKCTL, Home, figure, wait_until
+
+LEASE = 2.0  # seconds: short, so that rescues happen within a test
+
+
+class Cluster:
+    """N homes (nodes a, b, c...) on one database."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+        self.nodes: dict[str, Home] = {}
+
+    def add(self, name: str, *, start: bool = True, **settings: Any) -> Home:
+        path = Path(tempfile.mkdtemp(prefix=f"n{name}", dir="/tmp"))
+        home = Home(path)
+        home.config(store=self.url, node=name, lease=f"{LEASE}s", **settings)
+        self.nodes[name] = home
+        if start:
+            home.start()
+        return home
+
+    def __getitem__(self, name: str) -> Home:
+        return self.nodes[name]
+
+    def cleanup(self) -> None:
+        for home in self.nodes.values():
+            home.cleanup()
+            shutil.rmtree(home.path, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(pg_url, tmp_path)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def recorder(out: Path) -> str:
+    """A shell command that appends its task id to `out` (one write: atomic with O_APPEND)."""
+    return f'echo "$TASKCTL_TASK_ID" >> {out}'
+
+
+def ran_on(home: Home, task_id: int) -> list[str | None]:
+    """The node of each attempt of a task, as `status --json` shows it."""
+    return [a.get("node") for a in home.task(task_id)["attempts"]]
+
+
+# -- nodes ---------------------------------------------------------------------------------------
+
+
+def test_nodes_show_the_cluster_and_a_drained_node_takes_no_work(cluster: Cluster) -> None:
+    a = cluster.add("a", concurrency=2)
+    cluster.add("b", concurrency=2)
+    listed = {n["name"]: n for n in a.json("nodes")}
+    assert set(listed) == {"a", "b"}
+    assert listed["a"]["this"] and not listed["b"]["this"]
+    assert {n["state"] for n in listed.values()} == {"up"}
+    assert all(n["heartbeat_age"] < 2 * LEASE for n in listed.values())
+    assert "b" in a.ok("nodes") and "up" in a.ok("nodes")
+
+    a.ok("nodes", "drain", "b")
+    assert {n["name"]: n["state"] for n in cluster["b"].json("nodes")}["b"] == "draining"
+    ids = [int(i) for i in a.ok("submit", "--stdin", input="true\n" * 12).split()]
+    done = a.wait_all_final(ids)
+    assert {t["state"] for t in done} == {"succeeded"}
+    assert {n for i in ids for n in ran_on(a, i)} == {"a"}
+
+    a.ok("nodes", "resume", "b")
+    assert {n["name"]: n["state"] for n in a.json("nodes")}["b"] == "up"
+    assert a.run("nodes", "drain", "nosuch").returncode == 4
+
+
+def test_a_pinned_task_runs_on_its_node_and_a_missing_cwd_is_that_nodes_spawn_error(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    cluster.add("b")
+    ids = [a.submit("true", options=("--node", "b")) for _ in range(6)]
+    a.wait_all_final(ids)
+    assert {n for i in ids for n in ran_on(a, i)} == {"b"}
+
+    gone = Path(tempfile.mkdtemp(dir="/tmp"))
+    gone.rmdir()  # exists nowhere: the submit is taken, the run fails where it happens
+    task = a.submit("true", options=("-C", str(gone), "--node", "b", "--retries", "0"))
+    final = a.wait_final(task)
+    assert final["state"] == "failed"
+    assert final["attempts"][-1]["outcome"] == "spawn_error"
+    assert "node b" in a.ok("status", str(task))
+
+
+# -- claims ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ten_thousand_tasks_on_three_nodes_each_run_exactly_once(cluster: Cluster) -> None:
+    out = cluster.root / "ran"
+    for name in "abc":
+        cluster.add(name, concurrency=4)
+    n = 10_000
+    started = time.monotonic()
+    body = "".join(
+        json.dumps({"command": ["sh", "-c", recorder(out)], "retries": 0}) + "\n" for _ in range(n)
+    )
+    ids = [int(i) for i in cluster["a"].ok("submit", "--stdin", "--json-lines", input=body).split()]
+    assert len(ids) == n
+    wait_until(lambda: len(lines(out)) >= n, timeout=600, interval=0.5)
+    done = cluster["b"].json("list", "--all", "-n", str(n + 1))
+    took = time.monotonic() - started
+    figure("10,000 tasks on 3 nodes, seconds", round(took, 1))
+    ran = lines(out)
+    assert sorted(map(int, ran)) == sorted(ids)  # each exactly once, none twice
+    assert len(done) == n and {t["state"] for t in done} == {"succeeded"}
+    assert {len(t["attempts"]) for t in done} == {1}  # no claim twice, no rescue
+    by_node: dict[str | None, int] = {}
+    for t in done:
+        by_node[t["attempts"][0]["node"]] = by_node.get(t["attempts"][0]["node"], 0) + 1
+    figure("tasks run per node", by_node)
+    assert set(by_node) == {"a", "b", "c"}
+
+
+def test_a_queue_of_concurrency_two_runs_two_at_most_in_the_whole_cluster(
+    cluster: Cluster,
+) -> None:
+    out = cluster.root / "spans"
+    for name in "abc":
+        cluster.add(name, concurrency=4)
+    cluster["a"].ok("queue", "set", "pair", "--concurrency", "2")
+    script = f"echo start $(date +%s%N) >> {out}; sleep 0.3; echo end $(date +%s%N) >> {out}"
+    ids = [cluster[n].submit("sh", "-c", script, options=("-q", "pair")) for n in "abcabcabcabc"]
+    cluster["a"].wait_all_final(ids, timeout=60)
+    marks = sorted(
+        (int(t), +1 if kind == "start" else -1)
+        for kind, t in (line.split() for line in out.read_text().splitlines())
+    )
+    running = most = 0
+    for _, change in marks:
+        running += change
+        most = max(most, running)
+    figure("most running at once in a queue of concurrency 2 on 3 nodes", most)
+    assert most == 2
+    nodes = {n for i in ids for n in ran_on(cluster["a"], i)}
+    assert len(nodes) >= 2  # the work did spread
+
+
+def test_one_key_submitted_twenty_times_at_once_over_three_nodes_is_one_task(
+    cluster: Cluster,
+) -> None:
+    for name in "abc":
+        cluster.add(name)
+    results: list[subprocess.CompletedProcess[str]] = []
+    lock = threading.Lock()
+
+    def submit(home: Home) -> None:
+        done = home.run("submit", "--key", "the-one", "--", "sleep", "1")
+        with lock:
+            results.append(done)
+
+    threads = [threading.Thread(target=submit, args=(cluster["abc"[i % 3]],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    assert len({r.stdout.strip() for r in results}) == 1
+    assert len(cluster["b"].json("list", "--all")) == 1
+
+
+# -- losing a node -----------------------------------------------------------------------------------
+
+
+def _supervisors(home: Home) -> list[int]:
+    return [int(p.name.split(".")[1]) for p in (home.path / "run").glob("supervisor.*.json")]
+
+
+def test_a_node_killed_with_eight_running_tasks_has_them_rescued_within_the_lease(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a", concurrency=8)
+    ids = [a.submit("sleep", "300", options=("--retries", "0")) for _ in range(8)]
+    wait_until(lambda: all(a.api_task(i)["state"] == "running" for i in ids))
+    b = cluster.add("b", concurrency=8)
+    killed_at = time.monotonic()
+    for pid in [a.daemon_pid(), *_supervisors(a)]:
+        os.kill(pid, signal.SIGKILL)
+    finals = b.wait_all_final(ids, timeout=LEASE + 10)
+    took = time.monotonic() - killed_at
+    figure("8 tasks of a killed node final after, seconds", round(took, 2))
+    assert took <= LEASE + 10
+    assert {t["state"] for t in finals} == {"failed"}
+    assert {t["attempts"][-1]["outcome"] for t in finals} == {"lost"}
+    assert {n["name"]: n["state"] for n in b.json("nodes")}["a"] == "lost"
+
+
+def test_a_stopped_node_loses_its_tasks_to_another_and_stops_its_own_copies(
+    cluster: Cluster,
+) -> None:
+    out = cluster.root / "done"
+    a = cluster.add("a", concurrency=4)
+    work = f"sleep 8; {recorder(out)}"
+    ids = [a.submit("sh", "-c", work, options=("--retries", "1")) for _ in range(4)]
+    wait_until(lambda: all(a.api_task(i)["state"] == "running" for i in ids))
+    b = cluster.add("b", concurrency=4)
+    stopped = [a.daemon_pid(), *_supervisors(a)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # b rescues a's attempts (lost; one retry left) and runs them again itself.
+        wait_until(
+            lambda: all(len(b.api_task(i)["attempts"]) >= 2 for i in ids), timeout=LEASE + 10
+        )
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    finals = b.wait_all_final(ids, timeout=30)
+    assert {t["state"] for t in finals} == {"succeeded"}
+    assert sorted(map(int, lines(out))) == sorted(ids)  # a's copies never finished
+    log = (a.path / "taskctld.log").read_text()
+    assert "lease lost" in log
+    wait_until(lambda: {n["name"]: n["state"] for n in b.json("nodes")}["a"] == "up")
+
+
+# -- seeing the whole cluster from any node ----------------------------------------------------------
+
+
+def test_any_node_lists_waits_cancels_and_watches_the_whole_cluster(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    b = cluster.add("b")
+    watch = subprocess.Popen(
+        [TASKCTL, "watch", "--json"], env=b.env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        b.wait_streams()
+        long = a.submit("sleep", "300", options=("--node", "a"))
+        wait_until(lambda: b.api_task(long)["state"] == "running")
+        assert b.ok("cancel", str(long))  # b asks a to stop it
+        assert b.task(long)["state"] == "cancelled"
+        quick = a.submit("true", options=("--node", "a"))
+        assert b.wait_final(quick)["state"] == "succeeded"
+        seen: list[dict[str, Any]] = []
+
+        def saw_both() -> bool:
+            assert watch.stdout is not None
+            seen.append(json.loads(watch.stdout.readline()))
+            ids = {e["task_id"] for e in seen if e["to_state"] in ("cancelled", "succeeded")}
+            return {long, quick} <= ids
+
+        wait_until(saw_both, timeout=20)
+    finally:
+        watch.kill()
+        watch.wait()
+    # The same events, resumed from the log by the other node: the same ids, in order.
+    ids = [e["id"] for e in seen]
+    assert ids == sorted(ids)
+
+
+# -- cron ------------------------------------------------------------------------------------------
+
+
+def test_a_cron_schedule_on_three_nodes_fires_once_per_due_minute(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Three nodes' schedulers over one store, on an injected clock: an hour of `* * * * *`,
+    each minute's turn taken by all three at once (threads released together). Every due
+    minute has one task, whichever node won it; no turn failed for losing."""
+    from taskctld.lifecycle import Lifecycle
+    from taskctld.scheduler import Scheduler
+    from taskctld.store import NewSchedule, NewTask, TaskFilter
+    from taskctld.store.postgres import PostgresStore
+
+    t0 = 1_800_000_000_000 - 1_800_000_000_000 % 60_000
+    stores = [PostgresStore(pg_url, node=name) for name in "abc"]
+    template = json.dumps({"command": ["true"], "cwd": "/"})
+    with stores[0].transaction():
+        stores[0].add_schedule(
+            NewSchedule("every", "cron", "* * * * *", "UTC", "allow", "latest", template, t0),
+            t0 - 1,
+        )
+
+    def build(template: dict[str, Any], now: int) -> NewTask:
+        return NewTask(command=template["command"], cwd=template["cwd"])
+
+    schedulers = [
+        Scheduler(s, build, tmp_path / "changes", lifecycle=Lifecycle(s)) for s in stores
+    ]
+    minutes = 60
+    gate = threading.Barrier(len(stores))
+    failures: list[BaseException] = []
+
+    def node(store: PostgresStore, scheduler: Scheduler) -> None:
+        for minute in range(minutes):
+            now = t0 + minute * 60_000 + 5
+            gate.wait()
+            try:
+                with store.transaction():
+                    scheduler.fire_due(now)
+            except BaseException as e:
+                failures.append(e)
+
+    threads = [threading.Thread(target=node, args=pair) for pair in zip(stores, schedulers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    tasks = stores[1].list_tasks(TaskFilter(limit=10 * minutes))
+    dues = sorted(t.due_at for t in tasks if t.due_at is not None)
+    assert dues == [t0 + m * 60_000 for m in range(minutes)]
+    for s in stores:
+        s.close()
