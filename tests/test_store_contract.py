@@ -220,6 +220,44 @@ def test_attempts_open_once_and_end_once(store: Store) -> None:
     assert store.open_attempts() == [] and store.count_attempt_outcomes() == {"signaled": 1}
 
 
+def test_start_attempts_moves_the_tasks_still_in_the_state_with_their_attempts(
+    store: Store,
+) -> None:
+    """A claim's moves at once: each task still `old` becomes `new` as its next attempt
+    (counted, its first start kept), with an open attempt row and an event; a stale id (moved
+    meanwhile, or unknown) is passed over; rows come back in the order given."""
+    first, stale, retried = _submit(store, 3)
+    with store.transaction():
+        assert store.move(stale, TaskState.QUEUED, TaskState.CANCELLED, 1500)
+        assert store.start_attempts([retried], TaskState.QUEUED, TaskState.RUNNING, 1600)
+        assert store.move(retried, TaskState.RUNNING, TaskState.QUEUED, 1700, fence=1)
+    seen: list[list[EventRow]] = []
+    store.on_commit(seen.append)
+    with store.transaction():
+        rows = store.start_attempts(
+            [retried, stale, 4242, first], TaskState.QUEUED, TaskState.RUNNING, 2000
+        )
+        with pytest.raises(RuntimeError, match="not in the state machine"):
+            store.start_attempts([first], TaskState.QUEUED, TaskState.SUCCEEDED, 2000)
+    assert [(r.id, r.state, r.attempts, r.tries, r.started_at) for r in rows] == [
+        (retried, TaskState.RUNNING, 2, 2, 1600), (first, TaskState.RUNNING, 1, 1, 2000),
+    ]  # fmt: skip
+    assert rows == store.get_tasks([retried, first])
+    assert [(e.task_id, e.from_state, e.to_state, e.attempt, e.at) for e in seen[0]] == [
+        (retried, TaskState.QUEUED, TaskState.RUNNING, 2, 2000),
+        (first, TaskState.QUEUED, TaskState.RUNNING, 1, 2000),
+    ]
+    assert [e.id for e in seen[0]] == [e.id for e in store.events_after(0, 100)[-2:]]
+    opened = store.attempts_of([retried, first, stale])
+    assert [(a.number, a.started_at, a.outcome) for a in opened[retried]] == [
+        (1, 1600, None), (2, 2000, None),
+    ]  # fmt: skip
+    assert [(a.number, a.started_at) for a in opened[first]] == [(1, 2000)] and not opened[stale]
+    with store.transaction():
+        assert store.start_attempts([first, stale], TaskState.QUEUED, TaskState.RUNNING, 3000) == []
+        assert store.start_attempts([], TaskState.QUEUED, TaskState.RUNNING, 3000) == []
+
+
 def test_claim_candidates_come_in_claim_order_and_say_when_they_are_all(store: Store) -> None:
     low = _submit(store, 2, priority=1)
     late = _submit(store, 1, priority=5, run_at=900)  # in the past: ready, run_at 900

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.api import FINAL_STATES, Outcome, TaskState
@@ -460,6 +460,7 @@ class Store(
     distributed: bool
 
 
+@runtime_checkable
 class NodeStore(Protocol):
     """The daemons sharing a distributed store (PostgreSQL only; `Store.distributed` says).
 

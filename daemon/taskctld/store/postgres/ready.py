@@ -33,10 +33,13 @@ class PgReady(PgTasks):
         they are locked until its commit, and `want` is first capped by the queue's limit
         less what runs in it on every node. None when this node is not up."""
         locking = self._in_transaction
-        if locking:
-            want = min(want, self._free_in(queue))
-            if want <= 0:
+        free = self._free_in(queue) if locking else want
+        if free < want:  # the queue's limit: no more than `free`, and not said to be all
+            if free <= 0:
                 return [], False
+            sql = _CANDIDATES + " FOR UPDATE SKIP LOCKED"
+            params = {"queue": queue, "node": self.node, "held": list(held), "limit": free}
+            return [Candidate(*row) for row in self._x(sql, params)], False
         sql = _CANDIDATES + (" FOR UPDATE SKIP LOCKED" if locking else "")
         params = {"queue": queue, "node": self.node, "held": list(held), "limit": want + 1}
         found = [Candidate(*row) for row in self._x(sql, params)]
