@@ -2,8 +2,9 @@
 
 Nothing outside `taskctld.store` writes SQL, and nothing inside it decides a task's state: the
 store carries out what `taskctld.lifecycle` decides, through primitives (a conditional `move`,
-inserts given their states, reads of candidates and dependencies). A second backend (PostgreSQL)
-is one more module that implements `Store`, and passes `tests/test_store_contract.py`. Rows
+inserts given their states, reads of candidates and dependencies). Each backend is a package
+that implements `Store` and passes `tests/test_store_contract.py`: `sqlite` (one node) and
+`postgres` (several nodes on one database, also a `NodeStore`). Rows
 cross this boundary as the plain dataclasses below; times are integer epoch milliseconds (UTC).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.api import FINAL_STATES, Outcome, TaskState
@@ -464,6 +465,7 @@ class Store(
     distributed: bool
 
 
+@runtime_checkable
 class NodeStore(Protocol):
     """The daemons sharing a distributed store (PostgreSQL only; `Store.distributed` says).
 

@@ -87,29 +87,33 @@ class SqliteTasks(SqliteBase):
         """Move each task that is still in `old` to `new` as its next attempt (attempts and
         tries counted, started_at kept from a first start), with its open attempt row and its
         event; returns the tasks that moved, as they are now, in the order given. A task no
-        longer in `old` is passed over. The set-based form of a claim's moves (here a loop:
-        a local file pays no round trips)."""
+        longer in `old` is passed over. The set-based form of a claim's moves; here the rows
+        are read once and each is one fenced UPDATE (a local file pays no round trips)."""
         self._require_transaction()
         if not states.allowed(old, new):
             raise RuntimeError(f"transition {old} -> {new} is not in the state machine")
-        moved: list[int] = []
-        for task_id in ids:
-            found = self.conn.execute(
-                "UPDATE tasks SET state = ?, reason = NULL, updated_at = ?, attempts = attempts + 1, "
-                "tries = tries + 1, started_at = coalesce(started_at, ?) WHERE id = ? AND state = ? "
-                "RETURNING attempts, queue",
-                (new.value, now, now, task_id, old.value),
-            ).fetchall()
-            if not found:
+        moved: list[TaskRow] = []
+        for task in self.get_tasks(ids):
+            number, started_at = task.attempts + 1, task.started_at or now
+            if (
+                task.state is not old
+                or self.conn.execute(
+                    "UPDATE tasks SET state = ?, reason = NULL, updated_at = ?, attempts = ?, "
+                    "tries = tries + 1, started_at = ? WHERE id = ? AND state = ? AND attempts = ?",
+                    (new.value, now, number, started_at, task.id, old.value, task.attempts),
+                ).rowcount
+                != 1
+            ):
                 continue
-            ((number, queue),) = found
             self.conn.execute(
                 "INSERT INTO attempts (task_id, number, started_at) VALUES (?, ?, ?)",
-                (task_id, number, now),
+                (task.id, number, now),
             )
-            self._append_event(now, task_id, old, new, number, queue=queue)
-            moved.append(task_id)
-        return self.get_tasks(moved)
+            self._append_event(now, task.id, old, new, number, queue=task.queue)
+            task.state, task.reason, task.attempts, task.tries = new, None, number, task.tries + 1
+            task.started_at = started_at
+            moved.append(task)
+        return moved
 
     # -- inserts --------------------------------------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Attempt rows in PostgreSQL: opened by a claim (or a start found later) with this node's
+name, ended once. What a node recovers or counts as its own is its own attempts only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from taskctl.api import TaskState
+from taskctld.store import AttemptEnd, AttemptRow
+from taskctld.store.postgres.base import PgBase
+from taskctld.store.postgres.rows import attempt_rows
+
+
+class PgAttempts(PgBase):
+    """`AttemptStore` on PostgreSQL."""
+
+    def open_attempt(
+        self, task_id: int, number: int, started_at: int, pid: int | None = None
+    ) -> None:
+        """The row of attempt `number` of a task, run by this node, open until `end_attempt`."""
+        self._require_transaction()
+        self._x(
+            "INSERT INTO attempts (task_id, number, started_at, pid, node) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (task_id, number, started_at, pid, self.node),
+        )
+
+    def note_attempt(self, task_id: int, number: int, state: TaskState) -> bool:
+        """Count attempt `number` on a task that stays in `state`, if it is in `state` with
+        `number` - 1 attempts; False (nothing changed) if not."""
+        self._require_transaction()
+        return self._x(
+            "UPDATE tasks SET attempts = %s WHERE id = %s AND state = %s AND attempts = %s",
+            (number, task_id, state.value, number - 1),
+        ).rowcount == 1  # fmt: skip
+
+    def mark_started(self, task_id: int, attempt: int, **fields: object) -> None:
+        self._require_transaction()
+        names = sorted(fields)
+        self._x(
+            f"UPDATE attempts SET {', '.join(f'{n} = %s' for n in names)} "
+            "WHERE task_id = %s AND number = %s",
+            [*(fields[n] for n in names), task_id, attempt],
+        )
+
+    def end_attempt(self, end: AttemptEnd) -> bool:
+        """Write how the attempt ended (only the first report counts); False when there is no
+        such open attempt (already ended: by a node that rescued it, say)."""
+        self._require_transaction()
+        return self._x(
+            "UPDATE attempts SET outcome = %s, exit_code = %s, signal = %s, error = %s, "
+            "ended_at = %s, max_rss = %s, cpu_user = %s, cpu_system = %s "
+            "WHERE task_id = %s AND number = %s AND outcome IS NULL",
+            (
+                end.outcome.value, end.exit_code, end.signal, end.error, end.ended_at,
+                end.max_rss, end.cpu_user, end.cpu_system, end.task_id, end.attempt,
+            ),
+        ).rowcount == 1  # fmt: skip
+
+    def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]:
+        found: dict[int, list[AttemptRow]] = {i: [] for i in ids}
+        cur = self._x(
+            "SELECT * FROM attempts WHERE task_id = ANY(%s::int8[]) ORDER BY task_id, number",
+            (list(ids),),
+        )
+        for row in attempt_rows(cur):
+            found[row.task_id].append(row)
+        return found
+
+    def open_attempts(self) -> list[AttemptRow]:
+        """This node's attempts with no outcome yet: what it ran when it last stopped."""
+        return list(
+            attempt_rows(
+                self._x("SELECT * FROM attempts WHERE outcome IS NULL AND node = %s", (self.node,))
+            )
+        )
+
+    def stray_attempts(self) -> list[tuple[int, int, str]]:
+        """This node's open attempts of tasks no longer running them: task id, attempt, queue."""
+        return [
+            tuple(row)
+            for row in self._x(
+                "SELECT a.task_id, a.number, t.queue FROM attempts a "
+                "JOIN tasks t ON t.id = a.task_id WHERE a.outcome IS NULL AND a.node = %s "
+                "AND NOT (t.state = 'running' AND t.attempts = a.number)",
+                (self.node,),
+            )
+        ]
+
+    def node_of(self, task_id: int) -> str | None:
+        """The node that runs the task's open attempt (None when none is open)."""
+        row = self._x(
+            "SELECT node FROM attempts WHERE task_id = %s AND outcome IS NULL "
+            "ORDER BY number DESC LIMIT 1",
+            (task_id,),
+        ).fetchone()
+        return row[0] if row else None
+
+    def count_attempt_outcomes(self) -> dict[str, int]:
+        return dict(
+            self._x(
+                "SELECT outcome, count(*) FROM attempts WHERE outcome IS NOT NULL GROUP BY outcome"
+            ).fetchall()
+        )

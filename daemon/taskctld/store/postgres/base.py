@@ -1,0 +1,383 @@
+"""What every part of the PostgreSQL store shares: the connection, its transactions, errors that
+never show a password, and the event log, whose ids are given at the commit in commit order.
+
+Events in commit order. Several nodes commit to one database, so an id drawn from a sequence
+when the row is written would not be in commit order: a `watch --since ID` could pass over an
+event that commits later with a smaller id. So a transaction keeps its events in Python until
+its commit; then, in one statement, it takes `EVENTS_LOCK` (a transaction advisory lock, held
+until the COMMIT), reserves a contiguous range of ids from `events_id_seq` under it, inserts
+the events with those ids and queues a NOTIFY on `CHANNEL`. Whoever holds the lock commits
+before the next one gets ids, and a commit is visible before its locks are released, so ids
+are given and made visible in commit order. A batch's creation events (`EventSpan`) get their
+ids when it is published, which takes the same lock until that commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from taskctl.api import TaskState
+from taskctl.errors import TaskctlError
+from taskctld.store import EventRow, EventSpan
+from taskctld.store.postgres.schema import EVENTS_LOCK
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "taskctl"  # LISTEN taskctl: one NOTIFY per commit that has events or stops
+NOTIFY_LIMIT = 7900  # bytes: PostgreSQL refuses a payload of 8000 or more
+
+# libpq options that make a cut network fail a call within seconds instead of hanging on it;
+# a store URL that sets one of them wins.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+
+Params = Sequence[Any] | Mapping[str, Any] | None
+
+# Each commit's events, one array per column, inserted under the events lock with ids it
+# reserves; then the NOTIFY, whose payload names the last id.
+_FLUSH = """
+WITH ids AS (
+    SELECT setval('events_id_seq', nextval('events_id_seq') + %(n)s - 1) AS last
+    FROM (SELECT pg_advisory_xact_lock(%(lock)s)) AS locked
+), added AS (
+    INSERT INTO events (id, at, task_id, queue, from_state, to_state, attempt, exit_code, reason)
+    SELECT ids.last - %(n)s + e.ord, e.at, e.task_id, e.queue, e.from_state, e.to_state,
+           e.attempt, e.exit_code, e.reason
+    FROM ids, unnest(%(at)s::int8[], %(task_id)s::int8[], %(queue)s::text[],
+                     %(from_state)s::text[], %(to_state)s::text[], %(attempt)s::int4[],
+                     %(exit_code)s::int4[], %(reason)s::text[])
+         WITH ORDINALITY AS e(at, task_id, queue, from_state, to_state, attempt, exit_code,
+                              reason, ord)
+)
+SELECT last, pg_notify(%(channel)s, %(head)s || last || %(tail)s) FROM ids
+"""
+
+
+def redact(url: str) -> str:
+    """The store's URL as it may be shown: `postgresql://user@host:port/dbname`, never the
+    password (nor any other option)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(a URL that does not parse)"
+    user = f"{params['user']}@" if params.get("user") else ""
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{params.get('host', '')}{port}/{params.get('dbname', '')}"
+
+
+def _secrets_of(url: str) -> list[str]:
+    """What must never appear in a message: the URL as given, and its password."""
+    found = [url]
+    with suppress(psycopg.Error):
+        password = conninfo_to_dict(url).get("password")
+        if password:
+            found.append(str(password))
+    return found
+
+
+class PgBase:
+    """The connection and its transactions; `Transactions` and `EventLog` of the Protocol.
+    Each part of `PostgresStore` builds on this (their `__init__`s chain through `super()`).
+
+    One connection, used by one thread at a time (the daemon's store thread), in autocommit
+    mode: a read outside `transaction()` leaves no transaction open. `transaction()` sends
+    BEGIN and COMMIT itself; a nested call joins the outer one. A connection that broke is
+    replaced at the next `transaction()` (or read outside one)."""
+
+    distributed = True
+
+    def __init__(self, url: str, *, node: str, lease_ms: int) -> None:
+        self.url = url
+        self.node = node
+        self.lease_ms = lease_ms
+        self.where = redact(url)
+        self._secrets = _secrets_of(url)
+        self._in_transaction = False
+        self._depth = 0  # savepoints open
+        self._pending: list[EventRow] = []
+        self._pending_spans: list[EventSpan] = []
+        self._stops: list[tuple[int, int]] = []
+        self._subscribers: list[Callable[[list[EventRow]], None]] = []
+        self._span_subscribers: list[Callable[[EventSpan], None]] = []
+        self.conn = self._connect()
+
+    # -- the connection ---------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            given = conninfo_to_dict(self.url)
+            options = {**CONNECT_OPTIONS, **given}
+            options.setdefault("application_name", f"taskctld {self.node}"[:63])
+            # A node stopped (SIGSTOP, a debugger) inside a transaction would hold the events
+            # lock for every node: the server ends such a session after one lease.
+            idle = f"-c idle_in_transaction_session_timeout={max(self.lease_ms, 1000)}"
+            options["options"] = f"{options.get('options', '')} {idle}".strip()
+            return psycopg.connect(make_conninfo("", **options), autocommit=True)
+        except psycopg.Error as e:
+            raise self.error(e) from None
+
+    def _ensure_connection(self) -> None:
+        if self.conn.closed or self.conn.broken:
+            with suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = self._connect()
+
+    def error(self, error: psycopg.Error) -> TaskctlError:
+        """psycopg's error as ours, naming the store by its redacted URL: "store unreachable"
+        when the connection is gone (or could not be made), else the server's complaint."""
+        text = str(error).strip()
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        conn = getattr(self, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            return TaskctlError(f"store unreachable: {self.where}: {text}")
+        return TaskctlError(f"store error: {self.where}: {text}")
+
+    def _x(self, sql: str, params: Params = None) -> psycopg.Cursor[Any]:
+        """Run one statement; the one place where a psycopg OperationalError (the network,
+        the server going away, a lock or deadlock the server gave up on) becomes ours."""
+        if not self._in_transaction:
+            self._ensure_connection()
+        try:
+            # Every statement is this package's own text; values always go as parameters.
+            return self.conn.execute(cast(LiteralString, sql), params)
+        except psycopg.OperationalError as e:
+            raise self.error(e) from e
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT; nested calls join the outer transaction. Events appended inside
+        get their ids at the commit (see the module docstring) and are published to
+        subscribers after it, dropped on rollback."""
+        if self._in_transaction:
+            yield
+            return
+        self._ensure_connection()
+        self._in_transaction = True
+        try:
+            self._x("BEGIN")
+            try:
+                yield
+                self._flush_events()
+                self._x("COMMIT")
+            except BaseException:
+                self._drop_pending()
+                self._rollback()
+                raise
+        finally:
+            self._in_transaction = False
+            self._depth = 0
+        self._publish_pending()
+
+    def _rollback(self) -> None:
+        if self.conn.closed or self.conn.broken:
+            return  # the server rolls back a session that went away
+        try:
+            self.conn.execute("ROLLBACK")
+        except psycopg.Error:
+            with suppress(psycopg.Error):
+                self.conn.close()  # replaced at the next transaction
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_spans.clear()
+        self._stops.clear()
+
+    def _publish_pending(self) -> None:
+        events, self._pending = self._pending, []
+        spans, self._pending_spans = self._pending_spans, []
+        self._stops.clear()
+        for span in spans:
+            for on_span in self._span_subscribers:
+                on_span(span)
+        if events:
+            for callback in self._subscribers:
+                callback(events)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: on an exception, what happened inside is undone (and its
+        events dropped), the outer transaction goes on."""
+        self._require_transaction()
+        mark, spans, stops = len(self._pending), len(self._pending_spans), len(self._stops)
+        self._depth += 1
+        name = f"sp{self._depth}"
+        self._x(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            del self._pending[mark:]
+            del self._pending_spans[spans:]
+            del self._stops[stops:]
+            if not (self.conn.closed or self.conn.broken):
+                self._x(f"ROLLBACK TO SAVEPOINT {name}")
+                self._x(f"RELEASE SAVEPOINT {name}")
+            raise
+        else:
+            self._x(f"RELEASE SAVEPOINT {name}")
+        finally:
+            self._depth -= 1
+
+    def on_commit(
+        self,
+        callback: Callable[[list[EventRow]], None],
+        on_span: Callable[[EventSpan], None] | None = None,
+    ) -> None:
+        """`callback` gets the events of each commit (with their ids); `on_span` (if given)
+        each `EventSpan`, the creation events of a published batch, before them."""
+        self._subscribers.append(callback)
+        if on_span is not None:
+            self._span_subscribers.append(on_span)
+
+    def uncommitted_events(self) -> Sequence[EventRow]:
+        """What the open transaction has appended so far, id 0 each: ids are given at the
+        commit."""
+        return tuple(self._pending)
+
+    def uncommitted_spans(self) -> Sequence[EventSpan]:
+        return tuple(self._pending_spans)
+
+    def request_stop(self, task_id: int, attempt: int) -> None:
+        """Ask, with this transaction's NOTIFY, whichever node runs attempt `attempt` of
+        `task_id` to stop it (a cancel made on another node than the one running it)."""
+        self._require_transaction()
+        self._stops.append((task_id, attempt))
+
+    def _require_transaction(self) -> None:
+        if not self._in_transaction:
+            raise RuntimeError("store writes must run inside transaction()")
+
+    # -- the event log --------------------------------------------------------------------------
+
+    def _append_event(
+        self,
+        now: int,
+        task_id: int,
+        old: TaskState | None,
+        new: TaskState,
+        attempt: int | None = None,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        """Keep an event for the commit (its queue read when not given)."""
+        if queue is None:
+            queue = self._x("SELECT queue FROM tasks WHERE id = %s", (task_id,)).fetchone()[0]  # type: ignore[index]
+        self._pending.append(EventRow(0, now, task_id, queue, old, new, attempt, exit_code, reason))
+
+    def _reserve_event_ids(self, n: int) -> int:
+        """Take the events lock until the commit and a contiguous range of `n` ids; returns
+        the first."""
+        (last,) = self._x(
+            "SELECT setval('events_id_seq', nextval('events_id_seq') + %s - 1) "
+            "FROM (SELECT pg_advisory_xact_lock(%s)) AS locked",
+            (n, EVENTS_LOCK),
+        ).fetchone()  # type: ignore[misc]
+        return int(last) - n + 1
+
+    def _flush_events(self) -> None:
+        """At the commit: the kept events get their ids and rows, and the commit its NOTIFY
+        (in one statement; none when there is nothing to tell)."""
+        events = self._pending
+        if not (events or self._pending_spans or self._stops):
+            return
+        head, tail = self._notice(events)
+        if not events:
+            last = max(span.last for span in self._pending_spans) if self._pending_spans else 0
+            self._x("SELECT pg_notify(%s, %s)", (CHANNEL, f"{head}{last}{tail}"))
+            return
+        columns: dict[str, list[Any]] = {
+            "at": [], "task_id": [], "queue": [], "from_state": [], "to_state": [],
+            "attempt": [], "exit_code": [], "reason": [],
+        }  # fmt: skip
+        for e in events:
+            columns["at"].append(e.at)
+            columns["task_id"].append(e.task_id)
+            columns["queue"].append(e.queue)
+            columns["from_state"].append(e.from_state and e.from_state.value)
+            columns["to_state"].append(e.to_state.value)
+            columns["attempt"].append(e.attempt)
+            columns["exit_code"].append(e.exit_code)
+            columns["reason"].append(e.reason)
+        params = {
+            "n": len(events), "lock": EVENTS_LOCK, "channel": CHANNEL, "head": head, "tail": tail,
+            **columns,
+        }  # fmt: skip
+        (last, _) = self._x(_FLUSH, params).fetchone()  # type: ignore[misc]
+        first = int(last) - len(events) + 1
+        self._pending = [replace(e, id=first + i) for i, e in enumerate(events)]
+
+    def _notice(self, events: Sequence[EventRow]) -> tuple[str, str]:
+        """The NOTIFY payload of this commit, around its last event id (see `notice_of`)."""
+        queued = {e.queue for e in events if e.to_state is TaskState.QUEUED}
+        for span in self._pending_spans:
+            queued.update(q for q, state in span.created if state is TaskState.QUEUED)
+        freed = {e.queue for e in events if e.from_state is TaskState.RUNNING}
+        return notice_of(self.node, sorted(queued), sorted(freed), list(self._stops))
+
+    def events_after(self, event_id: int, limit: int) -> list[EventRow]:
+        cur = self._x(
+            "SELECT id, at, task_id, queue, from_state, to_state, attempt, exit_code, reason "
+            "FROM events WHERE id > %s ORDER BY id LIMIT %s",
+            (event_id, limit),
+        )
+        return [
+            EventRow(i, at, t, q, TaskState(f) if f else None, TaskState(to), a, x, r)
+            for i, at, t, q, f, to, a, x, r in cur
+        ]
+
+    def last_event_id(self) -> int:
+        """The newest committed event's id. Not the sequence: ids reserved by a commit still
+        under way would be passed over by a cursor resuming from them. (Pruning keeps the
+        newest event, so this never goes back.)"""
+        row = self._x("SELECT max(id) FROM events").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def close(self) -> None:
+        with suppress(psycopg.Error):
+            self.conn.close()
+
+
+def notice_of(
+    node: str, queued: list[str], freed: list[str], stops: list[tuple[int, int]]
+) -> tuple[str, str]:
+    """A commit's NOTIFY payload on `CHANNEL`, as the text before and after its last event id
+    (the statement that gives the ids puts it in between). The payload is one JSON object:
+
+        {"node": "n1", "last": 812, "queued": ["default"], "freed": ["gpu"],
+         "stop": [[42, 1]], "more": false}
+
+    `node`: who committed; `last`: the commit's last event id (0 for none); `queued`: queues
+    that got queued tasks (worth a claim); `freed`: queues where a running task ended (a
+    slot of a cluster-wide limit came free); `stop`: [task id, attempt] pairs whose node
+    should stop them (`request_stop`); `more`: true when lists were cut to keep the payload
+    under PostgreSQL's 8000 bytes, meaning "re-read the store" (events after your cursor, and
+    the ready queues)."""
+    body: dict[str, Any] = {"queued": queued, "freed": freed, "stop": [list(s) for s in stops]}
+    more = False
+    while True:
+        head = '{"node":' + json.dumps(node) + ',"last":'
+        tail = "," + json.dumps({**body, "more": more}, separators=(",", ":"))[1:]
+        if len(head.encode()) + 20 + len(tail.encode()) <= NOTIFY_LIMIT:
+            return head, tail
+        longest = max(body, key=lambda k: len(json.dumps(body[k])))
+        if not body[longest]:
+            raise ValueError(f"node name too long for a NOTIFY payload: {node[:40]}...")
+        body[longest] = body[longest][: len(body[longest]) // 2]
+        more = True

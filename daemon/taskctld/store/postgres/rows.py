@@ -1,0 +1,86 @@
+"""Rows of the PostgreSQL store as the dataclasses of `taskctld.store`, and the WHERE of a
+task filter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+
+from taskctl.api import Outcome, TaskState
+from taskctld.store import AttemptRow, QueueRow, ScheduleRow, TaskFilter, TaskRow
+from taskctld.store.postgres.schema import TASK_JSON
+
+
+def _dicts(cur: psycopg.Cursor[Any]) -> Iterator[dict[str, Any]]:
+    names = [d.name for d in cur.description or ()]
+    for values in cur:
+        yield dict(zip(names, values, strict=True))
+
+
+def task_rows(cur: psycopg.Cursor[Any]) -> Iterator[TaskRow]:
+    for row in _dicts(cur):
+        for name in TASK_JSON:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+        row["state"] = TaskState(row["state"])
+        row["cwd"] = bytes(row["cwd"]).decode("utf-8", "surrogateescape")
+        row.pop("updated_at")
+        yield TaskRow(**row)
+
+
+def queue_row(row: tuple[Any, ...]) -> QueueRow:
+    name, concurrency, paused, defaults = row
+    return QueueRow(name, concurrency, bool(paused), json.loads(defaults or "{}"))
+
+
+def schedule_rows(cur: psycopg.Cursor[Any]) -> Iterator[ScheduleRow]:
+    for row in _dicts(cur):
+        yield ScheduleRow(**row)
+
+
+def attempt_rows(cur: psycopg.Cursor[Any]) -> Iterator[AttemptRow]:
+    for row in _dicts(cur):
+        if row["outcome"] is not None:
+            row["outcome"] = Outcome(row["outcome"])
+        yield AttemptRow(**row)
+
+
+def task_filter_sql(where: TaskFilter) -> tuple[str, list[object]]:
+    """The WHERE clause (or "") and its parameters for `where`, its limit aside."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if where.states:
+        clauses.append("state = ANY(%s)")
+        params.append([s.value for s in where.states])
+    if where.queue is not None:
+        clauses.append("queue = %s")
+        params.append(where.queue)
+    for key, value in where.labels.items():
+        clauses.append("(labels::jsonb ->> %s) = %s")
+        params += [key, value]
+    if where.before_id is not None:
+        clauses.append("id < %s")
+        params.append(where.before_id)
+    sql = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return sql, params
+
+
+def path_in(path: str) -> bytes:
+    """A path's bytes for a BYTEA column (undecodable bytes are lone surrogates in `path`)."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def dump(value: Any) -> str | None:
+    """JSON text; a lone surrogate is escaped (`\\udcXX`), so the text is always valid UTF-8
+    and comes back as the same str."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def env_digest(env: dict[str, str]) -> tuple[str, str]:
+    """(content id, JSON): environments are stored once per distinct content (as SQLite does)."""
+    data = json.dumps(env, separators=(",", ":"), sort_keys=True)
+    return hashlib.blake2b(data.encode(), digest_size=16).hexdigest(), data
