@@ -134,7 +134,7 @@ def test_ten_thousand_tasks_on_three_nodes_each_run_exactly_once(cluster: Cluste
     ids = [int(i) for i in cluster["a"].ok("submit", "--stdin", "--json-lines", input=body).split()]
     assert len(ids) == n
     wait_until(lambda: len(lines(out)) >= n, timeout=600, interval=0.5)
-    done = cluster["b"].json("list", "--all", "-n", str(n + 1))
+    done = cluster["b"].json("list", "--all")
     took = time.monotonic() - started
     figure("10,000 tasks on 3 nodes, seconds", round(took, 1))
     ran = lines(out)
@@ -262,7 +262,7 @@ def test_any_node_lists_waits_cancels_and_watches_the_whole_cluster(cluster: Clu
         b.wait_streams()
         long = a.submit("sleep", "300", options=("--node", "a"))
         wait_until(lambda: b.api_task(long)["state"] == "running")
-        assert b.ok("cancel", str(long))  # b asks a to stop it
+        b.ok("cancel", str(long))  # b asks a to stop it
         assert b.task(long)["state"] == "cancelled"
         quick = a.submit("true", options=("--node", "a"))
         assert b.wait_final(quick)["state"] == "succeeded"
@@ -309,9 +309,7 @@ def test_a_cron_schedule_on_three_nodes_fires_once_per_due_minute(
     def build(template: dict[str, Any], now: int) -> NewTask:
         return NewTask(command=template["command"], cwd=template["cwd"])
 
-    schedulers = [
-        Scheduler(s, build, tmp_path / "changes", lifecycle=Lifecycle(s)) for s in stores
-    ]
+    schedulers = [Scheduler(s, build, tmp_path / "changes", lifecycle=Lifecycle(s)) for s in stores]
     minutes = 60
     gate = threading.Barrier(len(stores))
     failures: list[BaseException] = []
@@ -326,7 +324,9 @@ def test_a_cron_schedule_on_three_nodes_fires_once_per_due_minute(
             except BaseException as e:
                 failures.append(e)
 
-    threads = [threading.Thread(target=node, args=pair) for pair in zip(stores, schedulers)]
+    threads = [
+        threading.Thread(target=node, args=pair) for pair in zip(stores, schedulers, strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -239,6 +239,7 @@ def _node(
         runner,
         dispatcher.load_queues,
         dispatcher.look_again,
+        dispatcher.slots_freed,
     )
     return node
 

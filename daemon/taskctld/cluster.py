@@ -54,10 +54,11 @@ class Beats(Protocol):
 
 
 class Owners(Protocol):
-    """Who runs an attempt, and a word to every node."""
+    """Who runs an attempt, and asking that node to stop it."""
 
     def node_of(self, task_id: int) -> str | None: ...
-    def tell(self, message: dict[str, object]) -> None: ...
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def request_stop(self, task_id: int, attempt: int) -> None: ...
 
 
 class Stops(Protocol):
@@ -308,10 +309,12 @@ class ClusterStops:
         self.me = me
 
     def stop(self, task_id: int, attempt: int, kind: str) -> bool:
+        """(Another node stops the attempt with its own kind of stop: a cancel.)"""
         owner = self.nodes.node_of(task_id)
         if owner is None or owner == self.me:
             return self.local.stop(task_id, attempt, kind)
-        self.nodes.tell({"stop": [[owner, task_id, attempt, kind]]})
+        with self.nodes.transaction():  # its NOTIFY goes at the commit
+            self.nodes.request_stop(task_id, attempt)
         return True
 
 
@@ -332,6 +335,7 @@ class Node:
         stops: Stops,
         queues_changed: Callable[[], None],
         look_again: Callable[[], None],
+        freed: Callable[[list[str]], None],
     ) -> None:
         self.settings = settings
         self.nodes = nodes
@@ -342,6 +346,7 @@ class Node:
         self.stops = stops
         self.queues_changed = queues_changed
         self.look_again = look_again
+        self.freed = freed
         self._tasks: list[asyncio.Task[None]] = []
 
     def join(self) -> None:
@@ -373,11 +378,14 @@ class Node:
         the log."""
         if message.get("queues"):
             self.queues_changed()
-        for item in message.get("stop", ()):
+        for item in message.get("stop", ()):  # whoever runs it stops it (others: no-op)
             with contextlib.suppress(ValueError, TypeError):
-                node, task_id, attempt, kind = item
-                if node == self.settings.name:
-                    self.stops.stop(int(task_id), int(attempt), str(kind))
+                task_id, attempt = item
+                self.stops.stop(int(task_id), int(attempt), STOP_KIND)
+        if message.get("more"):
+            self.look_again()
+        elif freed := message.get("freed"):
+            self.freed(list(freed))
         self.tailer.poke()
 
     def lost_lease(self, why: str) -> None:

@@ -202,6 +202,14 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def slots_freed(self, queues: list[str]) -> None:
+        """Another node ended attempts of `queues`: those with a limit of the whole cluster's
+        may have a slot for us now."""
+        limited = {q for q in queues if q in self.limits.queue_limits}
+        if limited:
+            self.ready_queues |= limited
+            self._wake.set()
+
     def look_again(self) -> None:
         """Take the store's word for which queues have work, and look (on a shared store,
         where another node's claim that rolled back or a node resumed leaves no event here)."""

@@ -259,6 +259,12 @@ class PgBase:
         self._require_transaction()
         self._stops.append((task_id, attempt))
 
+    def tell(self, message: dict[str, object]) -> None:
+        """Send every node `message` on `CHANNEL` (a JSON object with keys of its own, not a
+        commit's notice: a queue's settings changed, say); at once outside a transaction, at
+        its commit inside one."""
+        self._x("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(message)))
+
     def _require_transaction(self) -> None:
         if not self._in_transaction:
             raise RuntimeError("store writes must run inside transaction()")

@@ -65,3 +65,6 @@ class PgMaintenance(PgTasks):
                 "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 (f"last_write_check {self.node}", self.node),
             )
+
+    def describe(self) -> str:
+        return self.where
