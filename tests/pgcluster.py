@@ -70,6 +70,9 @@ class Cluster:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self.root.chmod(0o755)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        if self.listen != "127.0.0.1":  # nodes in network namespaces of the tests' own
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all 0.0.0.0/0 trust\n")
         options = " ".join(
             [
                 f"-p {self.port}",

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TASKCTL, Home, figure, wait_until
+from conftest import TASKCTL, Home, figure, need, need_root, wait_until
 
 LEASE = 2.0  # seconds: short, so that rescues happen within a test
 
@@ -148,6 +148,27 @@ def test_ten_thousand_tasks_on_three_nodes_each_run_exactly_once(cluster: Cluste
     assert set(by_node) == {"a", "b", "c"}
 
 
+@pytest.mark.slow
+def test_three_nodes_finish_300_half_second_tasks_in_under_0_4x_the_time_of_one(
+    cluster: Cluster,
+) -> None:
+    """4 slots a node: one node needs 300 x 0.5 s / 4 = 37.5 s at best, three 12.5 s."""
+    body = "sleep 0.5\n" * 300
+
+    def drain(homes: list[Home]) -> float:
+        ids = [int(i) for i in homes[0].ok("submit", "--stdin", input=body).split()]
+        started = time.monotonic()
+        homes[-1].wait_all_final(ids, timeout=240)
+        return time.monotonic() - started
+
+    one = drain([cluster.add("a", concurrency=4)])
+    three = drain([cluster["a"], cluster.add("b", concurrency=4), cluster.add("c", concurrency=4)])
+    figure("300 x sleep 0.5 on 1 node, s", round(one, 1))
+    figure("300 x sleep 0.5 on 3 nodes, s", round(three, 1))
+    figure("3 nodes / 1 node", round(three / one, 2))
+    assert three <= 0.4 * one
+
+
 def test_a_queue_of_concurrency_two_runs_two_at_most_in_the_whole_cluster(
     cluster: Cluster,
 ) -> None:
@@ -249,6 +270,91 @@ def test_a_stopped_node_loses_its_tasks_to_another_and_stops_its_own_copies(
     wait_until(lambda: {n["name"]: n["state"] for n in b.json("nodes")}["a"] == "up")
 
 
+class Netns:
+    """A network namespace of the test's own, joined to the host by a veth pair: the host
+    end is 10.77.N.1, the namespace's 10.77.N.2. `cut` and `mend` take the link down and up."""
+
+    def __init__(self) -> None:
+        n = os.getpid() % 200 + 20
+        self.name, self.host_if, self.ns_if = f"tc{n}", f"tch{n}", f"tcn{n}"
+        self.host_ip, self.ns_ip = f"10.77.{n}.1", f"10.77.{n}.2"
+
+    def ip(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+
+    def __enter__(self) -> Netns:
+        self.__exit__()
+        self.ip("netns", "add", self.name)
+        self.ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self.ip("link", "set", self.ns_if, "netns", self.name)
+        self.ip("addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
+        self.ip("link", "set", self.host_if, "up")
+        self.ip("addr", "add", f"{self.ns_ip}/24", "dev", self.ns_if, inside=True)
+        self.ip("link", "set", self.ns_if, "up", inside=True)
+        self.ip("link", "set", "lo", "up", inside=True)
+        return self
+
+    def cut(self) -> None:
+        self.ip("link", "set", self.host_if, "down")
+
+    def mend(self) -> None:
+        self.ip("link", "set", self.host_if, "up")
+
+    def __exit__(self, *_: object) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+def test_a_node_cut_off_from_the_database_loses_its_tasks_and_stops_its_copies(
+    tmp_path: Path,
+) -> None:
+    """Node a runs in a network namespace of its own and reaches PostgreSQL over a veth pair;
+    the link goes down while it runs 3 tasks. Node b rescues them (lost; one retry each) and
+    runs them again; a, cut off for longer than its lease, stops its own copies (they never
+    finish) and says so; once the link is back it rejoins."""
+    need_root("to make a network namespace")
+    need("ip")
+    from pgcluster import running_cluster
+
+    out = tmp_path / "done"
+    pg_root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # the server's user must reach it
+    with Netns() as ns, running_cluster(pg_root, listen="*") as pg:
+        url = pg.new_database().replace("127.0.0.1", ns.host_ip)
+        cluster = Cluster(url, tmp_path)
+        try:
+            a = cluster.add("a", start=False, concurrency=4)
+            started = subprocess.run(
+                ["ip", "netns", "exec", ns.name, TASKCTL, "daemon", "start"],
+                env=a.env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr
+            work = f"sleep 12; {recorder(out)}"
+            ids = [a.submit("sh", "-c", work, options=("--retries", "1")) for _ in range(3)]
+            wait_until(lambda: all(a.api_task(i)["state"] == "running" for i in ids))
+            b = cluster.add("b", concurrency=4)
+            ns.cut()
+            cut_at = time.monotonic()
+            wait_until(
+                lambda: all(len(b.api_task(i)["attempts"]) >= 2 for i in ids),
+                timeout=LEASE + 15,
+            )
+            figure(
+                "a cut-off node's tasks running elsewhere after, s",
+                round(time.monotonic() - cut_at, 1),
+            )
+            log = a.path / "taskctld.log"
+            wait_until(lambda: "lease lost" in log.read_text(), timeout=LEASE + 15)
+            ns.mend()
+            finals = b.wait_all_final(ids, timeout=40)
+            assert {t["state"] for t in finals} == {"succeeded"}
+            assert sorted(map(int, lines(out))) == sorted(ids)  # a's copies never finished
+            assert {t["attempts"][-1]["node"] for t in finals} == {"b"}
+            wait_until(lambda: {n["name"]: n["state"] for n in b.json("nodes")}["a"] == "up", 30)
+        finally:
+            cluster.cleanup()
+
+
 # -- seeing the whole cluster from any node ----------------------------------------------------------
 
 
@@ -281,6 +387,38 @@ def test_any_node_lists_waits_cancels_and_watches_the_whole_cluster(cluster: Clu
     # The same events, resumed from the log by the other node: the same ids, in order.
     ids = [e["id"] for e in seen]
     assert ids == sorted(ids)
+
+
+def test_the_output_of_a_task_that_ran_on_another_node_is_shown_and_followed(
+    cluster: Cluster,
+) -> None:
+    a = cluster.add("a")
+    b = cluster.add("b")
+    script = "for i in 1 2 3; do echo line $i; done; printf 'caf\\351' >&2"
+    done = a.submit("sh", "-c", script, options=("--node", "a"))
+    assert b.wait_final(done)["state"] == "succeeded"
+    assert b.ok("logs", str(done)) == "line 1\nline 2\nline 3\n"
+    raw = subprocess.run(
+        [TASKCTL, "logs", "--raw", "--stderr", str(done)], env=b.env, capture_output=True
+    )
+    assert raw.stdout == b"caf\xe9"  # the bytes as the task wrote them
+    assert b.ok("logs", "--tail", "1", str(done)) == "line 3\n"
+    gate = cluster.root / "go"
+    slow = a.submit(
+        "sh", "-c", f"echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two",
+        options=("--node", "a"),
+    )  # fmt: skip
+    follow = subprocess.Popen(
+        [TASKCTL, "logs", "-f", str(slow)], env=b.env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "one\n"  # shipped while it runs
+        gate.touch()
+        assert follow.stdout.read() == "two\n"
+        assert follow.wait(timeout=20) == 0
+    finally:
+        follow.kill()
 
 
 # -- cron ------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from taskctld.cluster import (
     Node,
     NodeSettings,
     Rescuer,
+    Shipper,
     Tailer,
 )
 from taskctld.config import Config
@@ -166,21 +167,29 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
         on_ready=reports.ready,
     )
     ends = AttemptEnds()
+    on_end = [metrics.on_attempt_end, ends.note]
+    shipper = None
+    if config.distributed:  # output goes to the store, for the other nodes to show
+        shipper = Shipper(
+            cast(DistributedStore, store), paths.logs, config.ship_cap, config.node,
+            runner.running_keys,
+        )  # fmt: skip
+        on_end.append(shipper.ended)
     limits = Limits(
         concurrency=config.concurrency, node_limits=config.node_limits,
         served=frozenset(config.queues) if config.queues is not None else None,
     )  # fmt: skip
     dispatcher = Dispatcher(
         store, runner, limits, lifecycle=lifecycle, clock=clock, reports=reports,
-        scheduler=scheduler, on_attempt_end=[metrics.on_attempt_end, ends.note],
+        scheduler=scheduler, on_attempt_end=on_end,
         accepting=not config.hold, hold_ahead=not config.distributed,
     )  # fmt: skip
     triggers = Triggers(fire_on_burst(dispatcher, scheduler))
     stops: TaskStops = runner
     node = None
-    if config.distributed:
+    if shipper is not None:
         nodes = cast(DistributedStore, store)
-        node = _node(config, nodes, lifecycle, hub, metrics, dispatcher, runner)
+        node = _node(config, nodes, lifecycle, hub, metrics, dispatcher, runner, shipper)
         stops = ClusterStops(runner, nodes, config.node)
     return Core(
         store, hub, metrics, lifecycle, resolver, scheduler, runner, ends, dispatcher, triggers,
@@ -213,6 +222,7 @@ def _node(
     metrics: Metrics,
     dispatcher: Dispatcher,
     runner: Runner,
+    shipper: Shipper,
 ) -> Node:
     """This daemon as a node of a cluster (see `taskctld.cluster`)."""
     from taskctld.store.postgres import PostgresStore
@@ -240,6 +250,7 @@ def _node(
         dispatcher.load_queues,
         dispatcher.look_again,
         dispatcher.slots_freed,
+        shipper,
     )
     return node
 
@@ -262,7 +273,14 @@ def _services(
         submissions=SubmitService(
             core.store, core.dispatcher, core.lifecycle, core.resolver, config, clock.now
         ),
-        logs=LogService(tasks, core.hub, paths.logs, streams),
+        logs=LogService(
+            tasks,
+            core.hub,
+            paths.logs,
+            streams,
+            shipped=cast(DistributedStore, core.store) if config.distributed else None,
+            node=config.node if config.distributed else None,
+        ),
         retention=RetentionService(
             core.store, core.dispatcher, core.metrics, config, paths, clock.now
         ),

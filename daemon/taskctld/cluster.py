@@ -31,11 +31,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from taskctl import __version__
 from taskctl.api import Outcome, TaskState
 from taskctl.errors import TaskctlError
+from taskctld.launcher import Key
 from taskctld.lifecycle import Lifecycle
 from taskctld.store import AttemptEnd, EventRow, NodeStore, Store
 
@@ -318,6 +320,81 @@ class ClusterStops:
         return True
 
 
+# -- output ----------------------------------------------------------------------------------------
+
+
+class Output(Protocol):
+    def ship_output(
+        self, task_id: int, attempt: int, stream: str, at: int, data: bytes, *, done: bool
+    ) -> None: ...
+
+
+STREAMS = (("stdout", "out"), ("stderr", "err"))
+
+
+class Shipper:
+    """Ships the output of this node's attempts to the store, so that any node shows it: what
+    each log file gained since the last look, every `SHIP_EVERY` seconds while it runs and the
+    rest once its end is committed, at most `CHUNK` bytes a row and `cap` bytes a stream (past
+    the cap, a notice says where the rest is)."""
+
+    SHIP_EVERY = 0.5  # seconds
+    CHUNK = 256 << 10
+
+    def __init__(
+        self, store: Output, folder: Path, cap: int, node: str, running: Callable[[], list[Key]]
+    ) -> None:
+        self.store = store
+        self.folder = folder
+        self.cap = cap
+        self.node = node
+        self.running = running
+        self.shipped: dict[tuple[int, int, str], int] = {}  # (task, attempt, stream) -> bytes
+
+    def tick(self) -> None:
+        for task_id, attempt in self.running():
+            for stream, suffix in STREAMS:
+                self._ship(task_id, attempt, stream, suffix, done=False)
+
+    def ended(self, end: AttemptEnd) -> None:
+        """An end of ours is committed: the rest of its output, and that it is whole."""
+        for stream, suffix in STREAMS:
+            try:
+                self._ship(end.task_id, end.attempt, stream, suffix, done=True)
+            except TaskctlError as e:
+                log.warning("output of task %d not shipped: %s", end.task_id, e.message)
+            self.shipped.pop((end.task_id, end.attempt, stream), None)
+
+    def _ship(self, task_id: int, attempt: int, stream: str, suffix: str, *, done: bool) -> None:
+        key = (task_id, attempt, stream)
+        at = self.shipped.get(key, 0)
+        try:
+            f = (self.folder / f"{task_id}.{attempt}.{suffix}").open("rb")
+        except FileNotFoundError:
+            if done:
+                self.store.ship_output(task_id, attempt, stream, at, b"", done=True)
+            return
+        with f:
+            f.seek(at)
+            while at < self.cap:
+                data = f.read(min(self.CHUNK, self.cap - at))
+                if not data:
+                    break
+                self.store.ship_output(task_id, attempt, stream, at, data, done=False)
+                at += len(data)
+                self.shipped[key] = at
+                if not done:
+                    break  # one chunk a look while it runs: the loop stays responsive
+            if done:
+                rest = f.read(1)
+                notice = (
+                    f"\n[taskctl: output past {self.cap} bytes is kept on node {self.node} only]\n"
+                    if rest
+                    else ""
+                ).encode()
+                self.store.ship_output(task_id, attempt, stream, at, notice, done=True)
+
+
 # -- the node -------------------------------------------------------------------------------------
 
 
@@ -336,6 +413,7 @@ class Node:
         queues_changed: Callable[[], None],
         look_again: Callable[[], None],
         freed: Callable[[list[str]], None],
+        shipper: Shipper,
     ) -> None:
         self.settings = settings
         self.nodes = nodes
@@ -347,6 +425,7 @@ class Node:
         self.queues_changed = queues_changed
         self.look_again = look_again
         self.freed = freed
+        self.shipper = shipper
         self._tasks: list[asyncio.Task[None]] = []
 
     def join(self) -> None:
@@ -359,6 +438,17 @@ class Node:
         self.heartbeat.start()
         self.listener.start()
         self._tasks.append(asyncio.create_task(self._periodic()))
+        self._tasks.append(asyncio.create_task(self._ship()))
+
+    async def _ship(self) -> None:
+        while True:
+            await asyncio.sleep(self.shipper.SHIP_EVERY)
+            try:
+                self.shipper.tick()
+            except TaskctlError as e:
+                log.warning("shipping output failed: %s", e.message)
+            except OSError as e:
+                log.warning("shipping output failed: %s", e)
 
     async def _periodic(self) -> None:
         """Rescue, read the log and look for work on a timer (notifications may be lost)."""

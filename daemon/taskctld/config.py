@@ -30,6 +30,8 @@ Several hosts sharing one queue (PostgreSQL; see README, "Running on several hos
     queues = ["build", "ci"]   # the queues this node takes work from (default: all)
     node_limits = { build = 2 }  # at most this many of a queue at once on this node
                                # (a queue's concurrency is for the whole cluster)
+    ship_cap = "10M"           # per attempt and stream, output shipped to the store for
+                               # the other nodes to show (the rest stays on this node)
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Config(Request):
     lease: Duration = Field(30.0, ge=1.0, le=3600.0)
     queues: list[str] | None = None  # served by this node (None: all)
     node_limits: dict[str, int] = {}  # queue -> at most this many at once on this node
+    ship_cap: int = Field(10 << 20, ge=0)  # output shipped per attempt and stream
 
     @field_validator("store")
     @classmethod
@@ -107,7 +110,7 @@ class Config(Request):
             raw = tomllib.loads(path.read_text()) if path.exists() else {}
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequest(f"cannot read {path}: {e}") from None
-        for key in ("log_cap", "log_size"):
+        for key in ("log_cap", "log_size", "ship_cap"):
             if isinstance(raw.get(key), str):
                 from taskctl.units import parse_size
 

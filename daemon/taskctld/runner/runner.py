@@ -164,6 +164,10 @@ class Runner:
     def running_count(self) -> int:
         return len(self.owner)
 
+    def running_keys(self) -> list[Key]:
+        """The attempts running under our supervisors now."""
+        return list(self.owner)
+
     def forget(self, task_id: int, attempt: int) -> None:
         """The attempt's end is committed: its supervisor may forget it."""
         link = self.owner.pop((task_id, attempt), None) or self.fleet.current

@@ -95,6 +95,11 @@ class TaskService:
         attempts = self.store.attempts_of([task_id])[task_id]
         return any(a.number == number and a.outcome is None for a in attempts)
 
+    def attempt_node(self, task_id: int, number: int) -> str | None:
+        """The node an attempt ran on (a cluster's; None on SQLite)."""
+        attempts = self.store.attempts_of([task_id])[task_id]
+        return next((a.node for a in attempts if a.number == number), None)
+
     # -- cancel and retry -----------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRow:

@@ -488,6 +488,20 @@ class NodeStore(Protocol):
         """Ask, with the transaction's NOTIFY, the node that runs the attempt to stop it."""
         ...
 
+    def ship_output(
+        self, task_id: int, attempt: int, stream: str, at: int, data: bytes, *, done: bool
+    ) -> None:
+        """Keep `data`, an attempt's stream from byte `at`, for every node to read; `done`:
+        the stream ends after it."""
+        ...
+
+    def output_of(
+        self, task_id: int, attempt: int, stream: str, start: int, limit: int
+    ) -> tuple[bytes, bool]:
+        """Shipped bytes of a stream from `start` (up to about `limit`), and whether they
+        reach its end."""
+        ...
+
     def tell(self, message: dict[str, object]) -> None:
         """Send every node `message` (JSON) on the notification channel: at once outside a
         transaction, at its commit inside one (a stop asked of the node that runs an attempt,

@@ -26,6 +26,7 @@ from taskctld.store.postgres.base import CHANNEL, notice_of, redact
 from taskctld.store.postgres.batches import PgBatches
 from taskctld.store.postgres.maintenance import PgMaintenance
 from taskctld.store.postgres.nodes import PgNodes
+from taskctld.store.postgres.output import PgOutput
 from taskctld.store.postgres.queues import PgQueues
 from taskctld.store.postgres.ready import PgReady
 from taskctld.store.postgres.schedules import PgSchedules
@@ -34,7 +35,9 @@ from taskctld.store.postgres.schema import MIGRATE_LOCK, MIGRATIONS
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore", "notice_of", "redact"]
 
 
-class PostgresStore(PgReady, PgBatches, PgAttempts, PgQueues, PgSchedules, PgMaintenance, PgNodes):
+class PostgresStore(
+    PgReady, PgBatches, PgAttempts, PgQueues, PgSchedules, PgMaintenance, PgNodes, PgOutput
+):
     """`Store` and `NodeStore` on one PostgreSQL database shared by every node: connected
     and migrated here; each role is a part of its own (see the module docstring).
 

@@ -67,6 +67,16 @@ SELECT last, pg_notify(%(channel)s, %(head)s || last || %(tail)s) FROM ids
 """
 
 
+def _within_lease(lease_ms: int) -> dict[str, int]:
+    """A short lease needs a cut network noticed sooner than `CONNECT_OPTIONS` would: at most
+    half a lease per call (a node's loop waits on its store calls)."""
+    half = max(1000, lease_ms // 2)
+    return {
+        "connect_timeout": max(2, min(CONNECT_OPTIONS["connect_timeout"], half // 1000)),
+        "tcp_user_timeout": min(CONNECT_OPTIONS["tcp_user_timeout"], half),
+    }
+
+
 def redact(url: str) -> str:
     """The store's URL as it may be shown: `postgresql://user@host:port/dbname`, never the
     password (nor any other option)."""
@@ -120,7 +130,7 @@ class PgBase:
     def _connect(self) -> psycopg.Connection[Any]:
         try:
             given = conninfo_to_dict(self.url)
-            options = {**CONNECT_OPTIONS, **given}
+            options = {**CONNECT_OPTIONS, **_within_lease(self.lease_ms), **given}
             options.setdefault("application_name", f"taskctld {self.node}"[:63])
             # A node stopped (SIGSTOP, a debugger) inside a transaction would hold the events
             # lock for every node: the server ends such a session after one lease.

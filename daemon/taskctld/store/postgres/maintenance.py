@@ -30,6 +30,8 @@ class PgMaintenance(PgTasks):
         self._require_transaction()
         ids = list(ids)
         self._x("DELETE FROM attempts WHERE task_id = ANY(%s::int8[])", (ids,))
+        self._x("DELETE FROM output WHERE task_id = ANY(%s::int8[])", (ids,))
+        self._x("DELETE FROM output_done WHERE task_id = ANY(%s::int8[])", (ids,))
         self._x(
             "DELETE FROM deps WHERE task_id = ANY(%s::int8[]) OR dep_id = ANY(%s::int8[])",
             (ids, ids),

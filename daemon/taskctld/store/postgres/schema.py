@@ -145,6 +145,24 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO queues (name, created_at) VALUES ('default', {NOW_MS})
     """,
+    # 2: attempts' output, shipped by the node that ran them so that any node can show it
+    """
+    CREATE TABLE output (
+        task_id BIGINT NOT NULL,
+        attempt INTEGER NOT NULL,
+        stream TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
+        at BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (task_id, attempt, stream, at)
+    );
+    CREATE TABLE output_done (
+        task_id BIGINT NOT NULL,
+        attempt INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        PRIMARY KEY (task_id, attempt, stream)
+    );
+    """,
 ]
 
 TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
