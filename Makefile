@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed
 TESTS  := $(VENV)/.installed-test
 
-.PHONY: install demo test lint format bench bench-quick bench-profile completions man clean
+.PHONY: install demo test test-postgresql lint format bench bench-quick bench-profile completions man clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(TESTS)
 	@# them again (PYTHONDONTWRITEBYTECODE is common), hundreds of times a run.
 	$(BIN)/python -m compileall -q taskctl daemon
 	$(BIN)/python -m pytest -q
+	@# The end-to-end suite once more, each daemon on a database of a throwaway PostgreSQL.
+	TASKCTL_TEST_BACKEND=postgresql $(BIN)/python -m pytest -q
+
+# Only the end-to-end suite on PostgreSQL (the second half of `make test`).
+test-postgresql: $(TESTS)
+	$(BIN)/python -m compileall -q taskctl daemon
+	TASKCTL_TEST_BACKEND=postgresql $(BIN)/python -m pytest -q
 
 lint: $(TESTS)
 	$(BIN)/ruff check taskctl daemon tests bench man completions

@@ -176,11 +176,19 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
-class Home:
-    """One isolated taskctl installation: a folder, its daemon, and a CLI bound to it."""
+# The store every `home` fixture's daemon uses: SQLite in the home, or with
+# TASKCTL_TEST_BACKEND=postgresql (`make test-postgresql`) a fresh database of the tests' own
+# PostgreSQL, so that the end-to-end suite runs once per backend.
+BACKEND = os.environ.get("TASKCTL_TEST_BACKEND", "sqlite")
 
-    def __init__(self, path: Path) -> None:
+
+class Home:
+    """One isolated taskctl installation: a folder, its daemon, and a CLI bound to it.
+    `base`: config.toml settings that every `config` call keeps (the store to use)."""
+
+    def __init__(self, path: Path, base: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.base = dict(base or {})
         self.env = {**os.environ, "TASKCTL_HOME": str(path), "TASKCTL_NO_AUTOSTART": "1"}
         self.env.pop("NO_COLOR", None)
 
@@ -275,7 +283,7 @@ class Home:
         wait_until(lambda: count() == watches)
 
     def config(self, **settings: Any) -> None:
-        lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines = [f"{k} = {json.dumps(v)}" for k, v in {**self.base, **settings}.items()]
         (self.path / "config.toml").write_text("\n".join(lines) + "\n")
 
     # -- the daemon -------------------------------------------------------------------------
@@ -335,10 +343,24 @@ def _alive(pid: int) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes minutes of real time (runs first)")
+    config.addinivalue_line(
+        "markers", "sqlite_only: about the SQLite store itself (not run on PostgreSQL)"
+    )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first, so that with several workers they overlap with everything else."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first, so that with several workers they overlap with everything else. With
+    TASKCTL_TEST_BACKEND=postgresql, only the tests that start a daemon (the end-to-end suite)
+    run, less those about SQLite itself (`sqlite_only`): deselected, not skipped."""
+    if BACKEND == "postgresql":
+        keep = [
+            item
+            for item in items
+            if "home" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("sqlite_only") is None
+        ]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
@@ -361,10 +383,14 @@ def pg_url(pg_cluster: pgcluster.Cluster) -> str:
 
 
 @pytest.fixture
-def home() -> Iterator[Home]:
-    """A fresh home with no daemon running yet."""
+def home(request: pytest.FixtureRequest) -> Iterator[Home]:
+    """A fresh home with no daemon running yet (on the backend `BACKEND` says)."""
     path = Path(tempfile.mkdtemp(prefix="tc", dir="/tmp"))
     h = Home(path)
+    if BACKEND == "postgresql":
+        cluster: pgcluster.Cluster = request.getfixturevalue("pg_cluster")
+        h = Home(path, base={"store": cluster.new_database(), "node": "n1"})
+        h.config()
     try:
         yield h
     finally:

@@ -18,21 +18,20 @@ if ! python -c "import sys; sys.path.insert(0, '$here'); import pgcluster; sys.e
   exit 0
 fi
 
-root=$(mktemp -d /tmp/taskctl-pg.XXXXXX)
+root=$(mktemp -d /tmp/taskctl-pg.XXXXXX)  # the server's own folder (run as nobody when root)
 declare -A homes
 cleanup() {
   for node in "${!homes[@]}"; do
     TASKCTL_HOME=${homes[$node]} taskctl daemon stop --kill >/dev/null 2>&1 || true
     rm -rf "${homes[$node]}"
   done
-  python "$here/pgcluster.py" stop "$root/pg" >/dev/null 2>&1 || true
-  rm -rf "$root"
+  python "$here/pgcluster.py" stop "$root" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 export TASKCTL_NO_AUTOSTART=1
 
 step "several hosts, one queue: three daemons on one PostgreSQL"
-url=$(python "$here/pgcluster.py" start "$root/pg")
+url=$(python "$here/pgcluster.py" start "$root")
 echo "a throwaway PostgreSQL: $url"
 for node in a b c; do
   homes[$node]=$(mktemp -d /tmp/taskctl-node-$node.XXXXXX)
@@ -44,7 +43,7 @@ on a taskctl nodes
 step "30 tasks submitted on node a run all over the cluster"
 ids=$(for i in $(seq 30); do echo "sleep 0.2"; done | TASKCTL_HOME=${homes[a]} taskctl submit --stdin)
 echo "[a]$ for i in \$(seq 30); do echo 'sleep 0.2'; done | taskctl submit --stdin"
-TASKCTL_HOME=${homes[b]} taskctl wait $ids >/dev/null
+TASKCTL_HOME=${homes[b]} taskctl wait $ids >/dev/null 2>&1
 printf '[b]$ taskctl list --json | (tasks per node)\n'
 TASKCTL_HOME=${homes[b]} taskctl list --json -n 100 | python -c '
 import collections, json, sys
@@ -66,6 +65,8 @@ for f in "${homes[c]}"/run/supervisor.*.json; do
 done
 kill -9 "$pid"
 unset 'homes[c]'
-TASKCTL_HOME=${homes[a]} taskctl wait $ids >/dev/null || true
+TASKCTL_HOME=${homes[a]} taskctl wait $ids >/dev/null 2>&1 || true
 on a taskctl list -n 6
+rescued=$(TASKCTL_HOME=${homes[a]} taskctl list --json -n 6 | python -c 'import json,sys; print(next(t["id"] for t in json.load(sys.stdin) if len(t["attempts"]) > 1))')
+on a taskctl status "$rescued"
 on a taskctl nodes

@@ -384,9 +384,21 @@ def test_any_node_lists_waits_cancels_and_watches_the_whole_cluster(cluster: Clu
     finally:
         watch.kill()
         watch.wait()
-    # The same events, resumed from the log by the other node: the same ids, in order.
+    # The same events, resumed from the log on the other node: the same ones, in the same
+    # (commit) order, as b's live stream gave them.
     ids = [e["id"] for e in seen]
     assert ids == sorted(ids)
+    resumed = subprocess.Popen(
+        [TASKCTL, "watch", "--json", "--since", str(ids[0] - 1)],
+        env=a.env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert resumed.stdout is not None
+        again = [json.loads(resumed.stdout.readline()) for _ in seen]
+    finally:
+        resumed.kill()
+        resumed.wait()
+    assert again == seen
 
 
 def test_the_output_of_a_task_that_ran_on_another_node_is_shown_and_followed(
@@ -419,6 +431,30 @@ def test_the_output_of_a_task_that_ran_on_another_node_is_shown_and_followed(
         assert follow.wait(timeout=20) == 0
     finally:
         follow.kill()
+
+
+def test_health_names_a_store_it_cannot_reach_and_never_its_password(tmp_path: Path) -> None:
+    from pgcluster import running_cluster
+
+    pg_root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+    with running_cluster(pg_root) as pg:
+        url = pg.new_database().replace("postgres@", "postgres:s3cr3t-pw@")  # trust: ignored
+        cluster = Cluster(url, tmp_path)
+        try:
+            a = cluster.add("a")
+            assert a.json("health")["status"] == "ok"
+            subprocess.run(
+                [str(pg.bindir / "pg_ctl"), "-D", str(pg.data), "-m", "immediate", "stop"],
+                user=pg.user, check=True, capture_output=True,
+            )  # fmt: skip
+            done = a.run("health")
+            assert done.returncode != 0
+            assert "unreachable" in done.stdout and f"127.0.0.1:{pg.port}" in done.stdout
+            shown = done.stdout + done.stderr + a.run("health", "--json").stdout
+            shown += (a.path / "taskctld.log").read_text()
+            assert "s3cr3t" not in shown
+        finally:
+            cluster.cleanup()
 
 
 # -- cron ------------------------------------------------------------------------------------------

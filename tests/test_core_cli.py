@@ -234,6 +234,7 @@ def test_argv_is_kept_exactly(daemon: Home) -> None:
     assert daemon.ok("logs", str(task_id)) == "two words||$HOME|-n|*|"
 
 
+@pytest.mark.sqlite_only  # on a cluster the node that runs it says (spawn_error, on node ...)
 def test_missing_cwd_is_refused_and_creates_nothing(daemon: Home) -> None:
     done = daemon.run("submit", "-C", "/no/such/dir", "--", "true")
     assert done.returncode == 2
@@ -317,6 +318,7 @@ def test_second_daemon_process_refuses_to_run(daemon: Home) -> None:
     assert daemon.json("daemon", "status")["status"] == "ok"
 
 
+@pytest.mark.sqlite_only  # the database file is SQLite's
 def test_socket_and_state_files_are_private(daemon: Home) -> None:
     daemon.wait_final(daemon.submit("echo", "x"))
     assert (daemon.path / "taskctld.sock").stat().st_mode & 0o777 == 0o600

@@ -25,6 +25,9 @@ from taskctld.supervisor import AttemptSpec, FrameReader, encode_frame, launch_s
 
 from conftest import Home, _alive, wait_until
 
+# Holding ahead is off on a shared store (a held task would still be queued for every node).
+pytestmark = pytest.mark.sqlite_only
+
 # -- the supervisor's side, over its wire --------------------------------------------------------
 
 

@@ -13,6 +13,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from taskctl.paths import Paths
 from taskctl.units import now_ms, rfc3339_to_ms
 
@@ -246,6 +248,7 @@ def test_health_is_unhealthy_and_says_why_when_the_logs_folder_is_not_writable(
     assert _readyz(daemon) == (200, [])
 
 
+@pytest.mark.sqlite_only  # it holds the task back in the SQLite file
 def test_health_says_the_daemon_is_behind_when_a_delayed_task_is_not_queued_in_time(
     daemon: Home,
 ) -> None:

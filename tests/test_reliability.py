@@ -156,6 +156,7 @@ def test_prune_removes_finished_tasks_and_their_logs_only(daemon: Home) -> None:
     daemon.ok("cancel", str(running))
 
 
+@pytest.mark.sqlite_only  # it measures the SQLite file
 def test_the_store_does_not_grow_without_bound(daemon: Home) -> None:
     db = daemon.path / "taskctl.db"
 

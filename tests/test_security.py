@@ -179,6 +179,7 @@ def test_without_xdg_the_socket_falls_back_to_a_folder_of_the_user_in_tmp() -> N
     assert paths.config_file == Path("/home/ann/.config/taskctl/config.toml")
 
 
+@pytest.mark.sqlite_only  # the database file is SQLite's
 def test_state_files_are_private(daemon: Home) -> None:
     daemon.wait_final(daemon.submit("sh", "-c", "echo out; echo err >&2"))
     for path in [

@@ -15,9 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from taskctl.units import now_ms, rfc3339_to_ms
 
-from conftest import Home, figure, wait_until
+from conftest import BACKEND, Home, figure, wait_until
+
+ON_NODE = "on node n1: " if BACKEND == "postgresql" else ""  # a cluster's spawn errors name it
 
 
 def _last_line(text: str) -> str:
@@ -26,7 +30,7 @@ def _last_line(text: str) -> str:
 
 def test_a_failed_wait_says_why_on_stderr_and_exits_like_the_task(daemon: Home) -> None:
     cases = [
-        (("--", "nosuch-h17"), 127, "failed: no such program: 'nosuch-h17'"),
+        (("--", "nosuch-h17"), 127, f"failed: {ON_NODE}no such program: 'nosuch-h17'"),
         (("--", "sh", "-c", "kill -9 $$"), 128 + 9, "failed: killed by signal 9 (SIGKILL)"),
         (("--", "sh", "-c", "exit 3"), 3, "failed: exit status 3"),
         (("--timeout", "1s", "--", "sleep", "30"), 124, "failed: timed out after 1s"),
@@ -131,6 +135,7 @@ def test_debounce_is_a_quiet_period_not_a_cap(daemon: Home, tmp_path: Path) -> N
     assert daemon.ok("logs", str(tasks[0]["id"])) == f"{watched / 'later.md'}\n"
 
 
+@pytest.mark.sqlite_only  # it moves the schedule back in the SQLite file
 def test_catch_up_all_runs_every_missed_time_one_after_another(home: Home) -> None:
     """An hourly schedule (default --overlap skip) whose daemon was down for three of its
     times: all three run, each queued behind the one before; none is skipped. The downtime is

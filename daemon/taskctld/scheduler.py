@@ -304,6 +304,7 @@ class TriggerSpec:
     glob: str | None
     recursive: bool
     debounce: float  # seconds of quiet that end a burst
+    node: str | None = None  # on a cluster, the node that watches it (where the paths are)
 
     @classmethod
     def parse(cls, raw: str) -> TriggerSpec:

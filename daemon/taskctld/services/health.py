@@ -113,7 +113,9 @@ class HealthService:
         with contextlib.suppress(TaskctlError):
             names = self.store.schedule_names(set(failing)) if failing else {}
         reasons += [f"trigger {names.get(i, i)}: {why}" for i, why in failing.items()]
-        late = self.scheduler.overdue(self.clock())
+        late: list[str] = []
+        with contextlib.suppress(TaskctlError):  # an unreachable store is a reason already
+            late = self.scheduler.overdue(self.clock())
         if late:
             reasons.append(f"scheduler behind: {', '.join(late)} past due")
         return reasons

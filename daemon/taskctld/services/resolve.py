@@ -109,6 +109,7 @@ class Resolver:
         cwd = spec.cwd or os.path.expanduser("~")
         queue = self.store.get_queue(spec.queue)
         if check:
+            _check_cwd_form(cwd)
             if self._runs_here(spec):
                 _check_cwd(cwd)
             if queue is None:
@@ -144,11 +145,16 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _check_cwd(cwd: str) -> None:
+def _check_cwd_form(cwd: str) -> None:
+    """What a working directory must be wherever it runs."""
     if not os.path.isabs(cwd):
         raise InvalidRequest(f"working directory {cwd!r} must be an absolute path")
     if "\0" in cwd:
         raise InvalidRequest("working directory must not contain NUL bytes")
+
+
+def _check_cwd(cwd: str) -> None:
+    """That it is one here (checked where the task will run)."""
     if not os.path.exists(cwd):
         raise InvalidRequest(f"working directory {cwd!r} does not exist")
     if not os.path.isdir(cwd):

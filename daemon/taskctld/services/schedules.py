@@ -48,7 +48,7 @@ class ScheduleService:
     def _arm(self, row: ScheduleRow) -> None:
         """Watch a trigger if it is this node's: a path is one machine's, so on a cluster a
         trigger is watched by the node it was added on (its tasks run there too)."""
-        if json.loads(row.spec).get("node") == self.node:
+        if scheduler.TriggerSpec.parse(row.spec).node == self.node:
             self.triggers.arm(row)
 
     def add(self, spec: ScheduleSpec) -> ScheduleRow:

@@ -149,7 +149,7 @@ class PgBase:
     def error(self, error: psycopg.Error) -> TaskctlError:
         """psycopg's error as ours, naming the store by its redacted URL: "store unreachable"
         when the connection is gone (or could not be made), else the server's complaint."""
-        text = str(error).strip()
+        text = " ".join(str(error).split())  # one line: libpq's messages have several
         for secret in self._secrets:
             text = text.replace(secret, "***")
         conn = getattr(self, "conn", None)
