@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 BASE   := $(VENV)/.installed
 TESTS  := $(VENV)/.installed-test
+BENCH  := $(VENV)/.installed-bench
 
 .PHONY: install demo test test-postgresql lint format bench bench-quick bench-profile completions man clean
 
@@ -18,6 +19,11 @@ $(BASE): pyproject.toml | $(BIN)/python
 
 $(TESTS): $(BASE)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+# py-spy for bench-profile, PgQueuer for the PostgreSQL rows' peer.
+$(BENCH): $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	@touch $@
 
 install: $(BASE)
@@ -58,13 +64,12 @@ completions: $(BASE)
 man: $(BASE)
 	$(BIN)/python man/generate.py
 
-bench: $(BASE)
+bench: $(BENCH)
 	$(BIN)/python bench/run.py
 
-bench-quick: $(BASE)
+bench-quick: $(BENCH)
 	$(BIN)/python bench/run.py --quick
 
 # Where a drain's CPU goes, by function and line (py-spy samples the daemon and its supervisor).
-bench-profile: $(BASE)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+bench-profile: $(BENCH)
 	$(BIN)/python bench/profile.py

@@ -10,8 +10,9 @@ Prints one table and writes `bench/results.json` (figures plus the machine's fac
 On a machine too slow for the full suite to end within ten minutes, the steps that would not
 fit run their quick form, and the report names them.
 
-It starts its own daemons in throwaway homes and its own task-spooler server on a private
-socket, and kills only those.
+It starts its own daemons in throwaway homes, its own task-spooler server on a private socket
+and its own PostgreSQL server (`tests/pgcluster.py`, for the PostgreSQL rows, which are skipped
+where no server binaries are installed), and kills only those.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Process
 from pathlib import Path
@@ -595,6 +597,84 @@ def bench_claim_scale(big: int) -> list[Row]:
     ]  # fmt: skip
 
 
+def drain_nodes(url: str, n: int, nodes: int, parallel: int) -> float:
+    """Tasks per second of `nodes` daemons (a, b, c...) sharing the store at `url`, each with
+    `parallel` slots, draining `n` `true` submitted as one batch on the first (`drain_in`).
+    The daemons start and stop side by side: a second each, of a step that should stay short."""
+    homes = [Home(store=url, node=name, concurrency=parallel) for name in "abcdefgh"[:nodes]]
+    with ThreadPoolExecutor(nodes) as pool:
+        try:
+            list(pool.map(Home.start, homes))
+            return n / drain_in(homes[0], n)
+        finally:
+            list(pool.map(Home.destroy, homes))
+
+
+def bench_postgres(n: int, batch: int, drained: int, repeats: int) -> list[Row]:
+    """The PostgreSQL store on one throwaway server: claims and finishes of `n` tasks against
+    PgQueuer's dequeue and ack of `n` jobs (`bench/pg.py`), 1 and 3 consumers; then real
+    daemons (1 node, 3 nodes) draining `drained` `true`, against the SQLite drain and the spawn
+    floor, at concurrency = cores. Each side interleaved with what it is compared with."""
+    import pg
+
+    reason = pg.missing()
+    if reason:
+        print(f"PostgreSQL rows skipped: {reason}", file=sys.stderr)
+        return [Row("PostgreSQL rows", float("nan"), "", note=f"skipped: {reason}")]
+    peer_missing = pg.peer_missing()
+    if peer_missing:
+        print(f"PgQueuer comparison skipped: {peer_missing}", file=sys.stderr)
+    cores = os.cpu_count() or 1
+    ours: dict[int, list[float]] = {1: [], 3: []}
+    theirs: dict[int, list[float]] = {1: [], 3: []}
+    drains: dict[str, list[float]] = {"floor": [], "sqlite": [], "1": [], "3": []}
+    with pg.cluster() as cluster:
+        for _ in range(repeats):
+            for consumers in (1, 3):
+                ours[consumers].append(pg.ours(cluster, n, batch, consumers))
+                if not peer_missing:
+                    theirs[consumers].append(pg.peer(cluster, n, batch, consumers))
+            drains["floor"].append(spawn_floor(drained, cores))
+            drains["sqlite"].append(drain_ours(drained, cores))
+            for nodes in (1, 3):
+                rate = drain_nodes(cluster.new_database(), drained, nodes, cores)
+                drains[str(nodes)].append(rate)
+    return [
+        *(_claim_row(n, batch, c, ours[c], theirs[c], peer_missing) for c in (1, 3)),
+        *(_pg_drain_row(drained, nodes, cores, drains) for nodes in (1, 3)),
+    ]
+
+
+def _claim_row(
+    n: int, batch: int, consumers: int, ours: list[float], theirs: list[float], missing: str | None
+) -> Row:
+    value = median(ours)
+    peer = median(theirs) if theirs else None
+    ratio = value / peer if peer else None
+    who = "1 process" if consumers == 1 else f"{consumers} processes"
+    return Row(
+        f"PostgreSQL claim+finish, {who}", value, "tasks/s", "PgQueuer dequeue+ack, same server",
+        peer, ratio, ">= 1.0x PgQueuer", None if ratio is None else ratio >= 1.0,
+        note=missing or f"{n:,} tasks of true, {batch} a turn, one transaction a turn (starts, ends, claim)",
+        extra={"runs": len(ours), "all": ours, "peer_all": theirs, "batch": batch},
+    )  # fmt: skip
+
+
+def _pg_drain_row(n: int, nodes: int, cores: int, drains: dict[str, list[float]]) -> Row:
+    value, sqlite, floor = (
+        median(drains[str(nodes)]),
+        median(drains["sqlite"]),
+        median(drains["floor"]),
+    )
+    who = "1 node" if nodes == 1 else f"{nodes} nodes"
+    return Row(
+        f"drain {n:,} true on PostgreSQL, {who}", value, "tasks/s", f"SQLite drain, concurrency {cores}",
+        sqlite, value / sqlite,
+        note=f"{value / floor:.2f}x posix_spawn+wait x{cores} ({floor:,.0f}/s); each node concurrency {cores}, submitted as one API batch on node a",
+        extra={"runs": len(drains[str(nodes)]), "all": drains[str(nodes)], "sqlite": sqlite, "floor": floor, "floor_ratio": value / floor},
+    )  # fmt: skip
+
+
 def bench_cron_lateness(schedules: int, minutes: int) -> list[Row]:
     """`schedules` cron schedules `* * * * *` over `minutes` minute boundaries: how late each
     task started after its due time (enough slots that none waits for one)."""
@@ -816,6 +896,8 @@ def main() -> int:
         Step("durability", lambda: bench_durability(300), lambda: bench_durability(50), (2, 2)),
         Step("claim_scale", lambda: bench_claim_scale(1_000_000),
              lambda: bench_claim_scale(100_000), (90, 10)),
+        Step("postgres", lambda: bench_postgres(3000, 10, 1000, 2),
+             lambda: bench_postgres(1000, 10, 500, 1), (45, 16)),
         Step("footprint", lambda: bench_footprint(30, 10_000, tsp_missing),
              lambda: bench_footprint(5, 2_000, tsp_missing), (68, 17), scales=False),
         Step("cron", lambda: bench_cron_lateness(10, 2), lambda: bench_cron_lateness(10, 1),
