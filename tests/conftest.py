@@ -283,7 +283,7 @@ class Home:
         wait_until(lambda: count() == watches)
 
     def config(self, **settings: Any) -> None:
-        lines = [f"{k} = {json.dumps(v)}" for k, v in {**self.base, **settings}.items()]
+        lines = [f"{k} = {_toml(v)}" for k, v in {**self.base, **settings}.items()]
         (self.path / "config.toml").write_text("\n".join(lines) + "\n")
 
     # -- the daemon -------------------------------------------------------------------------
@@ -317,6 +317,13 @@ class Home:
         cgroups = containment.home_path(self.path)
         if cgroups is not None and cgroups.is_dir():
             containment.end(cgroups)
+
+
+def _toml(value: Any) -> str:
+    """A config value as TOML: JSON's form, but a table inline as TOML writes it."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 @contextlib.contextmanager

@@ -100,6 +100,17 @@ def test_nodes_show_the_cluster_and_a_drained_node_takes_no_work(cluster: Cluste
     assert a.run("nodes", "drain", "nosuch").returncode == 4
 
 
+@pytest.mark.sqlite_only
+def test_alone_on_sqlite_the_daemon_is_its_one_node_and_drain_says_how_to_hold(
+    daemon: Home,
+) -> None:
+    (node,) = daemon.json("nodes")
+    assert node["this"] and node["state"] == "up" and node["running"] == 0
+    refused = daemon.run("nodes", "drain", node["name"])
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "hold = true" in refused.stderr
+
+
 def test_a_pinned_task_runs_on_its_node_and_a_missing_cwd_is_that_nodes_spawn_error(
     cluster: Cluster,
 ) -> None:
@@ -146,6 +157,28 @@ def test_ten_thousand_tasks_on_three_nodes_each_run_exactly_once(cluster: Cluste
         by_node[t["attempts"][0]["node"]] = by_node.get(t["attempts"][0]["node"], 0) + 1
     figure("tasks run per node", by_node)
     assert set(by_node) == {"a", "b", "c"}
+
+
+def test_a_node_serves_only_its_queues_and_keeps_its_own_limit(cluster: Cluster) -> None:
+    """b serves only `special`; a serves all, but at most one `default` task at a time."""
+    out = cluster.root / "spans"
+    a = cluster.add("a", concurrency=4, node_limits={"default": 1})
+    b = cluster.add("b", concurrency=4, queues=["special"])
+    a.ok("queue", "set", "special")
+    script = f"echo start $(date +%s%N) >> {out}; sleep 0.2; echo end $(date +%s%N) >> {out}"
+    plain = [b.submit("sh", "-c", script) for _ in range(5)]
+    special = [b.submit("true", options=("-q", "special")) for _ in range(4)]
+    a.wait_all_final(plain + special, timeout=60)
+    assert {n for i in plain for n in ran_on(a, i)} == {"a"}
+    marks = sorted(
+        (int(t), +1 if kind == "start" else -1)
+        for kind, t in (line.split() for line in out.read_text().splitlines())
+    )
+    running = most = 0
+    for _, change in marks:
+        running += change
+        most = max(most, running)
+    assert most == 1
 
 
 @pytest.mark.slow
