@@ -70,3 +70,4 @@ on a taskctl list -n 6
 rescued=$(TASKCTL_HOME=${homes[a]} taskctl list --json -n 6 | python -c 'import json,sys; print(next(t["id"] for t in json.load(sys.stdin) if len(t["attempts"]) > 1))')
 on a taskctl status "$rescued"
 on a taskctl nodes
+on b taskctl health

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TASKCTL, Home, figure, need, need_root, wait_until
+from conftest import TASKCTL, Home, figure, need, need_root, socket_get, wait_until
 
 LEASE = 2.0  # seconds: short, so that rescues happen within a test
 
@@ -97,6 +97,11 @@ def test_nodes_show_the_cluster_and_a_drained_node_takes_no_work(cluster: Cluste
 
     a.ok("nodes", "resume", "b")
     assert {n["name"]: n["state"] for n in a.json("nodes")}["b"] == "up"
+    status, metrics = socket_get(str(a.path / "taskctld.sock"), "/metrics")
+    assert status == 200
+    samples = [line for line in metrics.decode().splitlines() if line.startswith("taskctl_")]
+    assert samples and all('node="a"' in line for line in samples)
+    assert 'taskctl_tasks{node="a",queue="default",state="succeeded"} 12.0' in samples
     assert a.run("nodes", "drain", "nosuch").returncode == 4
 
 
