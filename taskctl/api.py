@@ -188,6 +188,16 @@ class TaskOptions(RetryPolicy, ExecutionLimits):
         for k, v in value.items():
             if not LABEL_KEY_PATTERN.match(k) or len(v) > 200:
                 raise ValueError(f"invalid label {k!r}: keys are [A-Za-z0-9_.-/], values <= 200")
+            if "\0" in v:
+                raise ValueError(f"label {k!r}: a value must not contain NUL bytes")
+        return value
+
+    @field_validator("name", "key")
+    @classmethod
+    def _text_has_no_nul(cls, value: str | None) -> str | None:
+        """No store keeps a NUL in text (PostgreSQL refuses one), and no shell can type it."""
+        if value is not None and "\0" in value:
+            raise ValueError("must not contain NUL bytes")
         return value
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TASKCTL, Home, figure, need, need_root, socket_get, wait_until
+from conftest import TASKCTL, TASKCTLD, Home, figure, need, need_root, socket_get, wait_until
 
 LEASE = 2.0  # seconds: short, so that rescues happen within a test
 
@@ -114,6 +114,9 @@ def test_alone_on_sqlite_the_daemon_is_its_one_node_and_drain_says_how_to_hold(
     refused = daemon.run("nodes", "drain", node["name"])
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "hold = true" in refused.stderr
+    elsewhere = daemon.run("submit", "--node", "elsewhere", "--", "true")
+    assert elsewhere.returncode == 2 and "no node named 'elsewhere'" in elsewhere.stderr
+    assert daemon.json("list") == []
 
 
 def test_a_pinned_task_runs_on_its_node_and_a_missing_cwd_is_that_nodes_spawn_error(
@@ -124,6 +127,9 @@ def test_a_pinned_task_runs_on_its_node_and_a_missing_cwd_is_that_nodes_spawn_er
     ids = [a.submit("true", options=("--node", "b")) for _ in range(6)]
     a.wait_all_final(ids)
     assert {n for i in ids for n in ran_on(a, i)} == {"b"}
+
+    typo = a.run("submit", "--node", "bb", "--", "true")
+    assert typo.returncode == 2 and "no node named 'bb' (nodes: a, b)" in typo.stderr
 
     gone = Path(tempfile.mkdtemp(dir="/tmp"))
     gone.rmdir()  # exists nowhere: the submit is taken, the run fails where it happens
@@ -469,6 +475,27 @@ def test_the_output_of_a_task_that_ran_on_another_node_is_shown_and_followed(
         assert follow.wait(timeout=20) == 0
     finally:
         follow.kill()
+
+
+def test_a_password_on_taskctlds_command_line_is_refused_and_never_shown(
+    cluster: Cluster,
+) -> None:
+    """`--store` works (a URL without a password), and one with a password is refused: every
+    user can read a command line."""
+    home = cluster.add("a", start=False)
+    home.config(node="a")  # no store in the file: the command line gives it
+    url = cluster.url
+    secret = url.replace("postgres@", "postgres:s3cr3t-pw@")
+    refused = subprocess.run(
+        [TASKCTLD, "--store", secret], env=home.env, capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 2 and "s3cr3t" not in refused.stdout + refused.stderr
+    assert "~/.pgpass" in refused.stderr
+    started = subprocess.run(
+        [TASKCTLD, "--store", url], env=home.env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stderr
+    assert [n["name"] for n in home.json("nodes")] == ["a"]
 
 
 def test_health_names_a_store_it_cannot_reach_and_never_its_password(tmp_path: Path) -> None:

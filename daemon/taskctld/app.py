@@ -154,7 +154,7 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
         store.on_commit(metrics.on_events, metrics.on_span)
     metrics.load()
     lifecycle = Lifecycle(store)
-    resolver = Resolver(store, config, clock.now)
+    resolver = Resolver(store, config, clock.now, _node_names(store, config))
     scheduler = Scheduler(
         store, resolver.build_from_template, paths.state / "changes",
         lifecycle=lifecycle, on_fire=[metrics.on_fire],
@@ -195,6 +195,14 @@ def _core(paths: Paths, config: Config, started: float, clock: Clock) -> Core:
         store, hub, metrics, lifecycle, resolver, scheduler, runner, ends, dispatcher, triggers,
         stops, node,
     )  # fmt: skip
+
+
+def _node_names(store: Store, config: Config) -> Callable[[], list[str]] | None:
+    """What names the nodes a task may be pinned to (None: a daemon alone on SQLite)."""
+    if not config.distributed:
+        return None
+    nodes = cast(DistributedStore, store)
+    return lambda: [n.name for n in nodes.nodes()]
 
 
 def _announcer(core: Core, config: Config) -> Callable[[], None]:

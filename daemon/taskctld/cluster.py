@@ -44,7 +44,11 @@ from taskctld.store import AttemptEnd, EventRow, NodeStore, Store
 log = logging.getLogger("taskctld.cluster")
 
 POLL = 2.0  # seconds between reads of the event log when no notification came
-STOP_KIND = "cancel"  # how a node ends the trees it no longer owns
+# How a node ends the trees of a lease it lost: if nobody rescued them meanwhile, each is
+# queued again without counting (as `daemon stop --kill` does); if somebody did, the end is
+# stale and changes nothing.
+LOST_LEASE_STOP = "interrupt"
+CANCEL = "cancel"  # a stop asked of this node by another's cancel
 
 
 class Beats(Protocol):
@@ -107,6 +111,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
+        self.last_ok = time.monotonic()  # (after recovery, however long that took)
         self._thread.start()
 
     def close(self) -> None:
@@ -138,17 +143,17 @@ class Heartbeat:
             self._lose(
                 f"no heartbeat got through for {silent:.0f}s (lease {self.settings.lease:.0f}s)"
             )
-        if store.beat():
-            self.last_ok = time.monotonic()
-            self.error = None
-            return
-        if self.owning:
-            self._lose("another node declared this node lost and rescued its tasks")
-        s = self.settings
-        store.join(s.name, __version__, s.slots, s.queues)  # back, with nothing of old
-        log.warning("node %s rejoined the cluster", s.name)
+        if not store.beat():  # declared lost: what we ran is others' now
+            if self.owning:
+                self._lose("another node declared this node lost and rescued its tasks")
+            s = self.settings
+            store.join(s.name, __version__, s.slots, s.queues)  # back, with nothing of old
+            log.warning("node %s rejoined the cluster", s.name)
+        # The lease is ours again (what ran under the old one is being stopped): the next
+        # lapse stops what runs then.
         self.owning = True
         self.last_ok = time.monotonic()
+        self.error = None
 
     def _check_silence(self) -> None:
         silent = time.monotonic() - self.last_ok
@@ -207,6 +212,7 @@ class Rescuer:
             )  # fmt: skip
             if not self.store.end_attempt(end):
                 continue
+            self.nodes.close_output(attempt.task_id, attempt.number)
             task = tasks.get(attempt.task_id)
             if task is not None and task.state is TaskState.RUNNING:
                 self.lifecycle.finish(task, end, now, counts=True)
@@ -471,7 +477,7 @@ class Node:
         for item in message.get("stop", ()):  # whoever runs it stops it (others: no-op)
             with contextlib.suppress(ValueError, TypeError):
                 task_id, attempt = item
-                self.stops.stop(int(task_id), int(attempt), STOP_KIND)
+                self.stops.stop(int(task_id), int(attempt), CANCEL)
         if message.get("more"):
             self.look_again()
         elif freed := message.get("freed"):
@@ -480,7 +486,7 @@ class Node:
 
     def lost_lease(self, why: str) -> None:
         """Our attempts may belong to others now: end every tree we run."""
-        stopped = self.stops.stop_all(STOP_KIND)
+        stopped = self.stops.stop_all(LOST_LEASE_STOP)
         log.error("lease lost: %s; stopped %d task tree(s) of this node", why, stopped)
 
     def close(self) -> None:

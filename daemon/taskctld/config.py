@@ -49,6 +49,17 @@ from taskctl.errors import InvalidRequest
 from taskctld.wording import describe
 
 
+def _has_password(url: str) -> bool:
+    """Whether a PostgreSQL URL carries a password (`user:pw@`, or `password=` in its query)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    except ValueError:
+        return ":" in url.split("@", 1)[0].split("//", 1)[-1]
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -118,6 +129,11 @@ class Config(Request):
                     raw[key] = parse_size(raw[key])
                 except ValueError as e:
                     raise InvalidRequest(f"{path}: {key}: {e}") from None
+        if store is not None and _has_password(store):
+            raise InvalidRequest(
+                "--store: a password on the command line is visible to every user (ps); "
+                "give it in ~/.pgpass, PGPASSFILE, a service file, TASKCTL_STORE or config.toml"
+            )
         store = store or os.environ.get("TASKCTL_STORE") or None
         if store is not None:
             raw["store"] = store

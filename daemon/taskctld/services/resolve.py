@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,6 +26,7 @@ class Resolver:
     store: Store
     config: Config
     clock: Callable[[], int] = now_ms
+    node_names: Callable[[], Collection[str]] | None = None  # a cluster's nodes (None: alone)
 
     def places(
         self, specs: Sequence[TaskSpec], known: Places | None = None, first: int = 0
@@ -41,6 +42,7 @@ class Resolver:
             if (spec.cwd, spec.queue) not in places:
                 with _naming_task(index, 2 if first else len(specs)):
                     places[(spec.cwd, spec.queue)] = self._where_it_runs(spec, check=True)
+        self._check_nodes({spec.node for spec in specs if spec.node})
         return places
 
     def resolve_all(
@@ -109,12 +111,26 @@ class Resolver:
         cwd = spec.cwd or os.path.expanduser("~")
         queue = self.store.get_queue(spec.queue)
         if check:
+            if spec.node:
+                self._check_nodes({spec.node})
             _check_cwd_form(cwd)
             if self._runs_here(spec):
                 _check_cwd(cwd)
             if queue is None:
                 self._unknown_queue(spec.queue)
         return cwd, queue
+
+    def _check_nodes(self, names: set[str]) -> None:
+        """A task pinned to a node that does not exist would wait for ever."""
+        if not names:
+            return
+        known = set(self.node_names()) if self.node_names else {self.config.node}
+        unknown = sorted(names - known)
+        if unknown:
+            alone = "" if self.node_names else " (this daemon, alone on SQLite)"
+            raise InvalidRequest(
+                f"no node named {unknown[0]!r} (nodes: {', '.join(sorted(known))}{alone})"
+            )
 
     def _runs_here(self, spec: TaskSpec) -> bool:
         """Whether the task will run on this machine, so that its cwd is checked here: on a

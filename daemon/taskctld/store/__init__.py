@@ -502,6 +502,10 @@ class NodeStore(Protocol):
         reach its end."""
         ...
 
+    def close_output(self, task_id: int, attempt: int) -> None:
+        """A lost node's attempt: its output is whole as far as it was shipped."""
+        ...
+
     def tell(self, message: dict[str, object]) -> None:
         """Send every node `message` (JSON) on the notification channel: at once outside a
         transaction, at its commit inside one (a stop asked of the node that runs an attempt,

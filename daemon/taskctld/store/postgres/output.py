@@ -47,3 +47,15 @@ class PgOutput(PgBase):
             (task_id, attempt, stream),
         ).fetchone()
         return bytes(out), row is not None and start + len(out) >= int(row[0])
+
+    def close_output(self, task_id: int, attempt: int) -> None:
+        """The attempt's streams are whole as far as they were shipped (its node is lost, and
+        nothing more will come): readers stop waiting for more."""
+        self._x(
+            "INSERT INTO output_done (task_id, attempt, stream, size) "
+            "SELECT %s, %s, s.stream, COALESCE(max(o.at + length(o.data)), 0) "
+            "FROM (VALUES ('stdout'), ('stderr')) AS s(stream) "
+            "LEFT JOIN output o ON o.task_id = %s AND o.attempt = %s AND o.stream = s.stream "
+            "GROUP BY s.stream ON CONFLICT DO NOTHING",
+            (task_id, attempt, task_id, attempt),
+        )
