@@ -96,6 +96,10 @@ def test_an_unreachable_store_says_so_without_its_password(pg_cluster: Any) -> N
     assert "hunter2secret" not in caught.value.message
     assert "postgres@127.0.0.1" in caught.value.message
     assert time.monotonic() - began < 10
+    # A URL that does not parse (a bare % in its password): libpq quotes the password.
+    with pytest.raises(TaskctlError) as caught:
+        PostgresStore("postgresql://postgres:s3cr%zzet@127.0.0.1:1/x", node="a")
+    assert "s3cr" not in caught.value.message and "\n" not in caught.value.message
 
 
 def test_a_lost_connection_fails_the_call_and_the_next_transaction_reconnects(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -25,7 +26,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from taskctl.api import TaskState
-from taskctl.errors import TaskctlError
+from taskctl.errors import InvalidRequest, TaskctlError
 from taskctld.store import EventRow, EventSpan
 from taskctld.store.postgres.schema import EVENTS_LOCK
 
@@ -89,14 +90,22 @@ def redact(url: str) -> str:
     return f"postgresql://{user}{params.get('host', '')}{port}/{params.get('dbname', '')}"
 
 
+# A password as a URL or a conninfo string gives it, found without parsing (for a URL that
+# does not parse: libpq's complaint may quote the password).
+_PASSWORD_TEXT = re.compile(r"://[^:/@\s]*:([^@\s]+)@|password\s*=\s*([^&\s]+)")
+
+
 def _secrets_of(url: str) -> list[str]:
-    """What must never appear in a message: the URL as given, and its password."""
+    """What must never appear in a message: the URL as given, and its password (and, as
+    found in the text, the pieces that look like one)."""
     found = [url]
     with suppress(psycopg.Error):
         password = conninfo_to_dict(url).get("password")
         if password:
             found.append(str(password))
-    return found
+    for match in _PASSWORD_TEXT.finditer(url):
+        found += [piece for piece in match.groups() if piece]
+    return sorted(set(found), key=len, reverse=True)  # the longest first
 
 
 class PgBase:
@@ -149,13 +158,18 @@ class PgBase:
     def error(self, error: psycopg.Error) -> TaskctlError:
         """psycopg's error as ours, naming the store by its redacted URL: "store unreachable"
         when the connection is gone (or could not be made), else the server's complaint."""
-        text = " ".join(str(error).split())  # one line: libpq's messages have several
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        text = self._scrub(str(error))
         conn = getattr(self, "conn", None)
         if conn is None or conn.closed or conn.broken:
             return TaskctlError(f"store unreachable: {self.where}: {text}")
         return TaskctlError(f"store error: {self.where}: {text}")
+
+    def _scrub(self, text: str) -> str:
+        """`text` on one line (libpq's messages have several), with no secret of the URL."""
+        text = " ".join(text.split())
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _x(self, sql: str, params: Params = None) -> psycopg.Cursor[Any]:
         """Run one statement; the one place where a psycopg OperationalError (the network,
@@ -167,6 +181,8 @@ class PgBase:
             return self.conn.execute(cast(LiteralString, sql), params)
         except psycopg.OperationalError as e:
             raise self.error(e) from e
+        except psycopg.DataError as e:  # a value the server will not store: the request's fault
+            raise InvalidRequest(f"the store refused a value: {self._scrub(str(e))}") from e
 
     # -- transactions ---------------------------------------------------------------------------
 
