@@ -399,6 +399,40 @@ def test_a_node_cut_off_from_the_database_loses_its_tasks_and_stops_its_copies(
             cluster.cleanup()
 
 
+def test_a_cancel_of_a_task_on_a_stopped_node_holds_and_it_never_runs_again(
+    cluster: Cluster,
+) -> None:
+    """The node running the task cannot hear the cancel (stopped); the cancel is kept in the
+    store, and the node that rescues it ends it cancelled, not lost: its retries do not run it
+    again."""
+    a = cluster.add("a")
+    task = a.submit("sleep", "300", options=("--retries", "3"))
+    wait_until(lambda: a.api_task(task)["state"] == "running")
+    b = cluster.add("b")
+    stopped = [a.daemon_pid(), *_supervisors(a)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        done = b.run("cancel", str(task), timeout=60)
+        assert done.returncode == 0, done.stderr
+        final = b.task(task)
+        assert final["state"] == "cancelled" and len(final["attempts"]) == 1
+        assert final["attempts"][0]["outcome"] == "cancelled"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "lease lost" in (a.path / "taskctld.log").read_text(), timeout=20)
+    wait_until(lambda: not [p for p in a.task_processes() if "sleep" in _cmdline(p)], 20)
+    assert b.task(task)["state"] == "cancelled"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 # -- seeing the whole cluster from any node ----------------------------------------------------------
 
 

@@ -201,14 +201,17 @@ class Rescuer:
         return ended
 
     def _rescue(self, name: str, now: int) -> int:
+        asked = set(self.nodes.asked_stops(name))  # cancelled by a user: not to run again
         attempts = self.nodes.take_lost(name)
         tasks = {t.id: t for t in self.store.get_tasks([a.task_id for a in attempts])}
         ended = 0
         for attempt in attempts:
+            cancelled = (attempt.task_id, attempt.number) in asked
             end = AttemptEnd(
-                task_id=attempt.task_id, attempt=attempt.number, outcome=Outcome.LOST,
-                ended_at=now, error=f"node {name} was lost (no heartbeat within its lease)",
-                cause="node_lost",
+                task_id=attempt.task_id, attempt=attempt.number,
+                outcome=Outcome.CANCELLED if cancelled else Outcome.LOST, ended_at=now,
+                error=f"node {name} was lost (no heartbeat within its lease)",
+                cause=None if cancelled else "node_lost",
             )  # fmt: skip
             if not self.store.end_attempt(end):
                 continue
@@ -432,6 +435,7 @@ class Node:
         self.look_again = look_again
         self.freed = freed
         self.shipper = shipper
+        self._stopping: set[tuple[int, int]] = set()  # stops asked and passed on
         self._tasks: list[asyncio.Task[None]] = []
 
     def join(self) -> None:
@@ -457,11 +461,13 @@ class Node:
                 log.warning("shipping output failed: %s", e)
 
     async def _periodic(self) -> None:
-        """Rescue, read the log and look for work on a timer (notifications may be lost)."""
+        """Rescue, read the log, stop what was asked and look for work on a timer
+        (notifications may be lost)."""
         while True:
             await asyncio.sleep(min(POLL, self.settings.beat_every))
             try:
                 self.rescuer.sweep()
+                self.stop_asked()
                 self.look_again()
             except TaskctlError as e:
                 log.warning("rescue failed: %s", e.message)
@@ -476,13 +482,21 @@ class Node:
             self.queues_changed()
         for item in message.get("stop", ()):  # whoever runs it stops it (others: no-op)
             with contextlib.suppress(ValueError, TypeError):
-                task_id, attempt = item
-                self.stops.stop(int(task_id), int(attempt), CANCEL)
+                key = (int(item[0]), int(item[1]))
+                if self.stops.stop(*key, CANCEL):
+                    self._stopping.add(key)
         if message.get("more"):
             self.look_again()
         elif freed := message.get("freed"):
             self.freed(list(freed))
         self.tailer.poke()
+
+    def stop_asked(self) -> None:
+        """Stops asked of this node that no notification brought (each asked once)."""
+        asked = set(self.nodes.asked_stops(self.settings.name))
+        for task_id, attempt in asked - self._stopping:
+            self.stops.stop(task_id, attempt, CANCEL)
+        self._stopping = asked
 
     def lost_lease(self, why: str) -> None:
         """Our attempts may belong to others now: end every tree we run."""

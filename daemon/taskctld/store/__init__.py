@@ -502,6 +502,10 @@ class NodeStore(Protocol):
         reach its end."""
         ...
 
+    def asked_stops(self, name: str) -> list[tuple[int, int]]:
+        """The open attempts of node `name` whose stop another node asked for (a cancel)."""
+        ...
+
     def close_output(self, task_id: int, attempt: int) -> None:
         """A lost node's attempt: its output is whole as far as it was shipped."""
         ...

@@ -283,6 +283,11 @@ class PgBase:
         """Ask, with this transaction's NOTIFY, whichever node runs attempt `attempt` of
         `task_id` to stop it (a cancel made on another node than the one running it)."""
         self._require_transaction()
+        self._x(
+            "UPDATE attempts SET stop_asked = true "
+            "WHERE task_id = %s AND number = %s AND ended_at IS NULL",
+            (task_id, attempt),
+        )
         self._stops.append((task_id, attempt))
 
     def tell(self, message: dict[str, object]) -> None:

@@ -78,6 +78,15 @@ class PgNodes(PgBase):
             )
         ]
 
+    def asked_stops(self, name: str) -> list[tuple[int, int]]:
+        """The open attempts of node `name` that another node asked it to stop (a cancel)."""
+        cur = self._x(
+            "SELECT task_id, number FROM attempts "
+            "WHERE node = %s AND ended_at IS NULL AND stop_asked ORDER BY task_id",
+            (name,),
+        )
+        return [(int(t), int(n)) for t, n in cur]
+
     def take_lost(self, name: str) -> list[AttemptRow]:
         """In the caller's transaction: mark node `name` lost if its heartbeat still lapsed,
         and return its open attempts, for the caller to end each as lost. Empty when another

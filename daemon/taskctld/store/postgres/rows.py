@@ -44,6 +44,7 @@ def schedule_rows(cur: psycopg.Cursor[Any]) -> Iterator[ScheduleRow]:
 
 def attempt_rows(cur: psycopg.Cursor[Any]) -> Iterator[AttemptRow]:
     for row in _dicts(cur):
+        row.pop("stop_asked", None)  # a request to its node, not part of its record
         if row["outcome"] is not None:
             row["outcome"] = Outcome(row["outcome"])
         yield AttemptRow(**row)

@@ -163,6 +163,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (task_id, attempt, stream)
     );
     """,
+    # 3: a stop asked of an attempt's node (a cancel made elsewhere), kept until it ends: its
+    # node may not be listening when it is asked, or be lost before it can stop it
+    """
+    ALTER TABLE attempts ADD COLUMN stop_asked BOOLEAN NOT NULL DEFAULT false;
+    """,
 ]
 
 TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
