@@ -44,6 +44,7 @@ from taskctld.store import AttemptEnd, EventRow, NodeStore, Store
 log = logging.getLogger("taskctld.cluster")
 
 POLL = 2.0  # seconds between reads of the event log when no notification came
+SETTLE_AT_MOST = 200  # waiting tasks settled by one sweep
 # How a node ends the trees of a lease it lost: if nobody rescued them meanwhile, each is
 # queued again without counting (as `daemon stop --kill` does); if somebody did, the end is
 # stale and changes nothing.
@@ -199,6 +200,17 @@ class Rescuer:
             ended += self.run_in_turn(functools.partial(self._rescue, name)) or 0
         self.rescued += ended
         return ended
+
+    def settle_waiting(self) -> int:
+        """Settle waiting tasks that races between nodes left waiting (see
+        `NodeStore.unsettled`); how many were found."""
+        found = self.nodes.unsettled(SETTLE_AT_MOST)
+        if found:
+            self.run_in_turn(functools.partial(self.lifecycle.settle, found))
+            log.info(
+                "settled %d waiting task(s) that a race between nodes left waiting", len(found)
+            )
+        return len(found)
 
     def _rescue(self, name: str, now: int) -> int:
         asked = set(self.nodes.asked_stops(name))  # cancelled by a user: not to run again
@@ -467,6 +479,7 @@ class Node:
             await asyncio.sleep(min(POLL, self.settings.beat_every))
             try:
                 self.rescuer.sweep()
+                self.rescuer.settle_waiting()
                 self.stop_asked()
                 self.look_again()
             except TaskctlError as e:

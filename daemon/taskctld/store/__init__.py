@@ -502,6 +502,11 @@ class NodeStore(Protocol):
         reach its end."""
         ...
 
+    def unsettled(self, limit: int) -> list[Dependent]:
+        """Waiting tasks whose dependencies would settle them now (races between nodes can
+        leave one waiting: a sweep settles it)."""
+        ...
+
     def asked_stops(self, name: str) -> list[tuple[int, int]]:
         """The open attempts of node `name` whose stop another node asked for (a cancel)."""
         ...

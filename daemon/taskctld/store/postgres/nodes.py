@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-from taskctld.store import AttemptRow, NodeRow
+from taskctl.api import FINAL_STATES, TaskState
+from taskctld.store import AttemptRow, Dependent, NodeRow
 from taskctld.store.postgres.base import PgBase
 from taskctld.store.postgres.rows import attempt_rows
 from taskctld.store.postgres.schema import NOW_MS
@@ -77,6 +78,24 @@ class PgNodes(PgBase):
                 (self.node, self.lease_ms),
             )
         ]
+
+    def unsettled(self, limit: int) -> list[Dependent]:
+        """Waiting tasks that should not wait any more: every dependency final, or one they
+        needed to succeed failed or was cancelled. Two nodes ending a task's dependencies at
+        once, or a submit racing the end of its dependency, each see the other's change as not
+        yet committed, and neither settles it; a sweep finds them."""
+        final = [s.value for s in FINAL_STATES]
+        failing = [TaskState.FAILED.value, TaskState.CANCELLED.value]
+        cur = self._x(
+            "SELECT w.id, w.queue, w.run_at FROM tasks w WHERE w.state = %s AND ("
+            "  NOT EXISTS (SELECT 1 FROM deps d JOIN tasks t ON t.id = d.dep_id"
+            "              WHERE d.task_id = w.id AND t.state <> ALL(%s))"
+            "  OR EXISTS (SELECT 1 FROM deps d JOIN tasks t ON t.id = d.dep_id"
+            "             WHERE d.task_id = w.id AND NOT d.any_end AND t.state = ANY(%s))"
+            ") ORDER BY w.id LIMIT %s",
+            (TaskState.WAITING.value, final, failing, limit),
+        )
+        return [Dependent(int(i), q, int(r)) for i, q, r in cur]
 
     def asked_stops(self, name: str) -> list[tuple[int, int]]:
         """The open attempts of node `name` that another node asked it to stop (a cancel)."""
