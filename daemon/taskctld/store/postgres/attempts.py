@@ -6,9 +6,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from taskctl.api import TaskState
-from taskctld.store import AttemptEnd, AttemptRow
+from taskctld.store import AttemptEnd, AttemptRow, AttemptStart
 from taskctld.store.postgres.base import PgBase
 from taskctld.store.postgres.rows import attempt_rows
+
+_MARK_STARTED = (
+    "UPDATE attempts a SET pid = u.pid, started_at = u.started_at "
+    "FROM unnest(%s::int8[], %s::int4[], %s::int4[], %s::int8[]) AS u(task_id, number, pid, started_at) "
+    "WHERE a.task_id = u.task_id AND a.number = u.number"
+)
+_END = (
+    "UPDATE attempts a SET outcome = u.outcome, exit_code = u.exit_code, signal = u.signal, "
+    "error = u.error, ended_at = u.ended_at, max_rss = u.max_rss, cpu_user = u.cpu_user, "
+    "cpu_system = u.cpu_system "
+    "FROM unnest(%s::int8[], %s::int4[], %s::text[], %s::int4[], %s::int4[], %s::text[], "
+    "%s::int8[], %s::int8[], %s::float8[], %s::float8[]) "
+    "AS u(task_id, number, outcome, exit_code, signal, error, ended_at, max_rss, cpu_user, cpu_system) "
+    "WHERE a.task_id = u.task_id AND a.number = u.number AND a.outcome IS NULL "
+    "RETURNING a.task_id, a.number"
+)
 
 
 class PgAttempts(PgBase):
@@ -42,6 +58,31 @@ class PgAttempts(PgBase):
             "WHERE task_id = %s AND number = %s",
             [*(fields[n] for n in names), task_id, attempt],
         )
+
+    def mark_started_many(self, starts: Sequence[AttemptStart]) -> None:
+        """`mark_started` of each (its pid and exact start time), in one statement."""
+        self._require_transaction()
+        if starts:
+            self._x(_MARK_STARTED, [list(column) for column in zip(*starts, strict=True)])
+
+    def end_attempts(self, ends: Sequence[AttemptEnd]) -> set[tuple[int, int]]:
+        """`end_attempt` of each, in one statement; returns the (task id, attempt) of those
+        that were news (the attempt was open: of one attempt ended twice, the first counts)."""
+        self._require_transaction()
+        first: dict[tuple[int, int], AttemptEnd] = {}
+        for end in ends:
+            first.setdefault((end.task_id, end.attempt), end)
+        if not first:
+            return set()
+        columns: list[list[object]] = [[] for _ in range(10)]
+        for e in first.values():
+            row = (
+                e.task_id, e.attempt, e.outcome.value, e.exit_code, e.signal, e.error,
+                e.ended_at, e.max_rss, e.cpu_user, e.cpu_system,
+            )  # fmt: skip
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+        return {(task_id, number) for task_id, number in self._x(_END, columns)}
 
     def end_attempt(self, end: AttemptEnd) -> bool:
         """Write how the attempt ended (only the first report counts); False when there is no

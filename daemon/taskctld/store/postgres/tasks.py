@@ -15,7 +15,7 @@ from typing import Any
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
 from taskctld import states
-from taskctld.store import Dependent, NewTask, TaskFilter, TaskRow
+from taskctld.store import Dependent, Move, NewTask, TaskFilter, TaskRow, check_moves
 from taskctld.store.postgres.base import PgBase
 from taskctld.store.postgres.rows import dump, env_digest, path_in, task_filter_sql, task_rows
 from taskctld.store.postgres.schema import COLUMN_TYPES, INSERT_COLUMNS, TASK_IDS_LOCK
@@ -33,6 +33,21 @@ _INSERT = (
     "FROM (SELECT pg_advisory_xact_lock_shared(%(ids_lock)s)) AS locked, "
     f"unnest({_UNNEST}) WITH ORDINALITY AS u({', '.join(INSERT_COLUMNS)}, ord) "
     "ORDER BY u.ord RETURNING id"
+)
+
+
+# `move_many`: one conditional, fenced UPDATE for every move, each row with its own old and
+# new states (bound, never spelt here) and fields (NULL: left as it is).
+_MOVE_MANY = (
+    "UPDATE tasks t SET state = u.new, reason = u.reason, updated_at = %(now)s, "
+    "exit_code = coalesce(u.exit_code, t.exit_code), "
+    "finished_at = coalesce(u.finished_at, t.finished_at), "
+    "run_at = coalesce(u.run_at, t.run_at), tries = coalesce(u.tries, t.tries) "
+    "FROM unnest(%(id)s::int8[], %(old)s::text[], %(new)s::text[], %(reason)s::text[], "
+    "%(exit_code)s::int4[], %(fence)s::int4[], %(finished_at)s::int8[], %(run_at)s::int8[], "
+    "%(tries)s::int4[]) AS u(id, old, new, reason, exit_code, fence, finished_at, run_at, tries) "
+    "WHERE t.id = u.id AND t.state = u.old AND (u.fence IS NULL OR t.attempts = u.fence) "
+    "RETURNING t.id, t.queue"
 )
 
 
@@ -117,6 +132,36 @@ class PgTasks(PgBase):
         for row in moved:
             self._append_event(now, row.id, old, new, row.attempts, queue=row.queue)
         return moved
+
+    def move_many(self, moves: Sequence[Move], now: int) -> set[int]:
+        """Each of `moves` as `move` makes it, in one statement; returns the ids that moved (a
+        stale move is passed over), their events kept for the commit in the order given.
+        Every pair is checked against `states.TRANSITIONS` before anything is written
+        (RuntimeError), and a task may come once (ValueError)."""
+        self._require_transaction()
+        check_moves(moves)
+        if not moves:
+            return set()
+        params = {
+            "now": now,
+            "id": [m.task_id for m in moves],
+            "old": [m.old.value for m in moves],
+            "new": [m.new.value for m in moves],
+            "reason": [m.reason for m in moves],
+            "exit_code": [m.exit_code for m in moves],
+            "fence": [m.fence for m in moves],
+            "finished_at": [m.finished_at for m in moves],
+            "run_at": [m.run_at for m in moves],
+            "tries": [m.tries for m in moves],
+        }
+        queue_of = dict(self._x(_MOVE_MANY, params).fetchall())
+        for m in moves:
+            if m.task_id in queue_of:
+                self._append_event(
+                    now, m.task_id, m.old, m.new, m.attempt, m.exit_code, m.reason,
+                    queue_of[m.task_id],
+                )  # fmt: skip
+        return set(queue_of)
 
     # -- inserts --------------------------------------------------------------------------------
 
