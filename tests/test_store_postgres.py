@@ -476,9 +476,9 @@ def test_a_turn_applies_its_starts_and_ends_in_a_few_statements_whatever_their_n
 ) -> None:
     """The reports of a turn are written set-based: the statements of a turn that applies 3
     starts and ends (and claims 3 more) are those of one that applies 30: BEGIN, the starts,
-    the ends, their moves, a look for dependencies, the claim's queue limit, candidates and
-    moves, the events and COMMIT (before: 4 a report pair, 126 for 30)."""
+    the ends, their moves, a look for dependencies, the claim's candidates (with the queue's
+    limit) and moves, the events and COMMIT (before: 4 a report pair, 126 for 30)."""
     few = _turn_statements(nodes("a"), 3, monkeypatch)
     many = _turn_statements(nodes("b"), 30, monkeypatch)
     assert few == many
-    assert len(many) == 10, many
+    assert len(many) == 9, many
