@@ -231,6 +231,11 @@ class Move(NamedTuple):
     run_at: int | None = None
     tries: int | None = None
 
+    def fields(self) -> dict[str, object]:
+        """The columns this move sets besides its state and reason, as `move` takes them."""
+        given = (("finished_at", self.finished_at), ("run_at", self.run_at), ("tries", self.tries))
+        return {name: value for name, value in given if value is not None}
+
 
 def check_moves(moves: Sequence[Move]) -> None:
     """What `move_many` checks before it writes anything: every pair is in the state machine

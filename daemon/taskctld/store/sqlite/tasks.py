@@ -124,16 +124,9 @@ class SqliteTasks(SqliteBase):
         check_moves(moves)
         moved = set()
         for m in moves:
-            fields: dict[str, object] = {}
-            if m.finished_at is not None:
-                fields["finished_at"] = m.finished_at
-            if m.run_at is not None:
-                fields["run_at"] = m.run_at
-            if m.tries is not None:
-                fields["tries"] = m.tries
             if self.move(
                 m.task_id, m.old, m.new, now, reason=m.reason, attempt=m.attempt,
-                exit_code=m.exit_code, fence=m.fence, queue=m.queue, **fields,
+                exit_code=m.exit_code, fence=m.fence, queue=m.queue, **m.fields(),
             ):  # fmt: skip
                 moved.add(m.task_id)
         return moved
