@@ -6,11 +6,10 @@ of its own (no GIL shared) with one connection of its own, released together onc
 connected. Timed: from that release to the last consumer finding nothing left (the jobs are
 inserted before, untimed).
 
-taskctl's consumer does what a dispatcher turn does with the reports of tasks that ran
-(`dispatcher/applier.py`) and its claim (`dispatcher/loop.py`), in one transaction per turn:
-each task claimed by the turn before is marked started (the supervisor's Started report), its
-attempt ended (`store.end_attempt`) and moved on by the lifecycle (`Lifecycle.finish`); then
-the next `batch` are claimed (`Lifecycle.claim`). PgQueuer's consumer does what its
+taskctl's consumer runs what a dispatcher turn runs, in one transaction per turn: the
+`ReportApplier` (`dispatcher/applier.py`) applies a Started and an Ended report for each task
+claimed by the turn before (a batch of starts, then of ends and their moves), then the next
+`batch` are claimed (`Lifecycle.claim`, as `dispatcher/loop.py` does). PgQueuer's consumer does what its
 QueueManager does for jobs whose handler returns at once: `Queries.dequeue(batch)`, then one
 `Queries.log_jobs` acknowledging them as successful.
 """
@@ -88,28 +87,40 @@ def fill_ours(url: str, n: int) -> None:
 
 def _consume_ours(url: str, node: str, batch: int, go: Barrier, done: Any) -> None:
     """One node's turns until a claim finds nothing; puts (tasks finished, monotonic end)."""
+    from typing import cast
+
     from taskctl.api import Outcome
+    from taskctld.dispatcher.applier import ReportApplier
+    from taskctld.dispatcher.slots import Slots
+    from taskctld.launcher import Ended, Launcher, Report, Started
     from taskctld.lifecycle import Lifecycle
     from taskctld.store import AttemptEnd, TaskRow
     from taskctld.store.postgres import PostgresStore
 
     store = PostgresStore(url, node=node)
     lifecycle = Lifecycle(store)
+    slots = Slots()
+    # Reports of attempts we claimed never reach the launcher (it stops strays only).
+    applier = ReportApplier(store, lifecycle, cast(Launcher, None), slots, None)
     running: list[TaskRow] = []
     finished = 0
     go.wait()
     while True:
         now = int(time.time() * 1000)
+        reports: list[Report] = []
+        for task in running:  # what the supervisor reports of a task that ran
+            reports.append(Started(task.id, task.attempts, pid=1, started_at=now))
+            end = AttemptEnd(
+                task.id, task.attempts, Outcome.EXITED, now, exit_code=0, max_rss=1024,
+                cpu_user=0.0, cpu_system=0.0, started_at=now,
+            )  # fmt: skip
+            reports.append(Ended(end))
         with store.transaction():
-            for task in running:  # what the applier does with a Started then an Ended report
-                store.mark_started(task.id, task.attempts, pid=1, started_at=now)
-                end = AttemptEnd(
-                    task.id, task.attempts, Outcome.EXITED, now, exit_code=0, max_rss=1024,
-                    cpu_user=0.0, cpu_system=0.0, started_at=now,
-                )  # fmt: skip
-                if store.end_attempt(end):
-                    finished += lifecycle.finish(task, end, now, counts=True)
+            applier.apply(reports, now)
             running = lifecycle.claim({"default": batch}, batch, now).tasks
+            for task in running:
+                slots.claimed(task)
+        finished += len(applier.take_ends())
         if not running:
             break
     done.put((finished, time.monotonic()))

@@ -190,6 +190,39 @@ def test_a_start_report_and_an_end_report_are_applied(tmp_path: Path) -> None:
     _run(scenario, tmp_path)
 
 
+def test_a_turn_applies_many_starts_and_ends_together_each_once(tmp_path: Path) -> None:
+    """The starts and ends of one turn are written a batch at a time: a start and the end of
+    the same attempt (the start first), an end heard twice (applied once), a start alone;
+    each end frees its slot once and reaches the observers once."""
+
+    def scenario(rig: Rig) -> None:
+        a, b, c = rig.submit(3)
+        assert rig.runner.started() == [a, b, c] and rig.dispatcher.running_count() == 3
+        rig.now = T0 + 100
+        end_b = AttemptEnd(b, 1, Outcome.EXITED, T0 + 90, exit_code=1, started_at=T0 + 20)
+        for report in [
+            Started(a, 1, pid=11, started_at=T0 + 10),
+            Started(b, 1, pid=12, started_at=T0 + 20),
+            Ended(AttemptEnd(a, 1, Outcome.EXITED, T0 + 80, exit_code=0, started_at=T0 + 10)),
+            Ended(end_b),
+            Ended(end_b),
+            Started(c, 1, pid=13, started_at=T0 + 30),
+        ]:
+            rig.dispatcher.report(report)
+        rig.dispatcher.cycle()
+        assert [(rig.task(i).state, rig.task(i).exit_code) for i in (a, b, c)] == [
+            (TaskState.SUCCEEDED, 0), (TaskState.FAILED, 1), (TaskState.RUNNING, None),
+        ]  # fmt: skip
+        attempts = rig.store.attempts_of([a, b, c])
+        assert [(x.pid, x.started_at, x.outcome) for i in (a, b, c) for x in attempts[i]] == [
+            (11, T0 + 10, Outcome.EXITED), (12, T0 + 20, Outcome.EXITED), (13, T0 + 30, None),
+        ]  # fmt: skip
+        assert [(e.task_id, e.attempt) for e in rig.ended] == [(a, 1), (b, 1)]
+        assert rig.dispatcher.running_count() == 1
+
+    _run(scenario, tmp_path, concurrency=3, hold_ahead=False)
+
+
 def test_a_lost_attempt_is_retried_after_its_delay_then_fails(tmp_path: Path) -> None:
     def scenario(rig: Rig) -> None:
         (task_id,) = rig.submit(retries=1, retry_delay=2.0)

@@ -19,8 +19,17 @@ import pytest
 from taskctl.api import Outcome, TaskState
 from taskctl.errors import Conflict, InvalidRequest
 from taskctld import states
-from taskctld.lifecycle import INITIAL, PROMOTE_AT_MOST, Lifecycle, initial_state
-from taskctld.store import AttemptEnd, EventRow, NewSchedule, NewTask, Store, TaskFilter
+from taskctld.lifecycle import INITIAL, PROMOTE_AT_MOST, Ending, Lifecycle, initial_state
+from taskctld.store import (
+    AttemptEnd,
+    AttemptStart,
+    EventRow,
+    Move,
+    NewSchedule,
+    NewTask,
+    Store,
+    TaskFilter,
+)
 from taskctld.store.postgres import PostgresStore
 from taskctld.store.sqlite import SqliteStore
 
@@ -256,6 +265,126 @@ def test_start_attempts_moves_the_tasks_still_in_the_state_with_their_attempts(
     with store.transaction():
         assert store.start_attempts([first, stale], TaskState.QUEUED, TaskState.RUNNING, 3000) == []
         assert store.start_attempts([], TaskState.QUEUED, TaskState.RUNNING, 3000) == []
+
+
+def _running(store: Store, n: int, **kw: object) -> list[int]:
+    """`n` tasks claimed (running as their attempt 1)."""
+    ids = _submit(store, n, **kw)
+    with store.transaction():
+        store.start_attempts(ids, TaskState.QUEUED, TaskState.RUNNING, 1500)
+    return ids
+
+
+def test_move_many_moves_those_still_in_their_state_and_passes_over_the_stale(
+    store: Store,
+) -> None:
+    """The set-based form of the moves that end attempts: each move as `move` makes it, with
+    its own states, fence and fields; a stale one (state or fence) is passed over and the
+    others move; their events are appended once each, in the order given, and published
+    after the commit."""
+    done, stale_state, stale_fence, retried, again = _running(store, 5)
+    with store.transaction():
+        assert store.move(stale_state, TaskState.RUNNING, TaskState.QUEUED, 1600, fence=1)
+    seen: list[list[EventRow]] = []
+    store.on_commit(seen.append)
+    run = TaskState.RUNNING
+    moves = [
+        Move(retried, run, TaskState.SCHEDULED, reason="exit 3", attempt=1, exit_code=3,
+             fence=1, run_at=9000),
+        Move(stale_state, run, TaskState.FAILED, attempt=1, fence=1, finished_at=2000),
+        Move(done, run, TaskState.SUCCEEDED, queue="default", reason="ok", attempt=1,
+             exit_code=0, fence=1, finished_at=2000),
+        Move(stale_fence, run, TaskState.FAILED, attempt=2, fence=2, finished_at=2000),
+        Move(again, run, TaskState.QUEUED, reason="interrupted", attempt=1, fence=1, tries=0),
+    ]  # fmt: skip
+    with store.transaction():
+        assert store.move_many(moves, 2000) == {retried, done, again}
+        assert [e.task_id for e in store.uncommitted_events()] == [retried, done, again]
+        assert seen == []
+    assert [
+        (e.task_id, e.from_state, e.to_state, e.attempt, e.exit_code, e.reason, e.queue, e.at)
+        for e in seen[0]
+    ] == [
+        (retried, run, TaskState.SCHEDULED, 1, 3, "exit 3", "default", 2000),
+        (done, run, TaskState.SUCCEEDED, 1, 0, "ok", "default", 2000),
+        (again, run, TaskState.QUEUED, 1, None, "interrupted", "default", 2000),
+    ]
+    assert [e.id for e in seen[0]] == [e.id for e in store.events_after(0, 100)[-3:]]
+    rows = {t.id: t for t in store.get_tasks([done, stale_state, stale_fence, retried, again])}
+    assert (rows[retried].state, rows[retried].run_at, rows[retried].exit_code) == (
+        TaskState.SCHEDULED, 9000, 3,
+    )  # fmt: skip
+    assert (rows[retried].finished_at, rows[retried].tries, rows[retried].reason) == (
+        None, 1, "exit 3",
+    )  # fmt: skip
+    assert (rows[done].state, rows[done].finished_at, rows[done].exit_code) == (
+        TaskState.SUCCEEDED, 2000, 0,
+    )  # fmt: skip
+    assert (rows[again].state, rows[again].tries, rows[again].exit_code, rows[again].run_at) == (
+        TaskState.QUEUED, 0, None, 1000,
+    )  # fmt: skip
+    assert (rows[stale_state].state, rows[stale_state].finished_at) == (TaskState.QUEUED, None)
+    assert (rows[stale_fence].state, rows[stale_fence].finished_at) == (run, None)
+    with store.transaction():
+        assert store.move_many([], 3000) == set()
+        assert store.move_many(moves, 3000) == set()  # each is stale now: nothing moves
+        assert list(store.uncommitted_events()) == []
+
+
+def test_move_many_checks_every_move_before_it_writes_any(store: Store) -> None:
+    """A pair outside the state machine, or a task twice, and nothing of the call is written."""
+    first, second = _running(store, 2)
+    events = store.events_after(0, 100)
+    ok = Move(first, TaskState.RUNNING, TaskState.SUCCEEDED, fence=1, finished_at=2000)
+    with store.transaction():
+        with pytest.raises(RuntimeError, match="not in the state machine"):
+            store.move_many([ok, Move(second, TaskState.RUNNING, TaskState.WAITING)], 2000)
+        with pytest.raises(ValueError, match="more than once"):
+            store.move_many([ok, ok._replace(new=TaskState.FAILED)], 2000)
+        assert list(store.uncommitted_events()) == []
+    assert store.events_after(0, 100) == events
+    assert {t.state for t in store.get_tasks([first, second])} == {TaskState.RUNNING}
+    with store.transaction():
+        assert store.move_many([ok, ok._replace(task_id=second)], 2000) == {first, second}
+    with pytest.raises(RuntimeError, match="inside transaction"):
+        store.move_many([ok], 2000)
+
+
+def test_attempts_start_and_end_many_at_once(store: Store) -> None:
+    """`mark_started_many` and `end_attempts`: the ends that were news are the attempts that
+    were open; an attempt ended already, or twice in one call (the first counts), or never
+    opened, is not news."""
+    a, b, c = _running(store, 3)
+    with store.transaction():
+        store.mark_started_many([AttemptStart(a, 1, 71, 1510), AttemptStart(b, 1, 72, 1520)])
+        store.mark_started_many([])
+        assert store.end_attempt(AttemptEnd(c, 1, Outcome.LOST, 1600))
+    assert {(r.task_id, r.pid, r.started_at) for r in store.open_attempts()} == {
+        (a, 71, 1510), (b, 72, 1520),
+    }  # fmt: skip
+    ends = [
+        AttemptEnd(a, 1, Outcome.EXITED, 1900, exit_code=0, max_rss=2048, cpu_user=0.5),
+        AttemptEnd(c, 1, Outcome.EXITED, 1900, exit_code=0),  # ended already
+        AttemptEnd(b, 1, Outcome.SIGNALED, 1950, signal=9, error="killed"),
+        AttemptEnd(b, 1, Outcome.EXITED, 1990, exit_code=1),  # the same, again
+        AttemptEnd(a, 2, Outcome.EXITED, 1900),  # never opened
+    ]
+    with store.transaction():
+        assert store.end_attempts(ends) == {(a, 1), (b, 1)}
+        assert store.end_attempts(ends) == set()
+        assert store.end_attempts([]) == set()
+    found = store.attempts_of([a, b, c])
+    got = [
+        (r.outcome, r.exit_code, r.signal, r.error, r.ended_at, r.max_rss, r.cpu_user, r.pid)
+        for task_id in (a, b, c)
+        for r in found[task_id]
+    ]
+    assert got == [
+        (Outcome.EXITED, 0, None, None, 1900, 2048, 0.5, 71),
+        (Outcome.SIGNALED, None, 9, "killed", 1950, None, None, 72),
+        (Outcome.LOST, None, None, None, 1600, None, None, None),
+    ]
+    assert store.open_attempts() == []
 
 
 def test_claim_candidates_come_in_claim_order_and_say_when_they_are_all(store: Store) -> None:
@@ -788,6 +917,57 @@ def test_a_stray_start_is_recorded_on_a_cancelled_task_only(lifecycle: Lifecycle
         (1, 4242, None)
     ]
     assert store.stray_attempts() == [(task_id, 1, "default")]
+
+
+def test_ends_finished_together_each_follow_their_policy_and_settle_once(
+    lifecycle: Lifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`finish_many`: each end decided by its own task's retry policy as `finish` would, all
+    moved at once, a stale one refused and the others moved; the dependents of those that
+    became final settled after one look for any dependency."""
+    store = lifecycle.store
+    ok, failing, interrupted, stale = _submit(store, 4)
+    (after_ok,) = _submit(store, after=[ok])
+    (after_failing,) = _submit(store, after=[failing])
+    (slow,) = _submit(store, retries=2, retry_delay=3.0)
+    with store.transaction():
+        claimed = {t.id: t for t in lifecycle.claim({"default": 9}, 9, 2000).tasks}
+    assert set(claimed) == {ok, failing, interrupted, stale, slow}
+    lost = AttemptEnd(stale, 1, Outcome.LOST, 2500)
+    with store.transaction():  # `stale` ended already, as another node's rescue would end it
+        assert store.end_attempt(lost)
+        assert lifecycle.finish(claimed[stale], lost, 2500, counts=True)
+    looks: list[bool] = []
+    any_dependencies = store.any_dependencies
+
+    def look() -> bool:
+        looks.append(any_dependencies())
+        return looks[-1]
+
+    monkeypatch.setattr(store, "any_dependencies", look)
+    endings = [
+        Ending(claimed[ok], AttemptEnd(ok, 1, Outcome.EXITED, 3000, exit_code=0)),
+        Ending(claimed[stale], AttemptEnd(stale, 1, Outcome.EXITED, 3000, exit_code=0)),
+        Ending(claimed[failing], AttemptEnd(failing, 1, Outcome.EXITED, 3000, exit_code=2)),
+        Ending(claimed[slow], AttemptEnd(slow, 1, Outcome.SIGNALED, 3000, signal=9)),
+        Ending(claimed[interrupted], AttemptEnd(interrupted, 1, Outcome.INTERRUPTED, 3000), False),
+    ]
+    with store.transaction():
+        assert lifecycle.finish_many(endings, 3000) == [True, False, True, True, True]
+    assert looks == [True]
+    rows = {t.id: t for t in store.get_tasks([ok, stale, failing, slow, interrupted])}
+    assert [(rows[i].state, rows[i].finished_at) for i in (ok, failing)] == [
+        (TaskState.SUCCEEDED, 3000), (TaskState.FAILED, 3000),
+    ]  # fmt: skip
+    assert rows[stale].state is TaskState.FAILED  # the rescue's end stands
+    assert (rows[slow].state, rows[slow].run_at, rows[slow].tries) == (TaskState.SCHEDULED, 6000, 1)
+    assert (rows[interrupted].state, rows[interrupted].tries) == (TaskState.QUEUED, 0)
+    assert (_state(store, after_ok), _state(store, after_failing)) == (
+        TaskState.QUEUED, TaskState.FAILED,
+    )  # fmt: skip
+    with store.transaction():
+        assert lifecycle.finish_many([], 3000) == []
+    assert looks == [True]  # nothing became final: no look
 
 
 def test_an_attempt_end_follows_the_retry_policy_and_ignores_stale_reports(

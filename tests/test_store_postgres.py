@@ -9,6 +9,7 @@ that needs a lease to lapse ages the heartbeat in the database instead of waitin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,11 +19,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from taskctl.api import TaskState
+from taskctl.api import Outcome, TaskState
 from taskctl.errors import TaskctlError
+from taskctld.dispatcher import Dispatcher, Limits
+from taskctld.launcher import Ended, Started
 from taskctld.lifecycle import Lifecycle
-from taskctld.store import EventRow, NewSchedule, NewTask, NodeStore, Store, TaskFilter
+from taskctld.store import AttemptEnd, EventRow, NewSchedule, NewTask, NodeStore, Store, TaskFilter
 from taskctld.store.postgres import CHANNEL, MIGRATIONS, PostgresStore, notice_of, redact
+
+from conftest import ScriptedRunner
 
 
 @pytest.fixture
@@ -436,3 +441,48 @@ def test_a_node_that_beats_in_time_is_not_taken(
     with a.transaction():
         assert a.take_lost("b") == []
     assert [n.state for n in a.nodes()] == ["up", "up"]
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+
+def _turn_statements(store: PostgresStore, n: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements of the dispatcher turn that applies the starts and ends of `n` claimed
+    attempts (and claims the next `n`), on a dispatcher wired as app.py wires it on a shared
+    store (no holding ahead)."""
+    sent: list[str] = []
+    runner = ScriptedRunner()
+    dispatcher = Dispatcher(store, runner, Limits(n), lifecycle=Lifecycle(store), hold_ahead=False)
+
+    async def turns() -> None:
+        dispatcher.load()
+        ids = dispatcher.cycle(lambda now: dispatcher.lifecycle.submit(
+            [NewTask(command=["true"], cwd="/") for _ in range(2 * n)], now
+        ))  # fmt: skip
+        assert ids is not None and runner.started() == ids[:n]
+        for task_id in ids[:n]:
+            dispatcher.report(Started(task_id, 1, pid=4242, started_at=2000))
+            end = AttemptEnd(task_id, 1, Outcome.EXITED, 2500, exit_code=0, started_at=2000)
+            dispatcher.report(Ended(end))
+        execute = store._x
+        monkeypatch.setattr(store, "_x", lambda sql, *a: sent.append(sql) or execute(sql, *a))
+        dispatcher.cycle()
+        monkeypatch.undo()
+        assert runner.started() == ids
+        assert {t.state for t in store.get_tasks(ids[:n])} == {TaskState.SUCCEEDED}
+
+    asyncio.run(turns())
+    return sent
+
+
+def test_a_turn_applies_its_starts_and_ends_in_a_few_statements_whatever_their_number(
+    nodes: Callable[..., PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reports of a turn are written set-based: the statements of a turn that applies 3
+    starts and ends (and claims 3 more) are those of one that applies 30: BEGIN, the starts,
+    the ends, their moves, a look for dependencies, the claim's candidates (with the queue's
+    limit) and moves, the events and COMMIT (before: 4 a report pair, 126 for 30)."""
+    few = _turn_statements(nodes("a"), 3, monkeypatch)
+    many = _turn_statements(nodes("b"), 30, monkeypatch)
+    assert few == many
+    assert len(many) == 9, many

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import NamedTuple
 
 from taskctl.api import FINAL_STATES, Backoff, Outcome, TaskState
 from taskctld import policy
@@ -25,6 +26,7 @@ from taskctld.store import (
     Dependent,
     EventSpan,
     InitialStates,
+    Move,
     NewTask,
     StagedBatch,
     Store,
@@ -45,6 +47,15 @@ def initial_state(task: NewTask, now: int) -> TaskState:
     if task.after or task.after_any:
         return INITIAL.dependent
     return INITIAL.delayed if task.run_at and task.run_at > now else INITIAL.ready
+
+
+class Ending(NamedTuple):
+    """An attempt's end as `finish_many` takes it: the running task (as claimed), how its
+    attempt ended, and whether that counts against its retry policy (False: never ran)."""
+
+    task: TaskRow
+    end: AttemptEnd
+    counts: bool = True
 
 
 def claim_order(candidate: Candidate) -> tuple[int, int, int]:
@@ -207,27 +218,37 @@ class Lifecycle:
     def finish(self, task: TaskRow, end: AttemptEnd, now: int, *, counts: bool) -> bool:
         """The attempt `end` of running `task` ended: its retry policy decides the next state.
         False when the task is no longer running that attempt (a stale report)."""
+        return self.finish_many([Ending(task, end, counts)], now) == [True]
+
+    def finish_many(self, endings: Sequence[Ending], now: int) -> list[bool]:
+        """`finish` of each ending (tasks distinct), set-based: each decided by its task's retry
+        policy, all moved in one `move_many`, then the dependents of those that became final
+        settled (one look for any dependency at all). Says, in order, which moved (False: a
+        stale report)."""
+        moves = [self._next_move(e.task, e.end, now, e.counts) for e in endings]
+        moved = self.store.move_many(moves, now)
+        final = deque(m.task_id for m in moves if m.task_id in moved and m.new in FINAL_STATES)
+        if final and self.store.any_dependencies():
+            self._release(final, now)
+        return [m.task_id in moved for m in moves]
+
+    def _next_move(self, task: TaskRow, end: AttemptEnd, now: int, counts: bool) -> Move:
+        """The move out of running that the retry policy decides for `end`, fenced on it."""
         decision = self.decide(task, end.outcome, end.exit_code, counts=counts)
         reason = (
             end.cause
             if end.cause and decision.state is not TaskState.SUCCEEDED
             else decision.reason
         )
-        fields: dict[str, object] = {}
-        if decision.state is TaskState.SCHEDULED:
-            fields["run_at"] = now + int(decision.delay * 1000)
-        elif decision.state is TaskState.QUEUED:
-            fields["tries"] = task.tries - (0 if decision.counts else 1)
-        else:
-            fields["finished_at"] = now
-        moved = self.store.move(
-            task.id, TaskState.RUNNING, decision.state, now, reason=reason,
-            attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt, queue=task.queue,
-            **fields,
+        move = Move(
+            task.id, TaskState.RUNNING, decision.state, queue=task.queue, reason=reason,
+            attempt=end.attempt, exit_code=end.exit_code, fence=end.attempt,
         )  # fmt: skip
-        if moved and decision.state in FINAL_STATES:
-            self._after_final(task.id, now)
-        return moved
+        if decision.state is TaskState.SCHEDULED:
+            return move._replace(run_at=now + int(decision.delay * 1000))
+        if decision.state is TaskState.QUEUED:
+            return move._replace(tries=task.tries - (0 if decision.counts else 1))
+        return move._replace(finished_at=now)
 
     def decide(
         self, task: TaskRow, outcome: Outcome, exit_code: int | None, *, counts: bool

@@ -2,22 +2,34 @@
 attempt we did not claim, claimed now or stopped), an end is written and its task moved on by the
 lifecycle, and each changes the slot accounting (`Slots`) and the holds (`HoldAhead`, when on).
 
-This is the hot path: a report costs the writes it makes, and a read of its task only when no
-claimed (or held) row stands for it.
+This is the hot path. The plain reports (starts and ends of attempts we claimed) of a turn are
+written set-based, a few statements for all of them whatever their number (a round trip each on
+PostgreSQL); the rare ones one at a time, and a read of a task only when no claimed (or held)
+row stands for it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from taskctl.api import TaskState
 from taskctld.dispatcher.holding import HoldAhead
 from taskctld.dispatcher.slots import Slots
-from taskctld.launcher import Ended, Key, Launcher, Released, Report, Started, Unheld
-from taskctld.lifecycle import Lifecycle
-from taskctld.store import AttemptEnd, Store, TaskRow
+from taskctld.launcher import Ended, Key, Launcher, Released, Report, Started
+from taskctld.lifecycle import Ending, Lifecycle
+from taskctld.store import AttemptEnd, AttemptStart, Store, TaskRow
 
 log = logging.getLogger("taskctld.dispatcher")
+
+
+@dataclass
+class _Batch:
+    """Reports gathered to be written together: starts of claimed attempts, and ends of
+    claimed running attempts with their claimed rows."""
+
+    starts: list[Started] = field(default_factory=list)
+    ends: list[tuple[Ended, TaskRow]] = field(default_factory=list)
 
 
 class ReportApplier:
@@ -39,20 +51,38 @@ class ReportApplier:
         self._ended: list[AttemptEnd] = []
 
     def apply(self, reports: list[Report], now: int) -> list[Key]:
-        """Apply `reports` in order; returns the attempts whose end was applied (the launcher
-        may forget them once the turn commits)."""
+        """Apply `reports` as if in order; returns the attempts whose end was applied (the
+        launcher may forget them once the turn commits).
+
+        The plain cases, a start of an attempt we claimed and the end of one, are gathered
+        and written a batch at a time (`_Batch`): its starts first, then its ends. Any other
+        report (an attempt to adopt, a refused or stray start, a hold's answer, an end heard
+        twice) first writes the batch gathered before it, then is applied alone: what it
+        does may rest on what came before it (the slot an end passed on, say)."""
         ended: list[Key] = []
+        batch = _Batch()
         for report in reports:
             if isinstance(report, Started):
+                if self.slots.is_claimed(report.key):
+                    batch.starts.append(report)
+                    continue
+                self._write(batch, now)
                 self._started(report, now)
-            elif isinstance(report, Released):
-                self._released(report)
-            elif isinstance(report, Unheld):
-                if self.holds is not None:
-                    self.holds.answered(report)
-            else:
+            elif isinstance(report, Ended):
+                key = (report.end.task_id, report.end.attempt)
+                ended.append(key)
+                if self.slots.is_claimed(key) and not self.slots.is_refused(key):
+                    batch.ends.append(self._gather_end(key, report))
+                    continue
+                self._write(batch, now)
                 self._ended_one(report, now)
-                ended.append((report.end.task_id, report.end.attempt))
+            else:
+                self._write(batch, now)
+                if isinstance(report, Released):
+                    self._released(report)
+                elif self.holds is not None:
+                    self.holds.answered(report)
+        self._write(batch, now)
         return ended
 
     def take_ends(self) -> list[AttemptEnd]:
@@ -64,7 +94,44 @@ class ReportApplier:
         """The turn rolled back: its ends come again with its reports."""
         self._ended.clear()
 
-    # -- one handler per report -----------------------------------------------------------------
+    # -- the plain cases, a batch at a time -------------------------------------------------------
+
+    def _gather_end(self, key: Key, report: Ended) -> tuple[Ended, TaskRow]:
+        """The end of an attempt we claimed, with its claimed row (right for the policy:
+        running tasks change only through here; the fenced move refuses anything stale). Its
+        slot stays counted until the batch is written."""
+        if self.holds is not None:
+            self.holds.slot_ended(key)
+        task = self.slots.ended(key)
+        assert task is not None
+        return report, task
+
+    def _write(self, batch: _Batch, now: int) -> None:
+        """Write what `batch` gathered: its starts, then its ends and their tasks' next moves
+        (a slot is freed, or passed on, by each end whose task moved); then empty it."""
+        if batch.starts:
+            self.store.mark_started_many(
+                [AttemptStart(s.task_id, s.attempt, s.pid, s.started_at) for s in batch.starts]
+            )
+            batch.starts.clear()
+        if not batch.ends:
+            return
+        news = self.store.end_attempts([report.end for report, _ in batch.ends])
+        endings = []
+        for report, task in batch.ends:
+            end = report.end
+            if (end.task_id, end.attempt) in news:  # a repeated or stale report is not
+                self._ended.append(end)
+                if end.started_at is not None:  # how long its queue's attempts take lately
+                    self.slots.took(task.queue, max(0, end.ended_at - end.started_at))
+            endings.append(Ending(task, end, report.counts))
+        moved = self.lifecycle.finish_many(endings, now)
+        for (report, task), ok in zip(batch.ends, moved, strict=True):
+            if ok:
+                self.slots.pass_or_free(task.queue, report.next)
+        batch.ends.clear()
+
+    # -- one report at a time: the rare cases -----------------------------------------------------
 
     def _released(self, report: Released) -> None:
         key = self.holds.released(report) if self.holds is not None else None

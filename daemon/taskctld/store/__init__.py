@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from taskctl import DEFAULT_QUEUE
 from taskctl.api import FINAL_STATES, Outcome, TaskState
+from taskctld import states
 
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 
@@ -211,6 +212,50 @@ class FireRow:
     exit_code: int | None = None
 
 
+class Move(NamedTuple):
+    """One conditional move of `TaskStore.move_many`: `task_id` from `old` to `new` if it is
+    still in `old` (and, with `fence`, at that attempt count), as `move` would make it (its
+    `reason`, `attempt` and `exit_code` in the event; `reason`, and `exit_code` when given,
+    on the task), with the fields an attempt's end sets; None leaves a field as it is.
+    `queue`: the task's, for its event (read when not given)."""
+
+    task_id: int
+    old: TaskState
+    new: TaskState
+    queue: str | None = None
+    reason: str | None = None
+    attempt: int | None = None
+    exit_code: int | None = None
+    fence: int | None = None
+    finished_at: int | None = None
+    run_at: int | None = None
+    tries: int | None = None
+
+    def fields(self) -> dict[str, object]:
+        """The columns this move sets besides its state and reason, as `move` takes them."""
+        given = (("finished_at", self.finished_at), ("run_at", self.run_at), ("tries", self.tries))
+        return {name: value for name, value in given if value is not None}
+
+
+def check_moves(moves: Sequence[Move]) -> None:
+    """What `move_many` checks before it writes anything: every pair is in the state machine
+    (RuntimeError), and no task comes twice (ValueError)."""
+    for m in moves:
+        if not states.allowed(m.old, m.new):
+            raise RuntimeError(f"transition {m.old} -> {m.new} is not in the state machine")
+    if len({m.task_id for m in moves}) != len(moves):
+        raise ValueError("move_many: a task comes more than once")
+
+
+class AttemptStart(NamedTuple):
+    """What a supervisor reported as attempt `attempt` of a task started (`mark_started_many`)."""
+
+    task_id: int
+    attempt: int
+    pid: int
+    started_at: int
+
+
 class Candidate(NamedTuple):
     """A queued task as a claim orders it: priority (highest first), then run_at, then id."""
 
@@ -271,6 +316,10 @@ class TaskStore(Protocol):
 
     `start_attempts` is the set-based form of a claim's moves: many tasks to their next
     attempt at once, with their attempt rows and events (one statement on PostgreSQL).
+    `move_many` is that of the moves that end attempts: each `Move` as `move` would make it
+    (checked against `states.TRANSITIONS` first, all or none; a stale one is passed over and
+    the others move); each task at most once (ValueError otherwise); returns the ids that
+    moved, their events appended in the order given (one statement on PostgreSQL).
 
     On PostgreSQL a node that lost its lease cannot write through the fence: the node that
     rescued it ended its attempts (`NodeStore.take_lost`), so the late node's `move` finds
@@ -298,6 +347,7 @@ class TaskStore(Protocol):
     def start_attempts(
         self, ids: Sequence[int], old: TaskState, new: TaskState, now: int
     ) -> list[TaskRow]: ...
+    def move_many(self, moves: Sequence[Move], now: int) -> set[int]: ...
     def state_of(self, task_id: int) -> tuple[TaskState, int] | None: ...
     def any_dependencies(self) -> bool: ...
     def dependency_states(self, task_id: int) -> list[tuple[TaskState, bool]]: ...
@@ -363,14 +413,21 @@ class AttemptStore(Protocol):
     On PostgreSQL an attempt carries the node that runs it (the store's own, set by
     `open_attempt`); its lease is its node's heartbeat (`NodeStore`). `open_attempts` and
     `stray_attempts` are this node's only (what its runner has), and `node_of` says which
-    node runs a task's open attempt (None on SQLite)."""
+    node runs a task's open attempt (None on SQLite).
+
+    `mark_started_many` and `end_attempts` are the set-based forms of `mark_started` and
+    `end_attempt`, for a dispatcher turn's reports (one statement each on PostgreSQL):
+    `end_attempts` returns the (task id, attempt) of the ends that were news (the attempt was
+    still open); of one attempt ended twice in a call, the first counts."""
 
     def open_attempt(
         self, task_id: int, number: int, started_at: int, pid: int | None = None
     ) -> None: ...
     def note_attempt(self, task_id: int, number: int, state: TaskState) -> bool: ...
     def mark_started(self, task_id: int, attempt: int, **fields: object) -> None: ...
+    def mark_started_many(self, starts: Sequence[AttemptStart]) -> None: ...
     def end_attempt(self, end: AttemptEnd) -> bool: ...
+    def end_attempts(self, ends: Sequence[AttemptEnd]) -> set[tuple[int, int]]: ...
     def attempts_of(self, ids: Sequence[int]) -> dict[int, list[AttemptRow]]: ...
     def open_attempts(self) -> list[AttemptRow]: ...
     def stray_attempts(self) -> list[tuple[int, int, str]]: ...

@@ -3,12 +3,32 @@ name, ended once. What a node recovers or counts as its own is its own attempts 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from taskctl.api import TaskState
-from taskctld.store import AttemptEnd, AttemptRow
+from taskctld.store import AttemptEnd, AttemptRow, AttemptStart
 from taskctld.store.postgres.base import PgBase
-from taskctld.store.postgres.rows import attempt_rows
+from taskctld.store.postgres.rows import attempt_rows, rows_from_json
+
+# As in `move_many` (tasks.py), `task_id = ANY(ids)` lets the planner use the primary key.
+_STARTS = rows_from_json("starts", "task_id int8, number int4, pid int4, started_at int8")
+_MARK_STARTED = (
+    f"UPDATE attempts a SET pid = u.pid, started_at = u.started_at FROM {_STARTS} AS u "
+    "WHERE a.task_id = ANY(%(ids)s::int8[]) AND a.task_id = u.task_id AND a.number = u.number"
+)
+_ENDS = rows_from_json(
+    "ends",
+    "task_id int8, number int4, outcome text, exit_code int4, signal int4, error text, "
+    "ended_at int8, max_rss int8, cpu_user float8, cpu_system float8",
+)
+_END = (
+    "UPDATE attempts a SET outcome = u.outcome, exit_code = u.exit_code, signal = u.signal, "
+    "error = u.error, ended_at = u.ended_at, max_rss = u.max_rss, cpu_user = u.cpu_user, "
+    f"cpu_system = u.cpu_system FROM {_ENDS} AS u "
+    "WHERE a.task_id = ANY(%(ids)s::int8[]) AND a.task_id = u.task_id AND a.number = u.number "
+    "AND a.outcome IS NULL RETURNING a.task_id, a.number"
+)
 
 
 class PgAttempts(PgBase):
@@ -42,6 +62,36 @@ class PgAttempts(PgBase):
             "WHERE task_id = %s AND number = %s",
             [*(fields[n] for n in names), task_id, attempt],
         )
+
+    def mark_started_many(self, starts: Sequence[AttemptStart]) -> None:
+        """`mark_started` of each (its pid and exact start time), in one statement."""
+        self._require_transaction()
+        if len(starts) == 1:  # `mark_started`'s statement, cheaper than spreading rows
+            (s,) = starts
+            self.mark_started(s.task_id, s.attempt, pid=s.pid, started_at=s.started_at)
+        elif starts:
+            ids = [s.task_id for s in starts]
+            self._x(_MARK_STARTED, {"starts": json.dumps(starts), "ids": ids})
+
+    def end_attempts(self, ends: Sequence[AttemptEnd]) -> set[tuple[int, int]]:
+        """`end_attempt` of each, in one statement; returns the (task id, attempt) of those
+        that were news (the attempt was open: of one attempt ended twice, the first counts)."""
+        self._require_transaction()
+        first: dict[tuple[int, int], AttemptEnd] = {}
+        for end in ends:
+            first.setdefault((end.task_id, end.attempt), end)
+        if len(first) == 1:  # `end_attempt`'s statement, cheaper than spreading rows
+            ((key, end),) = first.items()
+            return {key} if self.end_attempt(end) else set()
+        if not first:
+            return set()
+        rows = [
+            (e.task_id, e.attempt, e.outcome.value, e.exit_code, e.signal, e.error, e.ended_at,
+             e.max_rss, e.cpu_user, e.cpu_system)
+            for e in first.values()
+        ]  # fmt: skip
+        params = {"ends": json.dumps(rows), "ids": [key[0] for key in first]}
+        return {(task_id, n) for task_id, n in self._x(_END, params)}
 
     def end_attempt(self, end: AttemptEnd) -> bool:
         """Write how the attempt ended (only the first report counts); False when there is no

@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest, TaskctlError
 from taskctld.store import EventRow, EventSpan
+from taskctld.store.postgres.rows import rows_from_json
 from taskctld.store.postgres.schema import EVENTS_LOCK
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,14 @@ CONNECT_OPTIONS: dict[str, Any] = {
 
 Params = Sequence[Any] | Mapping[str, Any] | None
 
-# Each commit's events, one array per column, inserted under the events lock with ids it
-# reserves; then the NOTIFY, whose payload names the last id.
-_FLUSH = """
+# Each commit's events, as JSON rows (`rows_from_json`), inserted under the events lock with
+# ids it reserves, in their order; then the NOTIFY, whose payload names the last id.
+_EVENTS = rows_from_json(
+    "events",
+    "at int8, task_id int8, queue text, from_state text, to_state text, attempt int4, "
+    "exit_code int4, reason text",
+)
+_FLUSH = f"""
 WITH ids AS (
     SELECT setval('events_id_seq', nextval('events_id_seq') + %(n)s - 1) AS last
     FROM (SELECT pg_advisory_xact_lock(%(lock)s)) AS locked
@@ -58,11 +64,7 @@ WITH ids AS (
     INSERT INTO events (id, at, task_id, queue, from_state, to_state, attempt, exit_code, reason)
     SELECT ids.last - %(n)s + e.ord, e.at, e.task_id, e.queue, e.from_state, e.to_state,
            e.attempt, e.exit_code, e.reason
-    FROM ids, unnest(%(at)s::int8[], %(task_id)s::int8[], %(queue)s::text[],
-                     %(from_state)s::text[], %(to_state)s::text[], %(attempt)s::int4[],
-                     %(exit_code)s::int4[], %(reason)s::text[])
-         WITH ORDINALITY AS e(at, task_id, queue, from_state, to_state, attempt, exit_code,
-                              reason, ord)
+    FROM ids, {_EVENTS} AS e
 )
 SELECT last, pg_notify(%(channel)s, %(head)s || last || %(tail)s) FROM ids
 """
@@ -339,22 +341,14 @@ class PgBase:
             last = max(span.last for span in self._pending_spans) if self._pending_spans else 0
             self._x("SELECT pg_notify(%s, %s)", (CHANNEL, f"{head}{last}{tail}"))
             return
-        columns: dict[str, list[Any]] = {
-            "at": [], "task_id": [], "queue": [], "from_state": [], "to_state": [],
-            "attempt": [], "exit_code": [], "reason": [],
-        }  # fmt: skip
-        for e in events:
-            columns["at"].append(e.at)
-            columns["task_id"].append(e.task_id)
-            columns["queue"].append(e.queue)
-            columns["from_state"].append(e.from_state and e.from_state.value)
-            columns["to_state"].append(e.to_state.value)
-            columns["attempt"].append(e.attempt)
-            columns["exit_code"].append(e.exit_code)
-            columns["reason"].append(e.reason)
+        rows = [
+            (e.at, e.task_id, e.queue, e.from_state and e.from_state.value, e.to_state.value,
+             e.attempt, e.exit_code, e.reason)
+            for e in events
+        ]  # fmt: skip
         params = {
             "n": len(events), "lock": EVENTS_LOCK, "channel": CHANNEL, "head": head, "tail": tail,
-            **columns,
+            "events": json.dumps(rows),
         }  # fmt: skip
         (last, _) = self._x(_FLUSH, params).fetchone()  # type: ignore[misc]
         first = int(last) - len(events) + 1

@@ -12,12 +12,17 @@ from collections.abc import Collection
 from taskctld.store import Candidate, TaskRow
 from taskctld.store.postgres.tasks import PgTasks
 
-_CANDIDATES = (
-    "SELECT id, priority, run_at FROM tasks "
+_READY = (
+    "FROM tasks "
     "WHERE state = 'queued' AND queue = %(queue)s AND (node IS NULL OR node = %(node)s) "
     "AND id <> ALL(%(held)s::int8[]) "
     "AND NOT EXISTS (SELECT 1 FROM nodes WHERE name = %(node)s AND state <> 'up') "
     "ORDER BY priority DESC, run_at, id LIMIT %(limit)s"
+)
+_CANDIDATES = "SELECT id, priority, run_at " + _READY
+# The same with the queue's limit (NULL: none) read along, once (the subquery is constant).
+_CLAIMABLE = (
+    "SELECT id, priority, run_at, (SELECT concurrency FROM queues WHERE name = %(queue)s) " + _READY
 )
 
 
@@ -30,19 +35,21 @@ class PgReady(PgTasks):
         """Up to `want` + 1 queued tasks of `queue` in claim order (priority, highest first;
         then run_at; then id), tasks in `held`, pinned to another node or locked by another
         node's claim passed over; and whether they are every such task. Inside a transaction
-        they are locked until its commit, and `want` is first capped by the queue's limit
-        less what runs in it on every node. None when this node is not up."""
+        they are locked until its commit, and, for a queue with a limit, `want` is then capped
+        by that limit less what runs in it on every node. None when this node is not up.
+
+        One statement for a queue without a limit (it reads the limit along with the
+        candidates), three for one with a limit (then its row is locked and its running
+        tasks counted, after the candidates were locked: they stay queued meanwhile)."""
         locking = self._in_transaction
-        free = self._free_in(queue) if locking else want
-        if free < want:  # the queue's limit: no more than `free`, and not said to be all
-            if free <= 0:
-                return [], False
-            sql = _CANDIDATES + " FOR UPDATE SKIP LOCKED"
-            params = {"queue": queue, "node": self.node, "held": list(held), "limit": free}
-            return [Candidate(*row) for row in self._x(sql, params)], False
-        sql = _CANDIDATES + (" FOR UPDATE SKIP LOCKED" if locking else "")
+        sql = _CLAIMABLE + (" FOR UPDATE OF tasks SKIP LOCKED" if locking else "")
         params = {"queue": queue, "node": self.node, "held": list(held), "limit": want + 1}
-        found = [Candidate(*row) for row in self._x(sql, params)]
+        rows = self._x(sql, params).fetchall()
+        found = [Candidate(*row[:3]) for row in rows]
+        if locking and rows and rows[0][3] is not None:
+            free = self._free_in(queue)
+            if free < want:  # the queue's limit: no more than `free`, and not said to be all
+                return found[: max(0, free)], False
         return found, len(found) <= want
 
     def _free_in(self, queue: str) -> int:

@@ -15,9 +15,16 @@ from typing import Any
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
 from taskctld import states
-from taskctld.store import Dependent, NewTask, TaskFilter, TaskRow
+from taskctld.store import Dependent, Move, NewTask, TaskFilter, TaskRow, check_moves
 from taskctld.store.postgres.base import PgBase
-from taskctld.store.postgres.rows import dump, env_digest, path_in, task_filter_sql, task_rows
+from taskctld.store.postgres.rows import (
+    dump,
+    env_digest,
+    path_in,
+    rows_from_json,
+    task_filter_sql,
+    task_rows,
+)
 from taskctld.store.postgres.schema import COLUMN_TYPES, INSERT_COLUMNS, TASK_IDS_LOCK
 
 _UNNEST = ", ".join(f"%({c})s::{COLUMN_TYPES[c]}[]" for c in INSERT_COLUMNS)
@@ -33,6 +40,26 @@ _INSERT = (
     "FROM (SELECT pg_advisory_xact_lock_shared(%(ids_lock)s)) AS locked, "
     f"unnest({_UNNEST}) WITH ORDINALITY AS u({', '.join(INSERT_COLUMNS)}, ord) "
     "ORDER BY u.ord RETURNING id"
+)
+
+
+# `move_many`: one conditional, fenced UPDATE for every move, each row with its own old and
+# new states (bound, never spelt here) and fields (NULL: left as it is). `id = ANY(ids)` is
+# what lets the planner reach the rows by index: it takes a JSON set for 100 rows, and would
+# rather scan the whole table.
+_MOVES = rows_from_json(
+    "moves",
+    "id int8, old text, new text, reason text, exit_code int4, fence int4, finished_at int8, "
+    "run_at int8, tries int4",
+)
+_MOVE_MANY = (
+    "UPDATE tasks t SET state = u.new, reason = u.reason, updated_at = %(now)s, "
+    "exit_code = coalesce(u.exit_code, t.exit_code), "
+    "finished_at = coalesce(u.finished_at, t.finished_at), "
+    "run_at = coalesce(u.run_at, t.run_at), tries = coalesce(u.tries, t.tries) "
+    f"FROM {_MOVES} AS u "
+    "WHERE t.id = ANY(%(ids)s::int8[]) AND t.id = u.id AND t.state = u.old "
+    "AND (u.fence IS NULL OR t.attempts = u.fence) RETURNING t.id, t.queue"
 )
 
 
@@ -89,6 +116,12 @@ class PgTasks(PgBase):
         self._append_event(now, task_id, old, new, attempt, exit_code, reason, found[0])
         return True
 
+    def _move_one(self, m: Move, now: int) -> bool:
+        return self.move(
+            m.task_id, m.old, m.new, now, reason=m.reason, attempt=m.attempt,
+            exit_code=m.exit_code, fence=m.fence, queue=m.queue, **m.fields(),
+        )  # fmt: skip
+
     def start_attempts(
         self, ids: Sequence[int], old: TaskState, new: TaskState, now: int
     ) -> list[TaskRow]:
@@ -117,6 +150,30 @@ class PgTasks(PgBase):
         for row in moved:
             self._append_event(now, row.id, old, new, row.attempts, queue=row.queue)
         return moved
+
+    def move_many(self, moves: Sequence[Move], now: int) -> set[int]:
+        """Each of `moves` as `move` makes it, in one statement; returns the ids that moved (a
+        stale move is passed over), their events kept for the commit in the order given.
+        Every pair is checked against `states.TRANSITIONS` before anything is written
+        (RuntimeError), and a task may come once (ValueError)."""
+        self._require_transaction()
+        check_moves(moves)
+        if len(moves) <= 1:  # one move: `move`'s statement, cheaper than spreading rows
+            return {m.task_id for m in moves if self._move_one(m, now)}
+        rows = [
+            (m.task_id, m.old.value, m.new.value, m.reason, m.exit_code, m.fence,
+             m.finished_at, m.run_at, m.tries)
+            for m in moves
+        ]  # fmt: skip
+        params = {"now": now, "moves": json.dumps(rows), "ids": [m.task_id for m in moves]}
+        queue_of = dict(self._x(_MOVE_MANY, params).fetchall())
+        for m in moves:
+            if m.task_id in queue_of:
+                self._append_event(
+                    now, m.task_id, m.old, m.new, m.attempt, m.exit_code, m.reason,
+                    queue_of[m.task_id],
+                )  # fmt: skip
+        return set(queue_of)
 
     # -- inserts --------------------------------------------------------------------------------
 

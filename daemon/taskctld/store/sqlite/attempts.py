@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from taskctl.api import TaskState
-from taskctld.store import AttemptEnd, AttemptRow
+from taskctld.store import AttemptEnd, AttemptRow, AttemptStart
 from taskctld.store.sqlite.base import SqliteBase, chunks, marks
 from taskctld.store.sqlite.rows import attempt_rows
 
@@ -41,6 +41,19 @@ class SqliteAttempts(SqliteBase):
             "WHERE task_id = ? AND number = ?",
             [*(fields[n] for n in names), task_id, attempt],
         )
+
+    def mark_started_many(self, starts: Sequence[AttemptStart]) -> None:
+        """`mark_started` of each (its pid and exact start time), in one `executemany`."""
+        self._require_transaction()
+        self.conn.executemany(
+            "UPDATE attempts SET pid = ?, started_at = ? WHERE task_id = ? AND number = ?",
+            [(s.pid, s.started_at, s.task_id, s.attempt) for s in starts],
+        )
+
+    def end_attempts(self, ends: Sequence[AttemptEnd]) -> set[tuple[int, int]]:
+        """`end_attempt` of each, in order; returns the (task id, attempt) of those that were
+        news (the attempt was open: of one attempt ended twice, the first counts)."""
+        return {(end.task_id, end.attempt) for end in ends if self.end_attempt(end)}
 
     def end_attempt(self, end: AttemptEnd) -> bool:
         """Write how the attempt ended (only the first report of an attempt counts); False when

@@ -11,7 +11,7 @@ from typing import Any
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
 from taskctld import states
-from taskctld.store import Dependent, NewTask, TaskFilter, TaskRow
+from taskctld.store import Dependent, Move, NewTask, TaskFilter, TaskRow, check_moves
 from taskctld.store.sqlite.base import (
     SqliteBase,
     chunks,
@@ -113,6 +113,22 @@ class SqliteTasks(SqliteBase):
             task.state, task.reason, task.attempts, task.tries = new, None, number, task.tries + 1
             task.started_at = started_at
             moved.append(task)
+        return moved
+
+    def move_many(self, moves: Sequence[Move], now: int) -> set[int]:
+        """Each of `moves` as `move` makes it; returns the ids that moved (a stale move is
+        passed over). Every pair is checked against `states.TRANSITIONS` before anything is
+        written (RuntimeError), and a task may come once (ValueError). Here a loop of `move`:
+        a local file pays no round trips."""
+        self._require_transaction()
+        check_moves(moves)
+        moved = set()
+        for m in moves:
+            if self.move(
+                m.task_id, m.old, m.new, now, reason=m.reason, attempt=m.attempt,
+                exit_code=m.exit_code, fence=m.fence, queue=m.queue, **m.fields(),
+            ):  # fmt: skip
+                moved.add(m.task_id)
         return moved
 
     # -- inserts --------------------------------------------------------------------------------
