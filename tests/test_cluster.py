@@ -399,6 +399,26 @@ def test_a_node_cut_off_from_the_database_loses_its_tasks_and_stops_its_copies(
             cluster.cleanup()
 
 
+def test_a_node_whose_task_was_rescued_gets_its_slot_back(cluster: Cluster) -> None:
+    """a has one slot; its task is rescued by b while a is stopped. The end a hears later is
+    stale, and the slot is free all the same: a task pinned to a runs."""
+    a = cluster.add("a", concurrency=1)
+    first = a.submit("sleep", "300", options=("--retries", "0"))
+    wait_until(lambda: a.api_task(first)["state"] == "running")
+    b = cluster.add("b")
+    stopped = [a.daemon_pid(), *_supervisors(a)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert b.wait_final(first, timeout=LEASE + 10)["attempts"][0]["outcome"] == "lost"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    pinned = b.submit("true", options=("--node", "a"))
+    assert b.wait_final(pinned, timeout=20)["state"] == "succeeded"
+    wait_until(lambda: a.api("/healthz")["running"] == 0)
+
+
 def test_a_cancel_of_a_task_on_a_stopped_node_holds_and_it_never_runs_again(
     cluster: Cluster,
 ) -> None:

@@ -486,3 +486,42 @@ def test_a_turn_applies_its_starts_and_ends_in_a_few_statements_whatever_their_n
     many = _turn_statements(nodes("b"), 30, monkeypatch)
     assert few == many
     assert len(many) == 9, many
+
+
+def test_a_dependent_that_two_nodes_released_at_once_is_settled_by_the_sweep(
+    nodes: Callable[..., PostgresStore],
+) -> None:
+    """Y waits on X1 and X2; node a ends X1 while node b ends X2, both transactions open at
+    once: each sees the other dependency still running, and neither queues Y. The sweep
+    (`unsettled`, then `Lifecycle.settle`) finds it and queues it."""
+    from taskctl.api import Outcome
+    from taskctld.store import AttemptEnd
+
+    a, b = nodes("a"), nodes("b")
+    a.join("a", "x", 4, None)
+    b.join("b", "x", 4, None)
+    la, lb = Lifecycle(a), Lifecycle(b)
+    with a.transaction():
+        x1, x2 = la.submit([NewTask(command=["true"], cwd="/") for _ in range(2)], 1000)
+        (y,) = la.submit([NewTask(command=["true"], cwd="/", after=[x1, x2])], 1000)
+    with a.transaction():
+        (t1,) = la.claim({"default": 1}, 1, 1001).tasks
+    with b.transaction():
+        (t2,) = lb.claim({"default": 1}, 1, 1001).tasks
+    both = []
+    for store, life, task in ((a, la, t1), (b, lb, t2)):
+        opened = store.transaction()
+        opened.__enter__()
+        end = AttemptEnd(task.id, 1, Outcome.EXITED, ended_at=1002, exit_code=0)
+        store.end_attempt(end)
+        life.finish(task, end, 1002, counts=True)
+        both.append(opened)
+    for opened in both:
+        opened.__exit__(None, None, None)
+    assert a.state_of(y)[0] is TaskState.WAITING  # the race (PostgreSQL's READ COMMITTED)
+    found = a.unsettled(10)
+    assert [d.id for d in found] == [y]
+    with a.transaction():
+        la.settle(found, 1003)
+    assert a.state_of(y)[0] is TaskState.QUEUED
+    assert a.unsettled(10) == []

@@ -109,6 +109,10 @@ class Lifecycle:
 
     # -- dependencies -----------------------------------------------------------------------------
 
+    def settle(self, waiting: Sequence[Dependent], now: int) -> None:
+        """Settle these waiting tasks now (a sweep's: they should not be waiting any more)."""
+        self._settle(waiting, now)
+
     def _settle(self, waiting: Iterable[Dependent], now: int) -> None:
         """Settle tasks that wait on others; those that fail release their own dependents."""
         failed = deque(task.id for task in waiting if self._settle_one(task, now))

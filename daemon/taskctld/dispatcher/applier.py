@@ -125,10 +125,12 @@ class ReportApplier:
                 if end.started_at is not None:  # how long its queue's attempts take lately
                     self.slots.took(task.queue, max(0, end.ended_at - end.started_at))
             endings.append(Ending(task, end, report.counts))
-        moved = self.lifecycle.finish_many(endings, now)
-        for (report, task), ok in zip(batch.ends, moved, strict=True):
-            if ok:
-                self.slots.pass_or_free(task.queue, report.next)
+        self.lifecycle.finish_many(endings, now)
+        # Each was our claim: its slot is free (or passed on) whether its task moved or not.
+        # On a shared store another node may have rescued the attempt (the move is stale),
+        # and the slot is ours all the same.
+        for report, task in batch.ends:
+            self.slots.pass_or_free(task.queue, report.next)
         batch.ends.clear()
 
     # -- one report at a time: the rare cases -----------------------------------------------------
@@ -173,11 +175,11 @@ class ReportApplier:
         if self.holds is not None:
             self.holds.slot_ended(key)
         refused = self.slots.refused_end(key)
-        task = None
+        task = claimed = None
         if refused is None:
             # The row as claimed is still right for the policy (running tasks do not change
             # but through here); the fenced move below refuses anything stale.
-            task = self.slots.ended(key)
+            claimed = task = self.slots.ended(key)
             task = task or self._adopt(key, now, end.started_at or end.ended_at)
             refused = self.slots.refused_end(key)  # refused just now: it never said it started
         if refused is not None:  # a held start that was refused: its end and its slot
@@ -190,8 +192,10 @@ class ReportApplier:
             self._ended.append(end)
         task = task or self.store.get_task(end.task_id)
         if task is None or task.state is not TaskState.RUNNING or task.attempts != end.attempt:
+            if claimed is not None:  # ours, rescued by another node meanwhile: its slot is free
+                self.slots.pass_or_free(claimed.queue, report.next)
             return
         if news and end.started_at is not None:  # how long its queue's attempts take lately
             self.slots.took(task.queue, max(0, end.ended_at - end.started_at))
-        if self.lifecycle.finish(task, end, now, counts=report.counts):
+        if self.lifecycle.finish(task, end, now, counts=report.counts) or claimed is not None:
             self.slots.pass_or_free(task.queue, report.next)
