@@ -525,3 +525,26 @@ def test_a_dependent_that_two_nodes_released_at_once_is_settled_by_the_sweep(
         la.settle(found, 1003)
     assert a.state_of(y)[0] is TaskState.QUEUED
     assert a.unsettled(10) == []
+
+
+def test_a_claim_that_leaves_tasks_queued_says_so_for_the_nodes_that_passed_them_over(
+    nodes: Callable[..., PostgresStore], pg_url: str
+) -> None:
+    """b's claim of one task also locks the next (to know whether more are queued); a claim
+    of a's meanwhile passes over both and finds the queue empty. b's commit names the queue
+    as queued, so a looks again instead of waiting for its poll."""
+    a, b = nodes("a"), nodes("b")
+    for store in (a, b):
+        store.join(store.node, "x", 4, None)
+    _submit(a, 2)
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        with b.transaction():
+            assert len(Lifecycle(b).claim({"default": 1}, 1, 2000).tasks) == 1
+            with a.transaction():
+                claim = Lifecycle(a).claim({"default": 1}, 1, 2000)
+            assert claim.tasks == [] and claim.exhausted == {"default"}
+        got = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert got[0]["node"] == "b" and got[0]["queued"] == ["default"]
+    with a.transaction():
+        assert len(Lifecycle(a).claim({"default": 1}, 1, 2001).tasks) == 1

@@ -258,6 +258,7 @@ def _node(
         dispatcher.load_queues,
         dispatcher.look_again,
         dispatcher.slots_freed,
+        dispatcher.work_in,
         shipper,
     )
     return node

@@ -434,6 +434,7 @@ class Node:
         queues_changed: Callable[[], None],
         look_again: Callable[[], None],
         freed: Callable[[list[str]], None],
+        work_in: Callable[[list[str]], None],
         shipper: Shipper,
     ) -> None:
         self.settings = settings
@@ -446,6 +447,7 @@ class Node:
         self.queues_changed = queues_changed
         self.look_again = look_again
         self.freed = freed
+        self.work_in = work_in
         self.shipper = shipper
         self._stopping: set[tuple[int, int]] = set()  # stops asked and passed on
         self._tasks: list[asyncio.Task[None]] = []
@@ -500,8 +502,9 @@ class Node:
                     self._stopping.add(key)
         if message.get("more"):
             self.look_again()
-        elif freed := message.get("freed"):
-            self.freed(list(freed))
+        else:
+            self.work_in([str(q) for q in message.get("queued", ())])
+            self.freed([str(q) for q in message.get("freed", ())])
         self.tailer.poke()
 
     def stop_asked(self) -> None:

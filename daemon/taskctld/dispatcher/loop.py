@@ -202,6 +202,12 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def work_in(self, queues: list[str]) -> None:
+        """Another node says these queues have queued tasks (new, or left by its claim)."""
+        if queues:
+            self.ready_queues.update(queues)
+            self._wake.set()
+
     def slots_freed(self, queues: list[str]) -> None:
         """Another node ended attempts of `queues`: those with a limit of the whole cluster's
         may have a slot for us now."""

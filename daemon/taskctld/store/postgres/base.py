@@ -132,6 +132,9 @@ class PgBase:
         self._pending: list[EventRow] = []
         self._pending_spans: list[EventSpan] = []
         self._stops: list[tuple[int, int]] = []
+        # Queues whose claim this transaction left tasks in (locked by it meanwhile, so that
+        # another node's claim passed over them): named in the commit's notice as queued.
+        self.left_queued: set[str] = set()
         self._subscribers: list[Callable[[list[EventRow]], None]] = []
         self._span_subscribers: list[Callable[[EventSpan], None]] = []
         self.conn = self._connect()
@@ -226,11 +229,13 @@ class PgBase:
         self._pending.clear()
         self._pending_spans.clear()
         self._stops.clear()
+        self.left_queued.clear()
 
     def _publish_pending(self) -> None:
         events, self._pending = self._pending, []
         spans, self._pending_spans = self._pending_spans, []
         self._stops.clear()
+        self.left_queued.clear()
         for span in spans:
             for on_span in self._span_subscribers:
                 on_span(span)
@@ -356,7 +361,7 @@ class PgBase:
 
     def _notice(self, events: Sequence[EventRow]) -> tuple[str, str]:
         """The NOTIFY payload of this commit, around its last event id (see `notice_of`)."""
-        queued = {e.queue for e in events if e.to_state is TaskState.QUEUED}
+        queued = {e.queue for e in events if e.to_state is TaskState.QUEUED} | self.left_queued
         for span in self._pending_spans:
             queued.update(q for q, state in span.created if state is TaskState.QUEUED)
         freed = {e.queue for e in events if e.from_state is TaskState.RUNNING}

@@ -2,8 +2,9 @@
 
 A claim's candidates are read `FOR UPDATE SKIP LOCKED` inside its transaction: rows another
 node is claiming are passed over, and the rows read stay this claim's until its commit. A
-queue with a concurrency limit is counted across every node, its row locked first so that two
-nodes cannot both fill the same free slots."""
+queue with a concurrency limit is counted across every node under its row's lock, so that two
+nodes cannot both fill the same free slots (a node that finds the row locked takes none this
+time, and never waits for it)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ class PgReady(PgTasks):
         then run_at; then id), tasks in `held`, pinned to another node or locked by another
         node's claim passed over; and whether they are every such task. Inside a transaction
         they are locked until its commit, and, for a queue with a limit, `want` is then capped
-        by that limit less what runs in it on every node. None when this node is not up.
+        by that limit less what runs in it on every node (none while another node claims
+        from it: its row is locked). None when this node is not up. Tasks that a claim leaves
+        queued are named in its commit's notice, so that a node that passed over them (they
+        were locked) looks again.
 
         One statement for a queue without a limit (it reads the limit along with the
         candidates), three for one with a limit (then its row is locked and its running
@@ -49,7 +53,11 @@ class PgReady(PgTasks):
         if locking and rows and rows[0][3] is not None:
             free = self._free_in(queue)
             if free < want:  # the queue's limit: no more than `free`, and not said to be all
+                if len(found) > free:
+                    self.left_queued.add(queue)
                 return found[: max(0, free)], False
+        if locking and len(found) > want:  # the one past `want` stays queued, locked by us
+            self.left_queued.add(queue)
         return found, len(found) <= want
 
     def _free_in(self, queue: str) -> int:
@@ -57,11 +65,15 @@ class PgReady(PgTasks):
         for a queue without a limit). Locks the queue's row until the commit, then counts in
         a statement of its own, which sees whatever committed while it waited."""
         limited = self._x(
-            "SELECT concurrency FROM queues WHERE name = %s AND concurrency IS NOT NULL FOR UPDATE",
+            "SELECT concurrency FROM queues WHERE name = %s AND concurrency IS NOT NULL "
+            "FOR UPDATE SKIP LOCKED",
             (queue,),
         ).fetchone()
         if limited is None:
-            return 1 << 30
+            # Another node is claiming from it (its row is locked): none for us this time.
+            # Never wait for that lock: a turn holding the events lock (a batch's publish)
+            # would wait on a node that waits for the events lock at its commit.
+            return 0
         (running,) = self._x(
             "SELECT count(*) FROM attempts a JOIN tasks t ON t.id = a.task_id "
             "WHERE a.outcome IS NULL AND t.queue = %s",
