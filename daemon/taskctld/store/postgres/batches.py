@@ -136,7 +136,8 @@ class PgBatches(PgTasks):
             (sorted(staged.queues), now),
         )
         self._x(
-            "INSERT INTO envs (id, data) SELECT id, data FROM batch_envs ON CONFLICT DO NOTHING"
+            "INSERT INTO envs (id, data) SELECT id, data FROM batch_envs "
+            "ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data"
         )
         count = self._copy_tasks(staging, base, now, initial)
         span = self._copy_events(base, staged.last_seq, count, now)

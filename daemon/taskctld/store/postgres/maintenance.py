@@ -51,7 +51,12 @@ class PgMaintenance(PgTasks):
             "(SELECT max(f.due_at) FROM fires f WHERE f.schedule_id = fires.schedule_id)",
             (cutoff,),
         )
-        self._x("DELETE FROM envs e WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.env_id = e.id)")
+        # An environment that a submit is inserting again (its row locked by the upsert) is
+        # passed over: that submit's task will use it.
+        self._x(
+            "DELETE FROM envs WHERE id IN (SELECT e.id FROM envs e WHERE NOT EXISTS "
+            "(SELECT 1 FROM tasks t WHERE t.env_id = e.id) FOR UPDATE SKIP LOCKED)"
+        )
         self._env_cache.clear()
         return removed
 

@@ -31,7 +31,7 @@ _UNNEST = ", ".join(f"%({c})s::{COLUMN_TYPES[c]}[]" for c in INSERT_COLUMNS)
 _INSERT = (
     "WITH envs_added AS ("
     "  INSERT INTO envs (id, data) SELECT * FROM unnest(%(env_ids)s::text[], %(env_data)s::text[])"
-    "  ON CONFLICT DO NOTHING"
+    "  ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data"  # locks it: a prune passes it over
     "), queues_added AS ("
     "  INSERT INTO queues (name, created_at) SELECT unnest(%(queues)s::text[]), %(now)s"
     "  ON CONFLICT DO NOTHING"
