@@ -241,7 +241,7 @@ def _node(
     loop = asyncio.get_running_loop()
     settings = NodeSettings(config.node, config.lease, config.concurrency, config.queues)
     tailer = Tailer(store, [hub.publish, metrics.on_events, dispatcher.note_events])
-    store.on_commit(tailer.poke, tailer.poke)
+    store.on_commit(tailer.committed, tailer.poke)
     rescuer = Rescuer(store, store, lifecycle, dispatcher.cycle)
 
     def heartbeat_store() -> DistributedStore:

@@ -300,6 +300,16 @@ class Tailer:
         self.cursor = store.last_event_id()
         self._pending = False
 
+    def committed(self, events: list[EventRow]) -> None:
+        """A commit of ours: its events, if they follow the cursor (no other node committed
+        in between), are handed on as they are; else the log is read."""
+        if events and events[0].id == self.cursor + 1:
+            self.cursor = events[-1].id
+            for heard in self.hear:
+                heard(events)
+        else:
+            self.poke()
+
     def poke(self, *_: object) -> None:
         if not self._pending:
             self._pending = True
@@ -492,7 +502,9 @@ class Node:
 
     def heard(self, message: dict[str, Any]) -> None:
         """A notification: stop what we were asked to stop, take new queue settings, read
-        the log."""
+        the log. Our own commits' notices are passed over (the tailer had them first)."""
+        if message.get("node") == self.settings.name:
+            return
         if message.get("queues"):
             self.queues_changed()
         for item in message.get("stop", ()):  # whoever runs it stops it (others: no-op)
