@@ -70,6 +70,19 @@ def recorder(out: Path) -> str:
     return f'echo "$TASKCTL_TASK_ID" >> {out}'
 
 
+def most_at_once(out: Path) -> int:
+    """The most tasks running at once, from the `start NS` and `end NS` lines they wrote."""
+    marks = sorted(
+        (int(t), +1 if kind == "start" else -1)
+        for kind, t in (line.split() for line in out.read_text().splitlines())
+    )
+    running = most = 0
+    for _, change in marks:
+        running += change
+        most = max(most, running)
+    return most
+
+
 def ran_on(home: Home, task_id: int) -> list[str | None]:
     """The node of each attempt of a task, as `status --json` shows it."""
     return [a.get("node") for a in home.task(task_id)["attempts"]]
@@ -181,14 +194,7 @@ def test_a_node_serves_only_its_queues_and_keeps_its_own_limit(cluster: Cluster)
     special = [b.submit("true", options=("-q", "special")) for _ in range(4)]
     a.wait_all_final(plain + special, timeout=60)
     assert {n for i in plain for n in ran_on(a, i)} == {"a"}
-    marks = sorted(
-        (int(t), +1 if kind == "start" else -1)
-        for kind, t in (line.split() for line in out.read_text().splitlines())
-    )
-    running = most = 0
-    for _, change in marks:
-        running += change
-        most = max(most, running)
+    most = most_at_once(out)
     assert most == 1
 
 
@@ -223,14 +229,7 @@ def test_a_queue_of_concurrency_two_runs_two_at_most_in_the_whole_cluster(
     script = f"echo start $(date +%s%N) >> {out}; sleep 0.3; echo end $(date +%s%N) >> {out}"
     ids = [cluster[n].submit("sh", "-c", script, options=("-q", "pair")) for n in "abcabcabcabc"]
     cluster["a"].wait_all_final(ids, timeout=60)
-    marks = sorted(
-        (int(t), +1 if kind == "start" else -1)
-        for kind, t in (line.split() for line in out.read_text().splitlines())
-    )
-    running = most = 0
-    for _, change in marks:
-        running += change
-        most = max(most, running)
+    most = most_at_once(out)
     figure("most running at once in a queue of concurrency 2 on 3 nodes", most)
     assert most == 2
     nodes = {n for i in ids for n in ran_on(cluster["a"], i)}
