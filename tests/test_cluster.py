@@ -418,6 +418,28 @@ def test_a_node_whose_task_was_rescued_gets_its_slot_back(cluster: Cluster) -> N
     wait_until(lambda: a.api("/healthz")["running"] == 0)
 
 
+def test_an_attempt_on_record_that_its_node_never_started_runs_again(cluster: Cluster) -> None:
+    """A claim whose commit went through though its answer was lost leaves an attempt on
+    record for a node that never started it. Made here by claiming as node a from the test
+    (a serves only `default`; the task is in `other`): a finds it at its polls and ends it
+    interrupted, so the task is queued again instead of running for ever."""
+    from taskctld.lifecycle import Lifecycle
+    from taskctld.store.postgres import PostgresStore
+
+    a = cluster.add("a", queues=["default"])
+    a.ok("queue", "set", "other")
+    task = a.submit("true", options=("-q", "other"))
+    ghost = PostgresStore(cluster.url, node="a")
+    try:
+        with ghost.transaction():
+            assert [t.id for t in Lifecycle(ghost).claim({"other": 1}, 1, 1).tasks] == [task]
+    finally:
+        ghost.close()
+    wait_until(lambda: a.api_task(task)["state"] == "queued", timeout=LEASE + 10)
+    (attempt,) = a.task(task)["attempts"]
+    assert attempt["outcome"] == "interrupted" and "never started" in attempt["error"]
+
+
 def test_a_cancel_of_a_task_on_a_stopped_node_holds_and_it_never_runs_again(
     cluster: Cluster,
 ) -> None:

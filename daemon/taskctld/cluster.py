@@ -39,7 +39,7 @@ from taskctl.api import Outcome, TaskState
 from taskctl.errors import TaskctlError
 from taskctld.launcher import Key
 from taskctld.lifecycle import Lifecycle
-from taskctld.store import AttemptEnd, EventRow, NodeStore, Store
+from taskctld.store import AttemptEnd, DistributedStore, EventRow, NodeStore, Store
 
 log = logging.getLogger("taskctld.cluster")
 
@@ -73,6 +73,8 @@ class Stops(Protocol):
 
     def stop(self, task_id: int, attempt: int, kind: str) -> bool: ...
     def stop_all(self, kind: str) -> int: ...
+    def unheld(self, keys: set[Key]) -> set[Key]: ...
+    def give_up(self, keys: set[Key], why: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -435,7 +437,7 @@ class Node:
     def __init__(
         self,
         settings: NodeSettings,
-        nodes: NodeStore,
+        nodes: DistributedStore,
         heartbeat: Heartbeat,
         listener: Listener,
         tailer: Tailer,
@@ -460,6 +462,7 @@ class Node:
         self.work_in = work_in
         self.shipper = shipper
         self._stopping: set[tuple[int, int]] = set()  # stops asked and passed on
+        self._suspects: set[Key] = set()  # open on record, run by nothing here (last look)
         self._tasks: list[asyncio.Task[None]] = []
 
     def join(self) -> None:
@@ -492,6 +495,7 @@ class Node:
             try:
                 self.rescuer.sweep()
                 self.rescuer.settle_waiting()
+                self.reconcile()
                 self.stop_asked()
                 self.look_again()
             except TaskctlError as e:
@@ -518,6 +522,21 @@ class Node:
             self.work_in([str(q) for q in message.get("queued", ())])
             self.freed([str(q) for q in message.get("freed", ())])
         self.tailer.poke()
+
+    def reconcile(self) -> None:
+        """Attempts the store says this node runs that its runner does not: a claim whose
+        commit went through though its answer was lost on the network (the turn was taken
+        for rolled back, so nothing was started). Seen so at two looks in a row (between
+        turns, so never a claim being handed over), each ends interrupted and runs again."""
+        store_says = {(a.task_id, a.number) for a in self.nodes.open_attempts()}
+        suspects = self.stops.unheld(store_says)
+        confirmed = suspects & self._suspects
+        self._suspects = suspects - confirmed
+        if confirmed:
+            log.warning("%d attempt(s) on record here that nothing runs: run again", len(confirmed))
+            self.stops.give_up(
+                confirmed, "this node never started it (its claim's answer was lost)"
+            )
 
     def stop_asked(self) -> None:
         """Stops asked of this node that no notification brought (each asked once)."""

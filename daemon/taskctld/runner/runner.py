@@ -164,6 +164,16 @@ class Runner:
     def running_count(self) -> int:
         return len(self.owner)
 
+    def unheld(self, keys: set[Key]) -> set[Key]:
+        """Of `keys` (attempts the store says this daemon runs), those no supervisor of ours
+        runs, holds or is taking back."""
+        return {k for k in keys if k not in self.owner and k not in self.held}
+
+    def give_up(self, keys: set[Key], why: str) -> None:
+        """Attempts that nothing of ours runs: each ends interrupted (it runs again)."""
+        for key in sorted(keys):
+            self.report(translate.interrupted(key, why))
+
     def running_keys(self) -> list[Key]:
         """The attempts running under our supervisors now."""
         return list(self.owner)
