@@ -427,6 +427,13 @@ def test_a_lapsed_node_is_taken_once_and_finds_itself_lost(
     assert not a.set_node_state("b", "up") and a.lapsed() == []
     b.join("b", "1", slots=4, queues=None)  # back, as a new start
     assert b.beat()
+    # A drained node that is lost comes back drained.
+    assert a.set_node_state("b", "draining")
+    _age(pg_url, "b", 31_000)
+    with a.transaction():
+        a.take_lost("b")
+    b.join("b", "1", slots=4, queues=None)
+    assert [n.state for n in a.nodes()][1] == "draining"
 
 
 def test_a_node_that_beats_in_time_is_not_taken(

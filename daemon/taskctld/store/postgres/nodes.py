@@ -24,13 +24,13 @@ class PgNodes(PgBase):
     """`NodeStore` on PostgreSQL."""
 
     def join(self, name: str, version: str, slots: int, queues: list[str] | None) -> None:
-        """This node starts: its row made or renewed, up (a draining node stays draining),
-        heartbeat and start time now."""
+        """This node starts: its row made or renewed, up (a drained node stays draining, also
+        after it was lost meanwhile), heartbeat and start time now."""
         self._x(
             "INSERT INTO nodes (name, version, state, started_at, heartbeat_at, slots, queues) "
             f"VALUES (%s, %s, 'up', {NOW_MS}, {NOW_MS}, %s, %s) "
             "ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, "
-            "state = CASE WHEN nodes.state = 'draining' THEN 'draining' ELSE 'up' END, "
+            "state = CASE WHEN nodes.drained THEN 'draining' ELSE 'up' END, "
             "started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, "
             "slots = EXCLUDED.slots, queues = EXCLUDED.queues",
             (name, version, slots, None if queues is None else json.dumps(queues)),
@@ -65,7 +65,8 @@ class PgNodes(PgBase):
         if state not in SETTABLE:
             raise ValueError(f"a node can be set {' or '.join(SETTABLE)}, not {state!r}")
         return self._x(
-            "UPDATE nodes SET state = %s WHERE name = %s AND state <> 'lost'", (state, name)
+            "UPDATE nodes SET state = %s, drained = %s WHERE name = %s AND state <> 'lost'",
+            (state, state == "draining", name),
         ).rowcount == 1  # fmt: skip
 
     def lapsed(self) -> list[str]:

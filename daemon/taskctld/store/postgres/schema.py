@@ -168,6 +168,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE attempts ADD COLUMN stop_asked BOOLEAN NOT NULL DEFAULT false;
     """,
+    # 4: whether a node was drained, which its state forgets while it is lost
+    """
+    ALTER TABLE nodes ADD COLUMN drained BOOLEAN NOT NULL DEFAULT false;
+    UPDATE nodes SET drained = true WHERE state = 'draining';
+    """,
 ]
 
 TASK_JSON = ("command", "labels", "retry_on", "no_retry_on")
