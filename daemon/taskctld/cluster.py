@@ -109,7 +109,7 @@ class Heartbeat:
         self.lost = lost
         self.last_ok = time.monotonic()
         self.owning = True  # False once our trees were stopped, until we rejoin
-        self.error: str | None = None  # why the last beat failed, for health
+        self.error: str | None = None  # why the last beat failed (said when the lease lapses)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -193,14 +193,12 @@ class Rescuer:
         self.nodes = nodes
         self.lifecycle = lifecycle
         self.run_in_turn = run_in_turn
-        self.rescued = 0
 
     def sweep(self) -> int:
         """Rescue every lapsed node; how many attempts were ended."""
         ended = 0
         for name in self.nodes.lapsed():
             ended += self.run_in_turn(functools.partial(self._rescue, name)) or 0
-        self.rescued += ended
         return ended
 
     def settle_waiting(self) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from typing import Any, LiteralString, cast
@@ -27,7 +27,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest, TaskctlError
-from taskctld.store import EventRow, EventSpan
+from taskctld.store import EventRow
+from taskctld.store.common import CommitEvents
 from taskctld.store.postgres.rows import rows_from_json
 from taskctld.store.postgres.schema import EVENTS_LOCK
 
@@ -110,7 +111,7 @@ def _secrets_of(url: str) -> list[str]:
     return sorted(set(found), key=len, reverse=True)  # the longest first
 
 
-class PgBase:
+class PgBase(CommitEvents):
     """The connection and its transactions; `Transactions` and `EventLog` of the Protocol.
     Each part of `PostgresStore` builds on this (their `__init__`s chain through `super()`).
 
@@ -122,21 +123,17 @@ class PgBase:
     distributed = True
 
     def __init__(self, url: str, *, node: str, lease_ms: int) -> None:
+        super().__init__()
         self.url = url
         self.node = node
         self.lease_ms = lease_ms
         self.where = redact(url)
         self._secrets = _secrets_of(url)
-        self._in_transaction = False
         self._depth = 0  # savepoints open
-        self._pending: list[EventRow] = []
-        self._pending_spans: list[EventSpan] = []
         self._stops: list[tuple[int, int]] = []
         # Queues whose claim this transaction left tasks in (locked by it meanwhile, so that
         # another node's claim passed over them): named in the commit's notice as queued.
         self.left_queued: set[str] = set()
-        self._subscribers: list[Callable[[list[EventRow]], None]] = []
-        self._span_subscribers: list[Callable[[EventSpan], None]] = []
         self.conn = self._connect()
 
     # -- the connection ---------------------------------------------------------------------------
@@ -226,22 +223,17 @@ class PgBase:
                 self.conn.close()  # replaced at the next transaction
 
     def _drop_pending(self) -> None:
-        self._pending.clear()
-        self._pending_spans.clear()
-        self._stops.clear()
-        self.left_queued.clear()
+        super()._drop_pending()
+        self._forget_notice()
 
     def _publish_pending(self) -> None:
-        events, self._pending = self._pending, []
-        spans, self._pending_spans = self._pending_spans, []
+        self._forget_notice()
+        super()._publish_pending()
+
+    def _forget_notice(self) -> None:
+        """What the transaction had for its notice, beyond its events (it is over)."""
         self._stops.clear()
         self.left_queued.clear()
-        for span in spans:
-            for on_span in self._span_subscribers:
-                on_span(span)
-        if events:
-            for callback in self._subscribers:
-                callback(events)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -267,25 +259,6 @@ class PgBase:
         finally:
             self._depth -= 1
 
-    def on_commit(
-        self,
-        callback: Callable[[list[EventRow]], None],
-        on_span: Callable[[EventSpan], None] | None = None,
-    ) -> None:
-        """`callback` gets the events of each commit (with their ids); `on_span` (if given)
-        each `EventSpan`, the creation events of a published batch, before them."""
-        self._subscribers.append(callback)
-        if on_span is not None:
-            self._span_subscribers.append(on_span)
-
-    def uncommitted_events(self) -> Sequence[EventRow]:
-        """What the open transaction has appended so far, id 0 each: ids are given at the
-        commit."""
-        return tuple(self._pending)
-
-    def uncommitted_spans(self) -> Sequence[EventSpan]:
-        return tuple(self._pending_spans)
-
     def request_stop(self, task_id: int, attempt: int) -> None:
         """Ask, with this transaction's NOTIFY, whichever node runs attempt `attempt` of
         `task_id` to stop it (a cancel made on another node than the one running it)."""
@@ -302,10 +275,6 @@ class PgBase:
         commit's notice: a queue's settings changed, say); at once outside a transaction, at
         its commit inside one."""
         self._x("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(message)))
-
-    def _require_transaction(self) -> None:
-        if not self._in_transaction:
-            raise RuntimeError("store writes must run inside transaction()")
 
     # -- the event log --------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ import psycopg
 from taskctl.api import TaskState
 from taskctl.errors import Conflict, InvalidRequest, TaskctlError
 from taskctld.store import Dependent, EventSpan, InitialStates, NewTask, StagedBatch
-from taskctld.store.postgres.rows import dump, env_digest, path_in
+from taskctld.store.common import dump
+from taskctld.store.postgres.rows import Environments, path_in
 from taskctld.store.postgres.schema import COLUMN_TYPES, STAGED_COLUMNS, TASK_IDS_LOCK
 from taskctld.store.postgres.tasks import PgTasks
 
@@ -71,31 +72,24 @@ class PgBatches(PgTasks):
         `publish_staged` checks again."""
         self._check_deps_exist(tasks)
         staged = self._staged[staging]
-        envs: dict[str, str] = {}
-        env_ids: dict[int, str | None] = {}
+        envs = Environments()
         rows: list[tuple[Any, ...]] = []
         for seq, t in enumerate(tasks, start=first_seq):
             staged.note(t, seq)
-            env_id = env_ids.get(id(t.env), "")
-            if env_id == "":
-                env_id = env_ids[id(t.env)] = None
-                if t.env is not None:
-                    env_id, envs[env_id] = env_digest(t.env)
-                    env_ids[id(t.env)] = env_id
             rows.append(
                 (
                     seq, t.name, t.queue, t.priority, dump(t.command), t.shell, path_in(t.cwd),
-                    env_id, dump(t.labels), t.retries, t.backoff, t.retry_delay, t.max_delay,
+                    envs.id_of(t.env), dump(t.labels), t.retries, t.backoff, t.retry_delay, t.max_delay,
                     dump(t.retry_on), dump(t.no_retry_on), t.timeout, t.kill_grace,
                     t.memory_limit, t.run_at, t.key, t.key_fingerprint, t.node,
                     dump(t.after) if t.after else None, dump(t.after_any) if t.after_any else None,
                 )
             )  # fmt: skip
-        if envs:
+        if envs.data:
             self._x(
                 "INSERT INTO batch_envs SELECT * FROM unnest(%s::text[], %s::text[]) "
                 "ON CONFLICT DO NOTHING",
-                (list(envs), list(envs.values())),
+                (list(envs.data), list(envs.data.values())),
             )
         self._copy_rows(staging, rows)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from taskctld.store import QueueRow
+from taskctld.store.common import dump
 from taskctld.store.postgres.base import PgBase
-from taskctld.store.postgres.rows import dump, queue_row
+from taskctld.store.postgres.rows import queue_row
 
 
 class PgQueues(PgBase):

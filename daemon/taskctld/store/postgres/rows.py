@@ -3,7 +3,6 @@ task filter."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +11,7 @@ import psycopg
 
 from taskctl.api import Outcome, TaskState
 from taskctld.store import AttemptRow, QueueRow, ScheduleRow, TaskFilter, TaskRow
+from taskctld.store.common import env_digest
 from taskctld.store.postgres.schema import TASK_JSON
 
 
@@ -86,18 +86,24 @@ def task_filter_sql(where: TaskFilter) -> tuple[str, list[object]]:
     return sql, params
 
 
+class Environments:
+    """The environments of many tasks, by content id: each distinct dict is hashed once (the
+    tasks of a batch share one object). `data`: content id -> JSON, to insert."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self._ids: dict[int, str] = {}
+
+    def id_of(self, env: dict[str, str] | None) -> str | None:
+        if env is None:
+            return None
+        found = self._ids.get(id(env))
+        if found is None:
+            found, self.data[found] = env_digest(env)
+            self._ids[id(env)] = found
+        return found
+
+
 def path_in(path: str) -> bytes:
     """A path's bytes for a BYTEA column (undecodable bytes are lone surrogates in `path`)."""
     return path.encode("utf-8", "surrogateescape")
-
-
-def dump(value: Any) -> str | None:
-    """JSON text; a lone surrogate is escaped (`\\udcXX`), so the text is always valid UTF-8
-    and comes back as the same str."""
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def env_digest(env: dict[str, str]) -> tuple[str, str]:
-    """(content id, JSON): environments are stored once per distinct content (as SQLite does)."""
-    data = json.dumps(env, separators=(",", ":"), sort_keys=True)
-    return hashlib.blake2b(data.encode(), digest_size=16).hexdigest(), data

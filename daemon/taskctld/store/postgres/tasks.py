@@ -16,10 +16,10 @@ from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
 from taskctld import states
 from taskctld.store import Dependent, Move, NewTask, TaskFilter, TaskRow, check_moves
+from taskctld.store.common import dump
 from taskctld.store.postgres.base import PgBase
 from taskctld.store.postgres.rows import (
-    dump,
-    env_digest,
+    Environments,
     path_in,
     rows_from_json,
     task_filter_sql,
@@ -212,18 +212,11 @@ class PgTasks(PgBase):
     ) -> dict[str, Any]:
         """The tasks as one list per column (for `unnest`), and their environments."""
         columns: dict[str, list[Any]] = {c: [] for c in INSERT_COLUMNS}
-        envs: dict[str, str] = {}
-        env_ids: dict[int, str | None] = {}  # a batch shares one environment object: hash it once
+        envs = Environments()
         for t, state in zip(tasks, states, strict=True):
-            env_id = env_ids.get(id(t.env), "")
-            if env_id == "":
-                env_id = env_ids[id(t.env)] = None
-                if t.env is not None:
-                    env_id, envs[env_id] = env_digest(t.env)
-                    env_ids[id(t.env)] = env_id
             row = (
                 t.name, t.queue, t.priority, state.value, dump(t.command), t.shell,
-                path_in(t.cwd), env_id, dump(t.labels), t.retries, t.backoff, t.retry_delay,
+                path_in(t.cwd), envs.id_of(t.env), dump(t.labels), t.retries, t.backoff, t.retry_delay,
                 t.max_delay, dump(t.retry_on), dump(t.no_retry_on), t.timeout, t.kill_grace,
                 t.memory_limit, t.run_at or now, now, now, t.key, t.schedule_id, t.due_at,
                 t.key_fingerprint, t.node,
@@ -232,7 +225,7 @@ class PgTasks(PgBase):
                 columns[name].append(value)
         # Always written (cheap: the row is usually there): a cache of what was inserted could
         # outlive a rolled-back transaction and leave tasks pointing at no environment.
-        return {**columns, "env_ids": list(envs), "env_data": list(envs.values())}
+        return {**columns, "env_ids": list(envs.data), "env_data": list(envs.data.values())}
 
     def _check_deps_exist(self, tasks: Sequence[NewTask]) -> None:
         wanted = sorted({d for t in tasks for d in (*t.after, *t.after_any)})

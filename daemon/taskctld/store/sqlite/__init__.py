@@ -22,8 +22,9 @@ from pathlib import Path
 import sqlite_utils
 
 from taskctl.errors import TaskctlError
+from taskctld.store.common import env_digest
 from taskctld.store.sqlite.attempts import SqliteAttempts
-from taskctld.store.sqlite.base import env_digest, storage_error
+from taskctld.store.sqlite.base import storage_error
 from taskctld.store.sqlite.batches import SqliteBatches
 from taskctld.store.sqlite.maintenance import SqliteMaintenance
 from taskctld.store.sqlite.queues import SqliteQueues

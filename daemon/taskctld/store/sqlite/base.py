@@ -3,34 +3,28 @@ log they append to (published to subscribers only after the commit)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 from taskctl.api import TaskState
 from taskctl.errors import StorageFull, TaskctlError
-from taskctld.store import EventRow, EventSpan
+from taskctld.store import EventRow
+from taskctld.store.common import CommitEvents
 from taskctld.store.sqlite.schema import INSERT_EVENT
 
 CHUNK = 500  # ids per IN (...) list
 
 
-class SqliteBase:
+class SqliteBase(CommitEvents):
     """The connection and its transactions; `Transactions` and `EventLog` of the Protocol.
     Each part of `SqliteStore` builds on this (their `__init__`s chain through `super()`)."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        super().__init__()
         self.path = path
         self.conn = conn
-        self._in_transaction = False
-        self._pending: list[EventRow] = []
-        self._pending_spans: list[EventSpan] = []
-        self._subscribers: list[Callable[[list[EventRow]], None]] = []
-        self._span_subscribers: list[Callable[[EventSpan], None]] = []
         self._synchronous = "FULL"
 
     # -- transactions ---------------------------------------------------------------------------
@@ -62,20 +56,6 @@ class SqliteBase:
             self._in_transaction = False
         self._publish_pending()
 
-    def _drop_pending(self) -> None:
-        self._pending.clear()
-        self._pending_spans.clear()
-
-    def _publish_pending(self) -> None:
-        events, self._pending = self._pending, []
-        spans, self._pending_spans = self._pending_spans, []
-        for span in spans:
-            for on_span in self._span_subscribers:
-                on_span(span)
-        if events:
-            for callback in self._subscribers:
-                callback(events)
-
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested transaction: on an exception, what happened inside is undone (and its
@@ -96,29 +76,6 @@ class SqliteBase:
                 raise storage_error(e) from e  # a full disk is StorageFull here too
             raise
         self.conn.execute("RELEASE inner")
-
-    def on_commit(
-        self,
-        callback: Callable[[list[EventRow]], None],
-        on_span: Callable[[EventSpan], None] | None = None,
-    ) -> None:
-        """`callback` gets the events of each commit; `on_span` (if given) each `EventSpan`,
-        the creation events of a published batch, before them."""
-        self._subscribers.append(callback)
-        if on_span is not None:
-            self._span_subscribers.append(on_span)
-
-    def uncommitted_events(self) -> Sequence[EventRow]:
-        """What the open transaction has appended so far (published only once it commits)."""
-        return tuple(self._pending)
-
-    def uncommitted_spans(self) -> Sequence[EventSpan]:
-        """The batches the open transaction has published so far, as spans of events."""
-        return tuple(self._pending_spans)
-
-    def _require_transaction(self) -> None:
-        if not self._in_transaction:
-            raise RuntimeError("store writes must run inside transaction()")
 
     # -- the event log --------------------------------------------------------------------------
 
@@ -189,10 +146,6 @@ def marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
 def path_in(path: str) -> str | bytes:
     """A path for a TEXT column: as text when it is UTF-8, else its bytes (a BLOB), which SQLite
     keeps as given and gives back as bytes."""
@@ -201,12 +154,6 @@ def path_in(path: str) -> str | bytes:
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape")
     return path
-
-
-def env_digest(env: dict[str, str]) -> tuple[str, str]:
-    """(content id, JSON): environments are stored once per distinct content."""
-    data = json.dumps(env, separators=(",", ":"), sort_keys=True)
-    return hashlib.blake2b(data.encode(), digest_size=16).hexdigest(), data
 
 
 def storage_error(error: sqlite3.OperationalError) -> TaskctlError:

@@ -16,9 +16,8 @@ from typing import Any
 from taskctl.api import TaskState
 from taskctl.errors import Conflict, InvalidRequest
 from taskctld.store import Dependent, EventSpan, InitialStates, NewTask, StagedBatch
+from taskctld.store.common import dump, env_digest
 from taskctld.store.sqlite.base import (
-    dump,
-    env_digest,
     insert_queues,
     marks,
     path_in,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from taskctld.store import QueueRow
-from taskctld.store.sqlite.base import SqliteBase, dump, insert_queues
+from taskctld.store.common import dump
+from taskctld.store.sqlite.base import SqliteBase, insert_queues
 from taskctld.store.sqlite.rows import queue_row
 
 

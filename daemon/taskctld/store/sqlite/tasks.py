@@ -12,11 +12,10 @@ from taskctl.api import TaskState
 from taskctl.errors import InvalidRequest
 from taskctld import states
 from taskctld.store import Dependent, Move, NewTask, TaskFilter, TaskRow, check_moves
+from taskctld.store.common import dump, env_digest
 from taskctld.store.sqlite.base import (
     SqliteBase,
     chunks,
-    dump,
-    env_digest,
     insert_queues,
     marks,
     path_in,
